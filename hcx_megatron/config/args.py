@@ -1,0 +1,411 @@
+"""Command-line flags (Megatron-LM names) -> typed configs, validated before any process group exists.
+
+Drivers (pretrain, SFT, reward, PPO) share this parser and add their own flags through `extra_args`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+from hcx_megatron.config.model import ModelConfig, get_preset, load_model_yaml
+from hcx_megatron.distributed.env import world_size_from_env
+
+
+class ConfigError(ValueError):
+    """A bad flag combination; the message names the flags involved."""
+
+
+@dataclass
+class ParallelConfig:
+    tensor_model_parallel_size: int = 1
+    pipeline_model_parallel_size: int = 1
+    virtual_pipeline_model_parallel_size: int | None = None
+    context_parallel_size: int = 1
+    sequence_parallel: bool = False
+    use_distributed_optimizer: bool = False
+    overlap_grad_reduce: bool = False
+    overlap_param_gather: bool = False
+
+
+@dataclass
+class TrainingConfig:
+    micro_batch_size: int = 1
+    global_batch_size: int = 8
+    train_iters: int = 10
+    seq_length: int = 128
+    # HCX: 4k context for the first 90% of training, 32k for the last 10%.
+    long_context_seq_length: int | None = None
+    long_context_start_fraction: float = 0.9
+    lr: float = 3e-4
+    min_lr: float = 3e-5
+    lr_warmup_iters: int = 0
+    lr_decay_iters: int | None = None
+    lr_decay_style: str = "cosine"
+    weight_decay: float = 0.1
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    adam_eps: float = 1e-8
+    clip_grad: float = 1.0
+    seed: int = 1234
+    bf16: bool = False
+    recompute_granularity: str | None = None  # None | "selective" | "full"
+    recompute_method: str | None = None  # "uniform" | "block" (full only)
+    recompute_num_layers: int | None = None
+    eval_interval: int = 0
+    eval_iters: int = 2
+    exit_interval: int | None = None  # stop (after saving) at this iteration; used by resume tests
+
+
+@dataclass
+class DataConfig:
+    data_path: list[str] = field(default_factory=list)
+    valid_data_path: list[str] = field(default_factory=list)
+    split: str = "969,30,1"
+    mock_data: bool = False
+    tokenizer_type: str | None = None
+    tokenizer_model: str | None = None
+    fim_rate: float = 0.0
+    fim_spm_rate: float = 0.5
+    fim_split_unit: str = "char"  # "char" | "token"
+    num_workers: int = 0
+    dataloader: str = "torch"  # "torch" | "dali"
+    data_cache_path: str | None = None
+    eod_mask_loss: bool = False
+
+
+@dataclass
+class CheckpointConfig:
+    save: str | None = None
+    load: str | None = None
+    save_interval: int | None = None
+    finetune: bool = False  # load weights only; fresh optimizer, scheduler and iteration
+    no_load_optim: bool = False
+    no_load_rng: bool = False
+    no_save_optim: bool = False
+
+
+@dataclass
+class LoggingConfig:
+    log_interval: int = 1
+    tensorboard_dir: str | None = None
+    metrics_jsonl: str | None = None
+    peak_tflops: float = 989.0  # H100 SXM dense bf16
+
+
+@dataclass
+class RuntimeConfig:
+    device: str = "auto"  # "auto" | "cpu" | "cuda"
+    transformer_impl: str = "auto"  # "auto" | "transformer_engine" | "local"
+    fp8_format: str | None = None  # None | "e4m3" | "hybrid"
+    fp8_recipe: str = "delayed"  # "delayed" | "tensorwise" (current scaling)
+    fp8_amax_history_len: int = 1024
+    distributed_timeout_minutes: int = 30
+    world_size: int = 1
+
+
+@dataclass
+class Config:
+    model: ModelConfig
+    parallel: ParallelConfig
+    training: TrainingConfig
+    data: DataConfig
+    checkpoint: CheckpointConfig
+    logging: LoggingConfig
+    runtime: RuntimeConfig
+
+    @property
+    def data_parallel_size(self) -> int:
+        p = self.parallel
+        return self.runtime.world_size // (
+            p.tensor_model_parallel_size * p.pipeline_model_parallel_size * p.context_parallel_size
+        )
+
+    @property
+    def num_microbatches(self) -> int:
+        t = self.training
+        return t.global_batch_size // (t.micro_batch_size * self.data_parallel_size)
+
+    @property
+    def padded_vocab_size(self) -> int:
+        return self.model.padded_vocab_size(self.parallel.tensor_model_parallel_size)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+_MODEL_FLAGS = {
+    # flag dest -> ModelConfig field
+    "num_layers": "num_layers",
+    "hidden_size": "hidden_size",
+    "ffn_hidden_size": "ffn_hidden_size",
+    "num_attention_heads": "num_attention_heads",
+    "num_query_groups": "num_query_groups",
+    "kv_channels": "kv_channels",
+    "vocab_size": "vocab_size",
+    "make_vocab_size_divisible_by": "make_vocab_size_divisible_by",
+    "max_position_embeddings": "max_position_embeddings",
+    "rotary_base": "rotary_base",
+    "norm_epsilon": "norm_epsilon",
+    "init_method_std": "init_method_std",
+}
+
+
+def build_parser(description: str = "hcx_megatron training") -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=description, allow_abbrev=False)
+
+    g = p.add_argument_group("model")
+    g.add_argument("--model-preset", default="hcx-tiny", help="hcx-tiny | hcx-s | hcx-l (s and l shapes are assumed)")
+    g.add_argument("--model-config", default=None, help="YAML of ModelConfig fields (applied after the preset)")
+    for dest in _MODEL_FLAGS:
+        kind = float if dest in ("norm_epsilon", "init_method_std") else int
+        g.add_argument("--" + dest.replace("_", "-"), dest=dest, type=kind, default=None)
+    g.add_argument("--group-query-attention", action="store_true", help="accepted for Megatron-LM compatibility; GQA is always on")
+    g.add_argument("--untie-embeddings-and-output-weights", dest="untie", action="store_true", default=None)
+    g.add_argument("--tie-embeddings-and-output-weights", dest="untie", action="store_false")
+
+    g = p.add_argument_group("parallelism")
+    g.add_argument("--tensor-model-parallel-size", type=int, default=1)
+    g.add_argument("--pipeline-model-parallel-size", type=int, default=1)
+    g.add_argument("--num-layers-per-virtual-pipeline-stage", type=int, default=None)
+    g.add_argument("--virtual-pipeline-model-parallel-size", type=int, default=None)
+    g.add_argument("--context-parallel-size", type=int, default=1)
+    g.add_argument("--sequence-parallel", action="store_true")
+    g.add_argument("--use-distributed-optimizer", action="store_true")
+    g.add_argument("--overlap-grad-reduce", action="store_true")
+    g.add_argument("--overlap-param-gather", action="store_true")
+
+    g = p.add_argument_group("training")
+    g.add_argument("--micro-batch-size", type=int, default=1)
+    g.add_argument("--global-batch-size", type=int, default=8)
+    g.add_argument("--train-iters", type=int, default=10)
+    g.add_argument("--seq-length", type=int, default=128)
+    g.add_argument("--long-context-seq-length", type=int, default=None,
+                   help="switch to this sequence length for the last part of training (HCX: 32768)")
+    g.add_argument("--long-context-start-fraction", type=float, default=0.9)
+    g.add_argument("--lr", type=float, default=3e-4)
+    g.add_argument("--min-lr", type=float, default=3e-5)
+    g.add_argument("--lr-warmup-iters", type=int, default=0)
+    g.add_argument("--lr-decay-iters", type=int, default=None)
+    g.add_argument("--lr-decay-style", default="cosine", choices=["constant", "linear", "cosine", "WSD"])
+    g.add_argument("--weight-decay", type=float, default=0.1)
+    g.add_argument("--adam-beta1", type=float, default=0.9)
+    g.add_argument("--adam-beta2", type=float, default=0.95)
+    g.add_argument("--adam-eps", type=float, default=1e-8)
+    g.add_argument("--clip-grad", type=float, default=1.0)
+    g.add_argument("--seed", type=int, default=1234)
+    g.add_argument("--bf16", action="store_true")
+    g.add_argument("--recompute-granularity", choices=["selective", "full"], default=None)
+    g.add_argument("--recompute-method", choices=["uniform", "block"], default=None)
+    g.add_argument("--recompute-num-layers", type=int, default=None)
+    g.add_argument("--eval-interval", type=int, default=0)
+    g.add_argument("--eval-iters", type=int, default=2)
+    g.add_argument("--exit-interval", type=int, default=None)
+
+    g = p.add_argument_group("data")
+    g.add_argument("--data-path", nargs="*", default=[], help="Megatron blend: [w1] prefix1 [w2] prefix2 ...")
+    g.add_argument("--valid-data-path", nargs="*", default=[])
+    g.add_argument("--split", default="969,30,1")
+    g.add_argument("--mock-data", action="store_true")
+    g.add_argument("--tokenizer-type", default=None, help="HCXTokenizer (default when --tokenizer-model is given)")
+    g.add_argument("--tokenizer-model", default=None, help="directory written by tools/train_tokenizer.py")
+    g.add_argument("--fim-rate", type=float, default=0.0)
+    g.add_argument("--fim-spm-rate", type=float, default=0.5)
+    g.add_argument("--fim-split-unit", choices=["char", "token"], default="char")
+    g.add_argument("--num-workers", type=int, default=0)
+    g.add_argument("--dataloader", choices=["torch", "dali"], default="torch")
+    g.add_argument("--data-cache-path", default=None)
+    g.add_argument("--eod-mask-loss", action="store_true")
+
+    g = p.add_argument_group("checkpointing")
+    g.add_argument("--save", default=None)
+    g.add_argument("--load", default=None)
+    g.add_argument("--save-interval", type=int, default=None)
+    g.add_argument("--finetune", action="store_true")
+    g.add_argument("--no-load-optim", action="store_true")
+    g.add_argument("--no-load-rng", action="store_true")
+    g.add_argument("--no-save-optim", action="store_true")
+
+    g = p.add_argument_group("logging")
+    g.add_argument("--log-interval", type=int, default=1)
+    g.add_argument("--tensorboard-dir", default=None)
+    g.add_argument("--metrics-jsonl", default=None)
+    g.add_argument("--peak-tflops", type=float, default=989.0, help="per-GPU peak for MFU (H100 SXM bf16 dense: 989)")
+
+    g = p.add_argument_group("runtime")
+    g.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    g.add_argument("--transformer-impl", choices=["auto", "transformer_engine", "local"], default="auto")
+    g.add_argument("--fp8-format", choices=["e4m3", "hybrid"], default=None)
+    g.add_argument("--fp8-recipe", choices=["delayed", "tensorwise"], default="delayed",
+                   help="delayed scaling or per-tensor current scaling")
+    g.add_argument("--fp8-amax-history-len", type=int, default=1024)
+    g.add_argument("--distributed-timeout-minutes", type=int, default=30)
+    return p
+
+
+def _model_from_args(a: argparse.Namespace) -> ModelConfig:
+    model = get_preset(a.model_preset)
+    if a.model_config:
+        model = load_model_yaml(a.model_config, base=model)
+    overrides = {f: getattr(a, d) for d, f in _MODEL_FLAGS.items() if getattr(a, d) is not None}
+    if a.untie is not None:
+        overrides["untie_embeddings_and_output_weights"] = a.untie
+    return dataclasses.replace(model, **overrides)
+
+
+def config_from_args(a: argparse.Namespace, world_size: int | None = None) -> Config:
+    model = _model_from_args(a)
+    vpp = a.virtual_pipeline_model_parallel_size
+    if a.num_layers_per_virtual_pipeline_stage is not None:
+        per_stage = model.num_layers // a.pipeline_model_parallel_size
+        if per_stage % a.num_layers_per_virtual_pipeline_stage:
+            raise ConfigError(
+                f"--num-layers-per-virtual-pipeline-stage {a.num_layers_per_virtual_pipeline_stage} does not divide "
+                f"the {per_stage} layers of each pipeline stage")
+        vpp = per_stage // a.num_layers_per_virtual_pipeline_stage
+    cfg = Config(
+        model=model,
+        parallel=ParallelConfig(
+            tensor_model_parallel_size=a.tensor_model_parallel_size,
+            pipeline_model_parallel_size=a.pipeline_model_parallel_size,
+            virtual_pipeline_model_parallel_size=vpp,
+            context_parallel_size=a.context_parallel_size,
+            sequence_parallel=a.sequence_parallel,
+            use_distributed_optimizer=a.use_distributed_optimizer,
+            overlap_grad_reduce=a.overlap_grad_reduce,
+            overlap_param_gather=a.overlap_param_gather,
+        ),
+        training=TrainingConfig(**{f.name: getattr(a, f.name) for f in dataclasses.fields(TrainingConfig)}),
+        data=DataConfig(**{f.name: getattr(a, f.name) for f in dataclasses.fields(DataConfig)}),
+        checkpoint=CheckpointConfig(**{f.name: getattr(a, f.name) for f in dataclasses.fields(CheckpointConfig)}),
+        logging=LoggingConfig(**{f.name: getattr(a, f.name) for f in dataclasses.fields(LoggingConfig)}),
+        runtime=RuntimeConfig(
+            device=a.device,
+            transformer_impl=a.transformer_impl,
+            fp8_format=a.fp8_format,
+            fp8_recipe=a.fp8_recipe,
+            fp8_amax_history_len=a.fp8_amax_history_len,
+            distributed_timeout_minutes=a.distributed_timeout_minutes,
+            world_size=world_size if world_size is not None else world_size_from_env(),
+        ),
+    )
+    return cfg
+
+
+def resolve_device(requested: str) -> str:
+    if requested != "auto":
+        return requested
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def validate_config(cfg: Config) -> None:
+    """Every check that can fail before torch.distributed starts. Messages name the flags."""
+    m, p, t, d = cfg.model, cfg.parallel, cfg.training, cfg.data
+    tp, pp, cp, vpp = (p.tensor_model_parallel_size, p.pipeline_model_parallel_size,
+                       p.context_parallel_size, p.virtual_pipeline_model_parallel_size)
+    ws = cfg.runtime.world_size
+    for name, v in (("--tensor-model-parallel-size", tp), ("--pipeline-model-parallel-size", pp),
+                    ("--context-parallel-size", cp), ("--micro-batch-size", t.micro_batch_size),
+                    ("--global-batch-size", t.global_batch_size), ("--train-iters", t.train_iters),
+                    ("--seq-length", t.seq_length)):
+        if v < 1:
+            raise ConfigError(f"{name} must be >= 1, got {v}")
+    if ws % (tp * pp * cp):
+        raise ConfigError(
+            f"world size {ws} is not divisible by --tensor-model-parallel-size ({tp}) x "
+            f"--pipeline-model-parallel-size ({pp}) x --context-parallel-size ({cp}) = {tp * pp * cp}")
+    if m.num_attention_heads % tp:
+        raise ConfigError(
+            f"--num-attention-heads ({m.num_attention_heads}) must be divisible by "
+            f"--tensor-model-parallel-size ({tp})")
+    if m.num_query_groups % tp:
+        raise ConfigError(
+            f"--num-query-groups ({m.num_query_groups}) must be divisible by --tensor-model-parallel-size ({tp})")
+    if m.num_attention_heads % m.num_query_groups:
+        raise ConfigError(
+            f"--num-attention-heads ({m.num_attention_heads}) must be divisible by "
+            f"--num-query-groups ({m.num_query_groups})")
+    if m.kv_channels is None and m.hidden_size % m.num_attention_heads:
+        raise ConfigError(
+            f"--hidden-size ({m.hidden_size}) must be divisible by --num-attention-heads ({m.num_attention_heads}) "
+            "unless --kv-channels is given")
+    if vpp is not None:
+        if pp < 2:
+            raise ConfigError("--virtual-pipeline-model-parallel-size needs --pipeline-model-parallel-size >= 2")
+        if m.num_layers % (pp * vpp):
+            raise ConfigError(
+                f"--num-layers ({m.num_layers}) must be divisible by --pipeline-model-parallel-size ({pp}) x "
+                f"--virtual-pipeline-model-parallel-size ({vpp}) = {pp * vpp}")
+    elif m.num_layers % pp:
+        raise ConfigError(
+            f"--num-layers ({m.num_layers}) must be divisible by --pipeline-model-parallel-size ({pp})")
+    dp = ws // (tp * pp * cp)
+    if t.global_batch_size % (t.micro_batch_size * dp):
+        raise ConfigError(
+            f"--global-batch-size ({t.global_batch_size}) must be divisible by --micro-batch-size "
+            f"({t.micro_batch_size}) x data-parallel size ({dp}) = {t.micro_batch_size * dp}")
+    for name, seq in (("--seq-length", t.seq_length), ("--long-context-seq-length", t.long_context_seq_length)):
+        if seq is None:
+            continue
+        if seq > m.max_position_embeddings:
+            raise ConfigError(f"{name} ({seq}) exceeds --max-position-embeddings ({m.max_position_embeddings})")
+        if p.sequence_parallel and seq % tp:
+            raise ConfigError(f"{name} ({seq}) must be divisible by --tensor-model-parallel-size ({tp}) "
+                              "with --sequence-parallel")
+        if cp > 1 and seq % (2 * cp):
+            raise ConfigError(f"{name} ({seq}) must be divisible by 2 x --context-parallel-size ({2 * cp})")
+    if not 0.0 < t.long_context_start_fraction < 1.0:
+        raise ConfigError("--long-context-start-fraction must be in (0, 1)")
+    if t.recompute_granularity == "full" and t.recompute_method is None:
+        raise ConfigError("--recompute-granularity full needs --recompute-method uniform|block")
+    if t.recompute_method is not None and t.recompute_granularity != "full":
+        raise ConfigError("--recompute-method only applies with --recompute-granularity full")
+    if not (d.mock_data or d.data_path):
+        raise ConfigError("give --data-path PREFIX [...] or --mock-data")
+    if d.data_path and not d.tokenizer_model:
+        raise ConfigError("--data-path needs --tokenizer-model (the tokenizer the data was preprocessed with)")
+    if not 0.0 <= d.fim_rate <= 1.0 or not 0.0 <= d.fim_spm_rate <= 1.0:
+        raise ConfigError("--fim-rate and --fim-spm-rate must be in [0, 1]")
+    if d.fim_rate > 0 and not d.tokenizer_model:
+        raise ConfigError("--fim-rate needs --tokenizer-model (FIM uses its <|fim_*|> special tokens)")
+    if cfg.checkpoint.save_interval is not None and cfg.checkpoint.save_interval < 1:
+        raise ConfigError("--save-interval must be >= 1")
+    if cfg.checkpoint.save_interval and not cfg.checkpoint.save:
+        raise ConfigError("--save-interval needs --save DIR")
+
+    device = resolve_device(cfg.runtime.device)
+    if device == "cpu":
+        if cp > 1:
+            raise ConfigError("--context-parallel-size > 1 needs GPUs with Transformer Engine attention; "
+                              "CPU mode supports only 1")
+        if cfg.runtime.fp8_format:
+            raise ConfigError("--fp8-format needs GPUs with Transformer Engine; not available in CPU mode")
+        if cfg.runtime.transformer_impl == "transformer_engine":
+            raise ConfigError("--transformer-impl transformer_engine is not available in CPU mode")
+        if d.dataloader == "dali":
+            raise ConfigError("--dataloader dali needs a GPU and nvidia-dali")
+    if cfg.runtime.fp8_format and cfg.runtime.transformer_impl == "local":
+        raise ConfigError("--fp8-format needs --transformer-impl transformer_engine (or auto with TE installed)")
+
+
+def parse_config(
+    argv: Sequence[str] | None = None,
+    extra_args: Callable[[argparse.ArgumentParser], None] | None = None,
+    description: str = "hcx_megatron training",
+    world_size: int | None = None,
+) -> tuple[Config, argparse.Namespace]:
+    """Parse and validate. Returns the typed config and the raw namespace (for driver-specific flags)."""
+    parser = build_parser(description)
+    if extra_args is not None:
+        extra_args(parser)
+    a = parser.parse_args(argv)
+    try:
+        cfg = config_from_args(a, world_size)
+        validate_config(cfg)
+    except ConfigError as exc:
+        parser.error(str(exc))
+    return cfg, a
