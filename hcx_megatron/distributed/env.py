@@ -1,9 +1,14 @@
 """Where this process sits in the job: rank, world size, local rank and rendezvous address.
 
-Read from (first match wins): torchrun (RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR), Slurm (SLURM_PROCID,
-SLURM_NTASKS, SLURM_LOCALID, master = first host of SLURM_JOB_NODELIST), MPI (OpenMPI/PMI env
-variables, or mpi4py when installed). Pure functions of an environment mapping so tests need no
-processes.
+Read from (first match wins): torchrun (RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR), MPI (OpenMPI/PMI/PMIx
+env variables, or mpi4py when HCX_USE_MPI4PY is set), Slurm job steps (SLURM_PROCID,
+SLURM_STEP_NUM_TASKS, SLURM_LOCALID, master = first host of the step's node list). Pure functions of
+an environment mapping so tests need no processes.
+
+Why MPI before Slurm: `mpirun` inside an sbatch allocation inherits the batch shell's SLURM_PROCID=0
+in every rank, while OMPI_COMM_WORLD_RANK is set per process. Why Slurm needs a step: the batch
+shell itself has SLURM_PROCID=0 and SLURM_NTASKS=N but is one process, not rank 0 of N; only inside
+`srun` (SLURM_STEP_ID set) do those variables describe this process.
 """
 
 from __future__ import annotations
@@ -44,20 +49,28 @@ def expand_slurm_nodelist(nodelist: str) -> list[str]:
     if cur:
         parts.append(cur)
     for part in parts:
-        m = re.fullmatch(r"([^\[]*)\[([^\]]+)\](.*)", part)
-        if not m:
-            hosts.append(part)
-            continue
-        prefix, ranges, suffix = m.groups()
-        for r in ranges.split(","):
-            if "-" in r:
-                lo, hi = r.split("-", 1)
-                width = len(lo)
-                for i in range(int(lo), int(hi) + 1):
-                    hosts.append(f"{prefix}{i:0{width}d}{suffix}")
-            else:
-                hosts.append(f"{prefix}{r}{suffix}")
+        hosts.extend(_expand_host_pattern(part))
     return hosts
+
+
+def _expand_host_pattern(part: str) -> list[str]:
+    """One comma-free pattern; brackets may repeat ("r[1-2]n[01-02]"), so expand the first and recurse."""
+    m = re.fullmatch(r"([^\[]*)\[([^\]]+)\](.*)", part)
+    if not m:
+        return [part]
+    prefix, ranges, suffix = m.groups()
+    out: list[str] = []
+    for r in ranges.split(","):
+        if "-" in r:
+            lo, hi = r.split("-", 1)
+            if not (lo.isdigit() and hi.isdigit()) or int(hi) < int(lo):
+                raise ValueError(f"bad range {r!r} in Slurm node list pattern {part!r}")
+            values = [f"{i:0{len(lo)}d}" for i in range(int(lo), int(hi) + 1)]
+        else:
+            values = [r]
+        for v in values:
+            out.extend(_expand_host_pattern(prefix + v + suffix))
+    return out
 
 
 def _port_for_job(env: Mapping[str, str]) -> int:
@@ -66,6 +79,51 @@ def _port_for_job(env: Mapping[str, str]) -> int:
     job = env.get("SLURM_JOB_ID")
     # Spread concurrent jobs on shared nodes over ports deterministically.
     return DEFAULT_MASTER_PORT + (int(job) % 1000 if job and job.isdigit() else 0)
+
+
+def _is_slurm_batch_shell(env: Mapping[str, str]) -> bool:
+    """The sbatch script's own shell: a job id but no step id (srun tasks always have SLURM_STEP_ID)."""
+    return "SLURM_JOB_ID" in env and "SLURM_STEP_ID" not in env and "SLURM_STEPID" not in env
+
+
+def parse_slurm_tasks_per_node(spec: str) -> list[int]:
+    """Expand SLURM_TASKS_PER_NODE / SLURM_STEP_TASKS_PER_NODE, e.g. "8(x2),4" -> [8, 8, 4]."""
+    counts: list[int] = []
+    for part in spec.split(","):
+        part = part.strip()
+        m = re.fullmatch(r"(\d+)(?:\(x(\d+)\))?", part)
+        if not m:
+            raise ValueError(f"cannot parse Slurm tasks-per-node spec {spec!r} at {part!r}")
+        counts.extend([int(m.group(1))] * int(m.group(2) or 1))
+    return counts
+
+
+def local_world_size_from_env(env: Mapping[str, str] | None = None) -> int:
+    """Processes on this node (LOCAL_WORLD_SIZE for torch); 1 when the launcher does not say."""
+    env = os.environ if env is None else env
+    if "LOCAL_WORLD_SIZE" in env:
+        return int(env["LOCAL_WORLD_SIZE"])
+    for key in ("OMPI_COMM_WORLD_LOCAL_SIZE", "MPI_LOCALNRANKS", "PMIX_LOCAL_SIZE"):
+        if key in env:
+            return int(env[key])
+    spec = env.get("SLURM_STEP_TASKS_PER_NODE") or env.get("SLURM_TASKS_PER_NODE")
+    if spec and not _is_slurm_batch_shell(env):
+        counts = parse_slurm_tasks_per_node(spec)
+        node = int(env.get("SLURM_NODEID", 0))
+        return counts[node] if node < len(counts) else counts[-1]
+    return 1
+
+
+def torch_env(dist: DistEnv, local_world_size: int = 1) -> dict[str, str]:
+    """The variables torch.distributed's env:// rendezvous (and our drivers) read, as torchrun sets them."""
+    return {
+        "RANK": str(dist.rank),
+        "WORLD_SIZE": str(dist.world_size),
+        "LOCAL_RANK": str(dist.local_rank),
+        "LOCAL_WORLD_SIZE": str(local_world_size),
+        "MASTER_ADDR": dist.master_addr,
+        "MASTER_PORT": str(dist.master_port),
+    }
 
 
 def resolve_dist_env(env: Mapping[str, str] | None = None, use_mpi4py: bool = True) -> DistEnv:
@@ -78,16 +136,6 @@ def resolve_dist_env(env: Mapping[str, str] | None = None, use_mpi4py: bool = Tr
             master_addr=env.get("MASTER_ADDR", "127.0.0.1"),
             master_port=_port_for_job(env),
             source="torchrun",
-        )
-    if "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
-        nodelist = env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST") or "127.0.0.1"
-        return DistEnv(
-            rank=int(env["SLURM_PROCID"]),
-            world_size=int(env["SLURM_NTASKS"]),
-            local_rank=int(env.get("SLURM_LOCALID", 0)),
-            master_addr=env.get("MASTER_ADDR") or expand_slurm_nodelist(nodelist)[0],
-            master_port=_port_for_job(env),
-            source="slurm",
         )
     for rank_key, size_key, local_key in (
         ("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_RANK"),
@@ -103,6 +151,17 @@ def resolve_dist_env(env: Mapping[str, str] | None = None, use_mpi4py: bool = Tr
                 master_port=_port_for_job(env),
                 source="mpi",
             )
+    if "SLURM_PROCID" in env and "SLURM_NTASKS" in env and not _is_slurm_batch_shell(env):
+        nodelist = (env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST")
+                    or "127.0.0.1")
+        return DistEnv(
+            rank=int(env["SLURM_PROCID"]),
+            world_size=int(env.get("SLURM_STEP_NUM_TASKS") or env["SLURM_NTASKS"]),
+            local_rank=int(env.get("SLURM_LOCALID", 0)),
+            master_addr=env.get("MASTER_ADDR") or expand_slurm_nodelist(nodelist)[0],
+            master_port=_port_for_job(env),
+            source="slurm",
+        )
     if use_mpi4py and env is os.environ and "HCX_USE_MPI4PY" in env:
         try:
             from mpi4py import MPI  # type: ignore[import-not-found]
