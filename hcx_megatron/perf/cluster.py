@@ -1,0 +1,104 @@
+"""Cluster description (GPU peak, memory, link bandwidths) and the calibratable efficiency knobs.
+
+A cluster is a YAML file of `ClusterConfig` fields (examples/clusters/*.yaml); the H100 DGX
+default below is used when none is given. Bandwidths are per GPU and per direction, in GB/s
+(1e9 bytes/s), the numbers that ring collectives are limited by.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+
+@dataclass
+class PerfParams:
+    """Efficiencies the step-time model cannot know from a datasheet; `--calibrate` fits them.
+
+    The achieved matmul rate is peak * matmul_efficiency * w / (w + matmul_half_width), where
+    w = hidden_size / TP is the per-GPU width of the sharded GEMMs: narrow GEMMs (large TP on a
+    small model) run further from peak, which is what Narayanan et al.'s table shows.
+    """
+
+    matmul_efficiency: float = 0.75  # asymptotic fraction of peak for wide GEMMs (non-matmul work folded in)
+    matmul_half_width: float = 256.0  # per-GPU width at which the GEMM rate is half the asymptote
+    nvlink_efficiency: float = 0.8  # achieved NCCL bus bandwidth / nominal, intra-node
+    internode_efficiency: float = 0.8  # achieved / nominal, across nodes
+    step_overhead_s: float = 0.0  # fixed per-step cost (optimizer launch, data, logging, Python)
+    activation_memory_factor: float = 1.0  # multiplies the analytical activation bytes (allocator slack)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class ClusterConfig:
+    name: str = "dgx-h100"
+    gpu: str = "H100-SXM5-80GB"
+    gpus_per_node: int = 8
+    peak_tflops: float = 989.0  # dense bf16 tensor-core peak per GPU
+    hbm_gib: float = 80.0
+    hbm_bandwidth_gbps: float = 3350.0
+    nvlink_bandwidth_gbps: float = 450.0  # NVLink 4: 900 GB/s bidirectional = 450 per direction
+    internode_bandwidth_gbps: float = 50.0  # one 400 Gb/s NDR InfiniBand NIC per GPU
+    intra_node_latency_us: float = 10.0
+    inter_node_latency_us: float = 20.0
+    memory_overhead_gib: float = 6.0  # CUDA context, NCCL buffers, allocator fragmentation, workspace
+    usable_memory_fraction: float = 0.95  # plan to at most this share of HBM
+    perf: PerfParams = dataclasses.field(default_factory=PerfParams)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def with_perf(self, **changes: float) -> "ClusterConfig":
+        return dataclasses.replace(self, perf=dataclasses.replace(self.perf, **changes))
+
+
+def default_cluster() -> ClusterConfig:
+    """DGX H100: 8 x H100 SXM 80 GB, NVLink 4 / NVSwitch, 8 x 400 Gb/s NDR per node."""
+    return ClusterConfig()
+
+
+def cluster_from_dict(data: dict, source: str = "<dict>") -> ClusterConfig:
+    if not isinstance(data, dict):
+        raise ValueError(f"{source}: expected a mapping of cluster fields, got {type(data).__name__}")
+    data = dict(data)
+    perf_data = data.pop("perf", None) or {}
+    known = {f.name for f in dataclasses.fields(ClusterConfig)} - {"perf"}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ValueError(f"{source}: unknown cluster field(s) {unknown}; known: {sorted(known | {'perf'})}")
+    perf_known = {f.name for f in dataclasses.fields(PerfParams)}
+    if not isinstance(perf_data, dict):
+        raise ValueError(f"{source}: 'perf' must be a mapping of {sorted(perf_known)}")
+    perf_unknown = sorted(set(perf_data) - perf_known)
+    if perf_unknown:
+        raise ValueError(f"{source}: unknown perf field(s) {perf_unknown}; known: {sorted(perf_known)}")
+    cfg = ClusterConfig(**data, perf=PerfParams(**{k: float(v) for k, v in perf_data.items()}))
+    for name in ("gpus_per_node", "peak_tflops", "hbm_gib", "nvlink_bandwidth_gbps", "internode_bandwidth_gbps"):
+        if getattr(cfg, name) <= 0:
+            raise ValueError(f"{source}: {name} must be > 0, got {getattr(cfg, name)}")
+    return cfg
+
+
+def load_cluster(path: str | Path | None) -> ClusterConfig:
+    """Read a cluster YAML; None gives the H100 default."""
+    if path is None:
+        return default_cluster()
+    p = Path(path)
+    if not p.is_file():
+        raise ValueError(f"--cluster {path}: no such file")
+    with open(p, encoding="utf-8") as f:
+        data = yaml.safe_load(f) or {}
+    return cluster_from_dict(data, source=str(p))
+
+
+def save_cluster(cfg: ClusterConfig, path: str | Path) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        yaml.safe_dump(cfg.to_dict(), f, sort_keys=False)
+
+
+__all__ = ["PerfParams", "ClusterConfig", "default_cluster", "cluster_from_dict", "load_cluster", "save_cluster"]

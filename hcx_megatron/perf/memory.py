@@ -1,0 +1,197 @@
+"""Memory per GPU: weights, gradients, optimizer state, activations (Korthikanti et al. 2022).
+
+Activations of one transformer layer for one micro-batch, in bytes, with
+s = seq_length / CP (tokens per CP rank), b = micro-batch, h = hidden, a = heads, g = KV groups,
+d = head dim, f = ffn hidden, G = 2 for SwiGLU, e = bytes per activation (2 for bf16), t = TP:
+
+    replicated across TP (divided by t only under sequence parallelism):
+        4·e·s·b·h       inputs of the two norms and of the QKV and fc1 matmuls
+        2·s·b·h         the two 1-byte hidden-dropout masks (only when hidden_dropout > 0)
+    sharded across TP (divided by t):
+        e·s·b·(a·d + 2·g'·d)   Q, K, V kept for the score/value matmuls (g' = g with fused
+                                attention, a without it: the unfused path expands K/V to a heads)
+        e·s·b·a·d              input of the output projection (= fused attention's output)
+        e·s·b·(G·f + f)        fc1 output (SwiGLU/GeLU input) and fc2 input
+        unfused attention only: e·a·s²·b softmax output, plus a·s²·b mask and e·a·s²·b dropout
+                                output when attention_dropout > 0
+        fused attention only:   4·a·s·b softmax statistics (fp32)
+
+For GPT-3 (g = a, a·d = h, f = 4h, G = 1, e = 2, dropout on, unfused) this is exactly
+Korthikanti's s·b·h·(10 + 24/t + 5·a·s/(h·t)) without SP and s·b·h/t·(34 + 5·a·s/h) with SP.
+Selective recompute drops the attention score terms (s² or statistics); full recompute keeps only
+each layer's input (e·s·b·h, /t under SP) plus one recompute group's full activations while it
+runs its backward. The last stage adds the logits kept by the vocab-parallel cross entropy in
+fp32 (4·s·b·V/t) and the final norm / output-layer inputs.
+
+In-flight micro-batches (Narayanan et al. 2021): with 1F1B, stage r holds min(p − r, m) micro-
+batches; with the interleaved schedule (v chunks) stage r holds min(2·(p − r − 1) + (v − 1)·p + 1,
+m·v) chunk-micro-batches of L/(p·v) layers each, i.e. the first stage holds L·(1 + (p−1)/(p·v))
+layers' worth, the (1 + (p−1)/(p·v)) factor of Korthikanti et al.
+
+Weights/grads/optimizer (mixed bf16, Megatron defaults): 2-byte weights, 4-byte fp32 gradient
+buffer (gradients accumulate and reduce in fp32), 12 bytes of optimizer state (fp32 main weights
++ Adam m and v) per parameter, sharded over the DP x CP group by the distributed optimizer:
+bytes/param = 2 + 4 + 12/(d·c). fp32 training: 4 + 4 + 8/(d·c).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from hcx_megatron.perf.cluster import ClusterConfig
+from hcx_megatron.perf.layout import Layout, Workload
+from hcx_megatron.perf.params import params_per_rank
+
+GIB = 1024**3
+
+
+def _gated(w: Workload) -> int:
+    return 2 if w.model.activation.lower() in ("swiglu", "geglu", "reglu") else 1
+
+
+def act_bytes(w: Workload) -> int:
+    return 4 if w.precision == "fp32" else 2
+
+
+def layer_activation_bytes(w: Workload, lay: Layout, *, drop_attention_scores: bool = False) -> float:
+    """Bytes one layer keeps for backward, one micro-batch, no recompute (see module docstring)."""
+    m = w.model
+    e = act_bytes(w)
+    s = w.seq_length / lay.cp
+    b = lay.micro_batch_size
+    h, a, g, d, f = m.hidden_size, m.num_attention_heads, m.num_query_groups, m.head_dim, m.ffn_hidden_size
+    t = lay.tp
+    sp_div = t if lay.sequence_parallel else 1
+    replicated = 4 * e * s * b * h
+    if w.hidden_dropout > 0:
+        replicated += 2 * s * b * h
+    kv_heads = g if w.flash_attention else a
+    sharded = e * s * b * (a * d + 2 * kv_heads * d) + e * s * b * a * d + e * s * b * (_gated(w) * f + f)
+    if not drop_attention_scores:
+        if w.flash_attention:
+            sharded += 4 * a * s * b
+        else:
+            sharded += e * a * s * s * b
+            if w.attention_dropout > 0:
+                sharded += (1 + e) * a * s * s * b
+    return replicated / sp_div + sharded / t
+
+
+def layer_input_bytes(w: Workload, lay: Layout) -> float:
+    """What a fully recomputed layer keeps: its input hidden state (SP-sharded under SP)."""
+    return act_bytes(w) * (w.seq_length / lay.cp) * lay.micro_batch_size * w.model.hidden_size / (
+        lay.tp if lay.sequence_parallel else 1)
+
+
+def inflight_chunk_microbatches(lay: Layout, num_microbatches: int, pp_rank: int) -> int:
+    """Chunk-micro-batches whose activations stage pp_rank holds at its peak."""
+    p, v, mbs = lay.pp, lay.chunks, num_microbatches
+    if v == 1:
+        return min(p - pp_rank, mbs)
+    return min(2 * (p - pp_rank - 1) + (v - 1) * p + 1, mbs * v)
+
+
+def stage_activation_bytes(w: Workload, lay: Layout, pp_rank: int) -> float:
+    """Peak activation bytes on a GPU of pipeline stage pp_rank (all in-flight micro-batches)."""
+    m = w.model
+    layers_per_chunk = m.num_layers // (lay.pp * lay.chunks)
+    layers_per_stage = layers_per_chunk * lay.chunks
+    chunks_in_flight = inflight_chunk_microbatches(lay, lay.num_microbatches(w.global_batch_size), pp_rank)
+    full = layer_activation_bytes(w, lay)
+    rc = lay.recompute_granularity
+    if rc == "selective":
+        per_layer = layer_activation_bytes(w, lay, drop_attention_scores=True)
+        total = chunks_in_flight * layers_per_chunk * per_layer
+    elif rc == "full":
+        group = max(1, lay.recompute_num_layers or 1)
+        inp = layer_input_bytes(w, lay)
+        if lay.recompute_method == "block":
+            # The first `group` layers of each stage are recomputed, the rest keep everything;
+            # spread over chunks the same share applies per chunk.
+            n_rc = min(group, layers_per_stage)
+            per_chunk = (n_rc * inp + (layers_per_stage - n_rc) * full) / lay.chunks
+            total = chunks_in_flight * per_chunk + min(n_rc, layers_per_chunk) * full
+        else:
+            # uniform: a checkpoint (one input) per group of `group` layers, and while one group
+            # runs its backward its layers' full activations are live.
+            per_chunk = -(-layers_per_chunk // group) * inp
+            total = chunks_in_flight * per_chunk + min(group, layers_per_chunk) * full
+    else:
+        total = chunks_in_flight * layers_per_chunk * full
+    if pp_rank == lay.pp - 1:
+        total += last_stage_extra_bytes(w, lay)
+    return total
+
+
+def last_stage_extra_bytes(w: Workload, lay: Layout) -> float:
+    """Final norm and output-layer inputs plus the fp32 logits of the cross entropy (one micro-batch)."""
+    s = w.seq_length / lay.cp
+    b = lay.micro_batch_size
+    vocab = w.model.padded_vocab_size(lay.tp)
+    sp_div = lay.tp if lay.sequence_parallel else 1
+    return 2 * act_bytes(w) * s * b * w.model.hidden_size / sp_div + 4 * s * b * vocab / lay.tp
+
+
+def bytes_per_param(w: Workload, lay: Layout) -> tuple[float, float, float]:
+    """(weights, gradients, optimizer state) bytes per parameter on one GPU."""
+    shard = lay.dp * lay.cp if lay.use_distributed_optimizer else 1
+    if w.precision == "fp32":
+        return 4.0, 4.0, 8.0 / shard
+    return 2.0, 4.0, 12.0 / shard
+
+
+@dataclass(frozen=True)
+class MemoryBreakdown:
+    pp_rank: int
+    params: int  # parameter count on this GPU
+    weights_bytes: float
+    grads_bytes: float
+    optimizer_bytes: float
+    activations_bytes: float
+    overhead_bytes: float
+
+    @property
+    def total_bytes(self) -> float:
+        return (self.weights_bytes + self.grads_bytes + self.optimizer_bytes + self.activations_bytes
+                + self.overhead_bytes)
+
+    @property
+    def total_gib(self) -> float:
+        return self.total_bytes / GIB
+
+    def as_gib(self) -> dict[str, float]:
+        return {k: getattr(self, k + "_bytes") / GIB
+                for k in ("weights", "grads", "optimizer", "activations", "overhead", "total")}
+
+
+def stage_memory(w: Workload, lay: Layout, cluster: ClusterConfig, pp_rank: int) -> MemoryBreakdown:
+    n = params_per_rank(w.model, lay.tp, lay.pp, pp_rank, lay.vpp)
+    bw, bg, bo = bytes_per_param(w, lay)
+    act = stage_activation_bytes(w, lay, pp_rank) * cluster.perf.activation_memory_factor
+    return MemoryBreakdown(pp_rank=pp_rank, params=n, weights_bytes=n * bw, grads_bytes=n * bg,
+                           optimizer_bytes=n * bo, activations_bytes=act,
+                           overhead_bytes=cluster.memory_overhead_gib * GIB)
+
+
+def peak_memory(w: Workload, lay: Layout, cluster: ClusterConfig) -> MemoryBreakdown:
+    """The most loaded pipeline stage's memory (what decides whether the layout fits)."""
+    return max((stage_memory(w, lay, cluster, r) for r in range(lay.pp)), key=lambda mb: mb.total_bytes)
+
+
+def fits(mem: MemoryBreakdown, cluster: ClusterConfig) -> bool:
+    return mem.total_bytes <= cluster.hbm_gib * GIB * cluster.usable_memory_fraction
+
+
+__all__ = [
+    "GIB",
+    "layer_activation_bytes",
+    "layer_input_bytes",
+    "inflight_chunk_microbatches",
+    "stage_activation_bytes",
+    "last_stage_extra_bytes",
+    "bytes_per_param",
+    "MemoryBreakdown",
+    "stage_memory",
+    "peak_memory",
+    "fits",
+]
