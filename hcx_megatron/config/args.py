@@ -57,6 +57,7 @@ class TrainingConfig:
     eval_interval: int = 0
     eval_iters: int = 2
     exit_interval: int | None = None  # stop (after saving) at this iteration; used by resume tests
+    variable_seq_lengths: bool = False  # set by drivers whose micro-batches differ in length (SFT)
 
 
 @dataclass
@@ -277,7 +278,8 @@ def config_from_args(a: argparse.Namespace, world_size: int | None = None) -> Co
             overlap_grad_reduce=a.overlap_grad_reduce,
             overlap_param_gather=a.overlap_param_gather,
         ),
-        training=TrainingConfig(**{f.name: getattr(a, f.name) for f in dataclasses.fields(TrainingConfig)}),
+        training=TrainingConfig(**{f.name: getattr(a, f.name) for f in dataclasses.fields(TrainingConfig)
+                                   if hasattr(a, f.name)}),
         data=DataConfig(**{f.name: getattr(a, f.name) for f in dataclasses.fields(DataConfig)}),
         checkpoint=CheckpointConfig(**{f.name: getattr(a, f.name) for f in dataclasses.fields(CheckpointConfig)}),
         logging=LoggingConfig(**{f.name: getattr(a, f.name) for f in dataclasses.fields(LoggingConfig)}),

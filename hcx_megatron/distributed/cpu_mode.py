@@ -1,0 +1,209 @@
+"""CPU mode: the ONE place that lets megatron-core 0.16.1 run on CPU over gloo.
+
+megatron-core assumes CUDA throughout: it allocates with `device=torch.cuda.current_device()`, creates a few
+tensors with `device="cuda"` (e.g. `total_num_tokens` in pipeline_parallel/schedules.py), calls `.cuda()`,
+synchronizes streams, keeps the tensor-parallel RNG as CUDA generator states, and the (distributed)
+optimizer checks `param.type() == "torch.cuda.FloatTensor"`. Rather than forking megatron-core, `activate()`
+redirects exactly those touch points to the CPU:
+
+  device      torch.cuda.current_device() -> torch.device("cpu"); tensor factories and Tensor.to/.cuda,
+              Module.cuda given a CUDA device -> CPU
+  sync        torch.cuda.synchronize / Stream / Event / stream() / current_stream / nvtx / empty_cache -> no-ops
+  memory      torch.cuda.memory_allocated & co. -> 0 (process RSS is reported by our metrics instead)
+  RNG         megatron.core.tensor_parallel.random._get_cuda_rng_state / _set_cuda_rng_state and
+              torch.cuda.get_rng_state / set_rng_state / manual_seed -> the CPU default generator, so the
+              CudaRNGStatesTracker forks/restores the CPU generator exactly as it would the CUDA one
+  type names  Tensor.type() with no argument reports CPU float types under their CUDA names
+              ("torch.cuda.FloatTensor"), which is what the optimizers' dtype checks compare against
+
+It is only ever activated when the run's device is "cpu" (see `initialize_distributed`), is idempotent,
+and `deactivate()` undoes every patch (tests use it). Nothing else in the project patches torch or megatron.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+from typing import Any, Callable
+
+import torch
+
+_CPU = torch.device("cpu")
+_saved: list[tuple[Any, str, Any]] = []  # (owner, attribute, original) for deactivate()
+_active = False
+
+# torch factories that accept `device=`; megatron-core passes torch.cuda.current_device() or "cuda".
+_FACTORIES = (
+    "empty", "zeros", "ones", "full", "tensor", "as_tensor", "arange", "rand", "randn", "randint",
+    "randperm", "empty_like", "zeros_like", "ones_like", "full_like", "rand_like", "randn_like",
+    "empty_strided", "linspace", "eye", "scalar_tensor",
+)
+_CUDA_TYPE_NAMES = {
+    "torch.FloatTensor": "torch.cuda.FloatTensor",
+    "torch.HalfTensor": "torch.cuda.HalfTensor",
+    "torch.BFloat16Tensor": "torch.cuda.BFloat16Tensor",
+    "torch.DoubleTensor": "torch.cuda.DoubleTensor",
+    "torch.LongTensor": "torch.cuda.LongTensor",
+    "torch.IntTensor": "torch.cuda.IntTensor",
+}
+
+
+def is_active() -> bool:
+    return _active
+
+
+def _is_cuda(device: Any) -> bool:
+    if device is None:
+        return False
+    if isinstance(device, torch.device):
+        return device.type == "cuda"
+    if isinstance(device, str):
+        return device.startswith("cuda")
+    return isinstance(device, int)  # a bare index means an accelerator ordinal
+
+
+def _patch(owner: Any, name: str, value: Any) -> None:
+    _saved.append((owner, name, getattr(owner, name, None)))
+    setattr(owner, name, value)
+
+
+def _cpu_device_kwarg(fn: Callable) -> Callable:
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        if _is_cuda(kwargs.get("device")):
+            kwargs["device"] = _CPU
+        kwargs.pop("pin_memory", None)  # pinned memory needs CUDA
+        return fn(*args, **kwargs)
+
+    return wrapper
+
+
+class _NullStream:
+    """Stands in for torch.cuda.Stream / ExternalStream: work on CPU is already ordered."""
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def wait_stream(self, *args, **kwargs):
+        pass
+
+    def wait_event(self, *args, **kwargs):
+        pass
+
+    def record_event(self, event=None):
+        return event or _NullEvent()
+
+    def synchronize(self):
+        pass
+
+    def query(self):
+        return True
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+class _NullEvent:
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def record(self, *args, **kwargs):
+        pass
+
+    def wait(self, *args, **kwargs):
+        pass
+
+    def synchronize(self):
+        pass
+
+    def query(self):
+        return True
+
+    def elapsed_time(self, other):
+        return 0.0
+
+
+def _noop(*args, **kwargs):
+    return None
+
+
+def activate() -> None:
+    """Install the CPU redirections. Call once per process, before building megatron models."""
+    global _active
+    if _active:
+        return
+    import megatron.core.tensor_parallel.random as mc_random
+
+    cuda = torch.cuda
+    # Device.
+    _patch(cuda, "current_device", lambda: _CPU)
+    _patch(cuda, "set_device", _noop)
+    _patch(cuda, "synchronize", _noop)
+    _patch(cuda, "empty_cache", _noop)
+    for name in _FACTORIES:
+        _patch(torch, name, _cpu_device_kwarg(getattr(torch, name)))
+
+    tensor_to = torch.Tensor.to
+
+    @functools.wraps(tensor_to)
+    def to(self, *args, **kwargs):
+        if args and _is_cuda(args[0]):
+            args = (_CPU,) + args[1:]
+        if _is_cuda(kwargs.get("device")):
+            kwargs["device"] = _CPU
+        return tensor_to(self, *args, **kwargs)
+
+    _patch(torch.Tensor, "to", to)
+    _patch(torch.Tensor, "cuda", lambda self, *a, **k: self)
+    _patch(torch.nn.Module, "cuda", lambda self, *a, **k: self)
+
+    tensor_type = torch.Tensor.type
+
+    @functools.wraps(tensor_type)
+    def type_(self, dtype=None, non_blocking=False, **kwargs):
+        if dtype is None and not kwargs:
+            name = tensor_type(self)
+            return _CUDA_TYPE_NAMES.get(name, name)
+        return tensor_type(self, dtype, non_blocking, **kwargs)
+
+    _patch(torch.Tensor, "type", type_)
+
+    # Streams, events, profiling ranges.
+    _patch(cuda, "Stream", _NullStream)
+    _patch(cuda, "ExternalStream", _NullStream)
+    _patch(cuda, "Event", _NullEvent)
+    _patch(cuda, "current_stream", lambda *a, **k: _NullStream())
+    _patch(cuda, "default_stream", lambda *a, **k: _NullStream())
+    _patch(cuda, "stream", lambda *a, **k: contextlib.nullcontext())
+    _patch(cuda, "set_stream", _noop)
+    _patch(cuda.nvtx, "range_push", _noop)
+    _patch(cuda.nvtx, "range_pop", _noop)
+    _patch(cuda.nvtx, "range", lambda *a, **k: contextlib.nullcontext())
+    # Memory statistics.
+    for name in ("memory_allocated", "max_memory_allocated", "memory_reserved", "max_memory_reserved"):
+        _patch(cuda, name, lambda *a, **k: 0)
+    _patch(cuda, "memory_stats", lambda *a, **k: {})
+    _patch(cuda, "reset_peak_memory_stats", _noop)
+
+    # RNG: the tensor-parallel tracker keeps "CUDA" generator states; on CPU they are CPU generator states.
+    _patch(cuda, "get_rng_state", lambda *a, **k: torch.get_rng_state())
+    _patch(cuda, "set_rng_state", lambda state, *a, **k: torch.set_rng_state(state))
+    _patch(cuda, "manual_seed", lambda seed: torch.default_generator.manual_seed(int(seed)))
+    _patch(cuda, "manual_seed_all", _noop)  # torch.manual_seed calls it; the CPU generator is already seeded
+    _patch(mc_random, "_get_cuda_rng_state",
+           lambda device="cuda", clone=False, graph_safe=False: torch.get_rng_state())
+    _patch(mc_random, "_set_cuda_rng_state",
+           lambda new_state, device=-1, graph_safe=False: torch.set_rng_state(new_state))
+    _active = True
+
+
+def deactivate() -> None:
+    """Undo every patch (in reverse order)."""
+    global _active
+    while _saved:
+        owner, name, original = _saved.pop()
+        setattr(owner, name, original)
+    _active = False

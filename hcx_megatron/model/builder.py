@@ -1,0 +1,168 @@
+"""Build HCX decoders on megatron-core: TransformerConfig from our typed config, one GPTModel per pipeline
+stage (one per virtual stage with interleaving), layout-independent init, megatron DDP wrapping."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+from megatron.core import parallel_state as ps
+from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+from megatron.core.models.gpt import GPTModel
+from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+from hcx_megatron.config.args import Config
+from hcx_megatron.model.init import initialize_model_chunk
+from hcx_megatron.model.spec import final_norm_class, select_layer_spec
+
+
+def transformer_config_from(cfg: Config, impl: str, device: str) -> TransformerConfig:
+    m, p, t = cfg.model, cfg.parallel, cfg.training
+    dtype = torch.bfloat16 if t.bf16 else torch.float32
+    kwargs = {}
+    if cfg.runtime.fp8_format:
+        kwargs.update(
+            fp8=cfg.runtime.fp8_format,
+            fp8_recipe="delayed" if cfg.runtime.fp8_recipe == "delayed" else "tensorwise",
+            fp8_amax_history_len=cfg.runtime.fp8_amax_history_len,
+            fp8_amax_compute_algo="max",
+        )
+    return TransformerConfig(
+        num_layers=m.num_layers,
+        hidden_size=m.hidden_size,
+        ffn_hidden_size=m.ffn_hidden_size,
+        num_attention_heads=m.num_attention_heads,
+        num_query_groups=m.num_query_groups,
+        kv_channels=m.head_dim,
+        normalization="RMSNorm",
+        layernorm_epsilon=m.norm_epsilon,
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        add_bias_linear=False,
+        add_qkv_bias=False,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        init_method_std=m.init_method_std,
+        perform_initialization=False,  # hcx_megatron.model.init sets every weight, layout-independently
+        use_cpu_initialization=device == "cpu",
+        tensor_model_parallel_size=p.tensor_model_parallel_size,
+        pipeline_model_parallel_size=p.pipeline_model_parallel_size,
+        virtual_pipeline_model_parallel_size=p.virtual_pipeline_model_parallel_size,
+        context_parallel_size=p.context_parallel_size,
+        sequence_parallel=p.sequence_parallel and p.tensor_model_parallel_size > 1,
+        params_dtype=dtype,
+        pipeline_dtype=dtype,
+        bf16=t.bf16,
+        autocast_dtype=dtype,
+        # Fused kernels come from apex/TE; the local spec on CPU runs unfused.
+        bias_activation_fusion=False,
+        masked_softmax_fusion=False,
+        bias_dropout_fusion=False,
+        apply_rope_fusion=False,
+        gradient_accumulation_fusion=False,
+        persist_layer_norm=False,
+        recompute_granularity=t.recompute_granularity,
+        recompute_method=t.recompute_method,
+        recompute_num_layers=t.recompute_num_layers if t.recompute_granularity == "full" else None,
+        # SFT micro-batches differ in length: pipeline p2p then exchanges shapes first. (megatron's MoE check
+        # wants the alltoall dispatcher named whenever this is on; we have no experts.)
+        variable_seq_lengths=t.variable_seq_lengths,
+        moe_token_dispatcher_type="alltoall" if t.variable_seq_lengths else "allgather",
+        deallocate_pipeline_outputs=True,
+        **kwargs,
+    )
+
+
+ModelFactory = Callable[[TransformerConfig, object, bool, bool, Optional[int]], torch.nn.Module]
+
+
+@dataclass
+class BuiltModel:
+    chunks: list  # DDP-wrapped (or bare) model chunks, one per virtual pipeline stage
+    config: TransformerConfig
+    impl: str  # "transformer_engine" | "local"
+
+
+def gpt_factory(cfg: Config, impl: str) -> ModelFactory:
+    """Default factory: a GPTModel for one (virtual) pipeline stage."""
+
+    def build(tconfig: TransformerConfig, layer_spec, pre_process: bool, post_process: bool,
+              vp_stage: Optional[int]) -> torch.nn.Module:
+        return GPTModel(
+            config=tconfig,
+            transformer_layer_spec=block_spec(tconfig, layer_spec, impl, vp_stage),
+            vocab_size=cfg.padded_vocab_size,
+            max_sequence_length=cfg.model.max_position_embeddings,
+            pre_process=pre_process,
+            post_process=post_process,
+            share_embeddings_and_output_weights=not cfg.model.untie_embeddings_and_output_weights,
+            position_embedding_type="rope",
+            rotary_base=cfg.model.rotary_base,
+            vp_stage=vp_stage,
+        )
+
+    return build
+
+
+def block_spec(tconfig: TransformerConfig, layer_spec: ModuleSpec, impl: str, vp_stage: Optional[int]):
+    """Decoder block spec: our layer spec for each local layer, and a final norm that supports SP."""
+    n = get_num_layers_to_build(tconfig, vp_stage=vp_stage)
+    return TransformerBlockSubmodules(layer_specs=[layer_spec] * n, layer_norm=final_norm_class(impl))
+
+
+def build_model(cfg: Config, device: str, factory: ModelFactory | None = None, wrap_ddp: bool = True,
+                initialize: bool = True) -> BuiltModel:
+    """Build this rank's model chunks. Requires parallel_state to be initialised."""
+    layer_spec, impl = select_layer_spec(cfg.runtime.transformer_impl, device)
+    tconfig = transformer_config_from(cfg, impl, device)
+    factory = factory or gpt_factory(cfg, impl)
+    vpp = cfg.parallel.virtual_pipeline_model_parallel_size
+    stages = list(range(vpp)) if vpp else [None]
+    chunks = []
+    for vp_stage in stages:
+        pre = ps.is_pipeline_first_stage(ignore_virtual=vpp is None, vp_stage=vp_stage)
+        post = ps.is_pipeline_last_stage(ignore_virtual=vpp is None, vp_stage=vp_stage)
+        chunk = factory(tconfig, layer_spec, pre, post, vp_stage)
+        chunk.model_type = getattr(chunk, "model_type", None) or _encoder_or_decoder()
+        if device == "cuda":
+            chunk.cuda(torch.cuda.current_device())
+        if initialize:
+            initialize_model_chunk(
+                chunk, seed=cfg.training.seed, init_std=cfg.model.init_method_std, num_layers=cfg.model.num_layers,
+                vocab_size=cfg.model.vocab_size, tp_rank=ps.get_tensor_model_parallel_rank(),
+                tp_size=ps.get_tensor_model_parallel_world_size(),
+            )
+        chunks.append(chunk)
+    if wrap_ddp:
+        ddp_config = DistributedDataParallelConfig(
+            grad_reduce_in_fp32=True,
+            overlap_grad_reduce=cfg.parallel.overlap_grad_reduce,
+            overlap_param_gather=cfg.parallel.overlap_param_gather,
+            use_distributed_optimizer=cfg.parallel.use_distributed_optimizer,
+            check_for_nan_in_grad=True,
+            # average_in_collective keeps the sum-then-divide order identical across DP sizes.
+            average_in_collective=False,
+        )
+        chunks = [
+            DistributedDataParallel(config=tconfig, ddp_config=ddp_config, module=c, disable_bucketing=i > 0)
+            for i, c in enumerate(chunks)
+        ]
+        for c in chunks:
+            c.broadcast_params()  # DP replicas start identical (they already are; this is megatron's contract)
+    return BuiltModel(chunks=chunks, config=tconfig, impl=impl)
+
+
+def _encoder_or_decoder():
+    from megatron.core.enums import ModelType
+
+    return ModelType.encoder_or_decoder
+
+
+def unwrap(chunk: torch.nn.Module) -> torch.nn.Module:
+    while hasattr(chunk, "module"):
+        chunk = chunk.module
+    return chunk

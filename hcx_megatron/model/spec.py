@@ -1,0 +1,130 @@
+"""Layer specs: Transformer Engine when importable, otherwise megatron-core local modules with
+torch SDPA attention and a sequence-parallel-capable RMSNorm.
+
+The local spec keeps megatron-core's TransformerLayer/SelfAttention/MLP and only swaps two submodules:
+- core attention -> `SDPAAttention` (torch.nn.functional.scaled_dot_product_attention: flash/memory-efficient
+  kernels on GPU, a fused kernel on CPU), instead of megatron's DotProductAttention, which materialises the
+  [b, n, s, s] score matrix;
+- norms -> `RMSNorm`, which marks its weight `sequence_parallel` so megatron's finalize_model_grads
+  all-reduces its gradient over the TP group (megatron's WrappedTorchNorm refuses sequence parallel).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+
+def transformer_engine_available() -> bool:
+    try:
+        import transformer_engine  # noqa: F401
+        from megatron.core.extensions import transformer_engine as _te  # noqa: F401
+    except Exception:  # ImportError, or TE present but broken for this CUDA
+        return False
+    return True
+
+
+class RMSNorm(torch.nn.Module):
+    """RMSNorm usable under sequence parallelism (the gradient is all-reduced by megatron over TP)."""
+
+    def __init__(self, config: TransformerConfig, hidden_size: int, eps: float = 1e-5, **_unused):
+        super().__init__()
+        self.eps = eps
+        self.weight = torch.nn.Parameter(torch.ones(hidden_size, dtype=config.params_dtype))
+        # megatron-core's finalize_model_grads looks for this attribute on replicated params.
+        setattr(self.weight, "sequence_parallel", config.sequence_parallel)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+
+
+class SDPAAttention(MegatronModule):
+    """Core attention over torch SDPA with GQA; same call signature as megatron's DotProductAttention.
+
+    Inputs are [s, b, heads, head_dim]; `attention_mask` follows megatron's convention (True = masked out),
+    or None with a causal `attn_mask_type`. Packed documents (SFT) pass an explicit block-causal mask.
+    """
+
+    def __init__(
+        self,
+        config: TransformerConfig,
+        layer_number: int,
+        attn_mask_type: AttnMaskType,
+        attention_type: str,
+        attention_dropout: Optional[float] = None,
+        softmax_scale: Optional[float] = None,
+        cp_comm_type: Optional[str] = None,
+        pg_collection=None,
+        **_unused,
+    ):
+        super().__init__(config=config)
+        if config.context_parallel_size != 1:
+            raise ValueError("context parallelism needs Transformer Engine attention (--transformer-impl "
+                             "transformer_engine); the local SDPA spec supports --context-parallel-size 1 only")
+        self.attn_mask_type = attn_mask_type
+        self.dropout_p = config.attention_dropout if attention_dropout is None else attention_dropout
+        self.softmax_scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(config.kv_channels)
+
+    def forward(self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None,
+                packed_seq_params=None):
+        if packed_seq_params is not None:
+            raise ValueError("packed sequences (PackedSeqParams) need Transformer Engine attention; on the local "
+                             "spec pass a block-causal attention_mask instead")
+        mask_type = attn_mask_type or self.attn_mask_type
+        # [s, b, n, d] -> [b, n, s, d]
+        q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))
+        gqa = q.shape[1] != k.shape[1]
+        if attention_mask is None:
+            is_causal, mask = mask_type == AttnMaskType.causal, None
+        else:
+            is_causal, mask = False, ~attention_mask  # SDPA: True = attend
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=is_causal,
+            dropout_p=self.dropout_p if self.training else 0.0, scale=self.softmax_scale, enable_gqa=gqa,
+        )
+        s, b = out.shape[2], out.shape[0]
+        return out.permute(2, 0, 1, 3).reshape(s, b, -1)
+
+
+def local_layer_spec() -> ModuleSpec:
+    spec = get_gpt_layer_local_spec(normalization="RMSNorm")
+    sub = spec.submodules
+    sub.input_layernorm = RMSNorm
+    sub.pre_mlp_layernorm = RMSNorm
+    sub.self_attention.submodules.core_attention = SDPAAttention
+    return spec
+
+
+def te_layer_spec() -> ModuleSpec:
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
+
+    return get_gpt_layer_with_transformer_engine_spec()
+
+
+def select_layer_spec(transformer_impl: str, device: str) -> tuple[ModuleSpec, str]:
+    """Returns (spec, impl name). 'auto' takes TE on GPU when importable."""
+    if transformer_impl == "transformer_engine" or (
+        transformer_impl == "auto" and device == "cuda" and transformer_engine_available()
+    ):
+        if not transformer_engine_available():
+            raise RuntimeError("--transformer-impl transformer_engine but Transformer Engine is not importable "
+                               "(pip install .[gpu] inside a CUDA environment)")
+        return te_layer_spec(), "transformer_engine"
+    return local_layer_spec(), "local"
+
+
+def final_norm_class(impl: str):
+    """Final layernorm of the decoder block for the chosen impl."""
+    if impl == "transformer_engine":
+        from megatron.core.extensions.transformer_engine import TENorm
+
+        return TENorm
+    return RMSNorm

@@ -1,0 +1,146 @@
+"""Pretraining driver: `python -m hcx_megatron.pretrain` (console script `hcx-pretrain`).
+
+Megatron-LM flags, e.g. (4 CPU processes, TP2 x PP2):
+    torchrun --nproc-per-node 4 -m hcx_megatron.pretrain --model-preset hcx-tiny --device cpu \
+        --tensor-model-parallel-size 2 --pipeline-model-parallel-size 2 --micro-batch-size 2 \
+        --global-batch-size 8 --seq-length 128 --train-iters 20 --mock-data --save runs/demo/ckpt
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from functools import partial
+
+import torch
+from megatron.core import parallel_state as ps
+
+from hcx_megatron.config.args import Config, parse_config
+from hcx_megatron.data.gpt_datasets import GlobalBatchIterator, build_gpt_datasets, sample_counts
+from hcx_megatron.training.loop import StepBatches, main_wrapper, run
+
+
+def lm_loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
+    """Sum of per-token losses under the mask, the token count, and the [sum, count] pair for logging.
+    megatron-core (calculate_per_token_loss) divides gradients by the global token count."""
+    losses = output_tensor.float().view(-1)
+    mask = loss_mask.float().view(-1)
+    loss_sum = torch.sum(losses * mask)
+    count = mask.sum()
+    return loss_sum, count.to(torch.int), {"lm loss": torch.stack([loss_sum.detach(), count])}
+
+
+def to_device(batch: dict[str, torch.Tensor], device: str) -> dict[str, torch.Tensor]:
+    if device != "cuda":
+        return batch
+    return {k: v.cuda(non_blocking=True) for k, v in batch.items()}
+
+
+@dataclasses.dataclass
+class Phase:
+    start_iteration: int
+    seq_length: int
+
+
+def sequence_phases(cfg: Config) -> list[Phase]:
+    """HCX's context schedule: --seq-length first, then --long-context-seq-length for the final fraction."""
+    t = cfg.training
+    phases = [Phase(0, t.seq_length)]
+    if t.long_context_seq_length:
+        start = int(round(t.train_iters * t.long_context_start_fraction))
+        if 0 < start < t.train_iters:
+            phases.append(Phase(start, t.long_context_seq_length))
+    return phases
+
+
+def load_run_tokenizer(cfg: Config):
+    """The run's tokenizer. A real tokenizer defines the vocabulary (Megatron padding goes on top of it);
+    --mock-data without one uses a NullTokenizer over the preset's vocabulary."""
+    from hcx_megatron.tokenizer import build_tokenizer
+
+    if cfg.data.tokenizer_model:
+        tokenizer = build_tokenizer(cfg.data.tokenizer_type, cfg.data.tokenizer_model)
+        cfg.model.vocab_size = tokenizer.vocab_size
+        return tokenizer
+    return build_tokenizer("NullTokenizer", None, cfg.model.vocab_size)
+
+
+class PretrainTask:
+    metric_keys = ["lm loss"]
+
+    def __init__(self):
+        self.cfg: Config | None = None
+        self.device = "cpu"
+        self.tokenizer = None
+        self._phase_data: dict[int, tuple] = {}
+
+    # -- set-up ---------------------------------------------------------------------------------------
+    def setup(self, cfg: Config, device: str) -> None:
+        self.cfg, self.device = cfg, device
+        self.tokenizer = load_run_tokenizer(cfg)
+        self.phases = sequence_phases(cfg)
+
+    def model_factory(self, cfg, impl):
+        return None
+
+    def _phase(self, iteration: int) -> tuple[int, Phase]:
+        idx = max(i for i, p in enumerate(self.phases) if p.start_iteration <= iteration)
+        return idx, self.phases[idx]
+
+    def _datasets(self, idx: int):
+        if idx not in self._phase_data:
+            cfg, phase = self.cfg, self.phases[idx]
+            end = self.phases[idx + 1].start_iteration if idx + 1 < len(self.phases) else cfg.training.train_iters
+            counts = sample_counts(cfg, end - phase.start_iteration)
+            train, valid, _ = build_gpt_datasets(cfg, self.tokenizer, phase.seq_length, counts)
+            t = cfg.training
+            self._phase_data[idx] = (
+                GlobalBatchIterator(train, t.global_batch_size, t.micro_batch_size),
+                GlobalBatchIterator(valid, t.global_batch_size, t.micro_batch_size) if valid is not None else None,
+            )
+        return self._phase_data[idx]
+
+    # -- batches --------------------------------------------------------------------------------------
+    def _step(self, it: GlobalBatchIterator, consumed: int, seq_length: int) -> StepBatches:
+        t = self.cfg.training
+        micro = [to_device(b, self.device) for b in it.microbatches(consumed)]
+        return StepBatches(micro, seq_length, t.micro_batch_size, t.global_batch_size * seq_length)
+
+    def train_batches(self, iteration: int) -> StepBatches:
+        idx, phase = self._phase(iteration)
+        train, _ = self._datasets(idx)
+        consumed = (iteration - phase.start_iteration) * self.cfg.training.global_batch_size
+        return self._step(train, consumed, phase.seq_length)
+
+    def eval_batches(self, eval_index: int) -> list[StepBatches]:
+        idx, phase = self._phase(max(0, eval_index * self.cfg.training.eval_interval - 1))
+        _, valid = self._datasets(idx)
+        if valid is None:
+            return []
+        t = self.cfg.training
+        first = eval_index * t.eval_iters * t.global_batch_size
+        return [self._step(valid, (first + k * t.global_batch_size) % max(1, len(valid.dataset)), phase.seq_length)
+                for k in range(t.eval_iters)]
+
+    # -- model ----------------------------------------------------------------------------------------
+    def forward_step(self, data_iterator, model):
+        batch = next(data_iterator)
+        output = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
+        return output, partial(lm_loss_func, batch["loss_mask"])
+
+    def state_dict(self):
+        return {}
+
+    def load_state_dict(self, state):
+        pass
+
+
+def main(argv=None) -> int:
+    cfg, _ = parse_config(argv, description="HCX pretraining on megatron-core")
+    return run(cfg, PretrainTask())
+
+
+if __name__ == "__main__":  # the dist-checkpoint writer spawns processes: keep this guard
+    main_wrapper(main)
+
+
+__all__ = ["PretrainTask", "lm_loss_func", "sequence_phases", "main", "ps"]

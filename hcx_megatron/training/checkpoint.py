@@ -1,0 +1,174 @@
+"""Checkpoints with megatron-core dist_checkpointing (torch_dist format), shared by every driver.
+
+Layout of `--save DIR`:
+    DIR/iter_0000100/                  dist_checkpointing directory (+ hcx_config.json, the run's typed config)
+    DIR/latest_checkpointed_iteration.txt   written LAST, by atomic rename
+
+Atomicity: every rank writes into `iter_XXXXXXX.tmp`; only after all ranks finished does rank 0 rename it to
+its final name and then replace the tracker file. A run killed mid-save leaves a `.tmp` directory that the
+tracker never points to, so the previous checkpoint still loads (and the next save of that iteration clears it).
+
+What a checkpoint holds: model weights (sharded in model space, so they load under any TP/PP/VPP), the
+optimizer state in megatron's `fully_reshardable` format (also layout-independent: Adam moments and
+fp32 master weights are stored per parameter in model space, so they too reshard across TP/PP/DP), the LR
+scheduler, the iteration (from which the data position is derived), per-rank RNG states (restored only when
+the world size is unchanged; otherwise they are reseeded and a notice is printed) and a driver-specific
+`extra` dict (e.g. reward normalisation statistics).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from megatron.core import dist_checkpointing, tensor_parallel
+from megatron.core.dist_checkpointing.mapping import ShardedObject
+
+TRACKER_FILE = "latest_checkpointed_iteration.txt"
+CONFIG_FILE = "hcx_config.json"
+SHARDING_METADATA = {"distrib_optim_sharding_type": "fully_reshardable", "chained_optim_avoid_prefix": True}
+
+
+def checkpoint_dir(root: str, iteration: int) -> str:
+    return os.path.join(root, f"iter_{iteration:07d}")
+
+
+def read_latest_iteration(root: str | None) -> int | None:
+    """The iteration the tracker names, or None when `root` holds no complete checkpoint."""
+    if not root:
+        return None
+    path = os.path.join(root, TRACKER_FILE)
+    if not os.path.exists(path):
+        return None
+    text = open(path, encoding="utf-8").read().strip()
+    try:
+        iteration = int(text)
+    except ValueError as exc:
+        raise ValueError(f"{path}: expected an iteration number, found {text!r}") from exc
+    if not os.path.isdir(checkpoint_dir(root, iteration)):
+        raise FileNotFoundError(f"{path} names iteration {iteration} but {checkpoint_dir(root, iteration)} is missing")
+    return iteration
+
+
+def resolve_checkpoint(path: str) -> str:
+    """Accept either a --save root (use its latest) or one iter_XXXXXXX directory."""
+    it = read_latest_iteration(path)
+    if it is not None:
+        return checkpoint_dir(path, it)
+    if os.path.exists(os.path.join(path, "metadata.json")):
+        return path
+    raise FileNotFoundError(f"{path}: neither a checkpoint root with {TRACKER_FILE} nor a checkpoint directory")
+
+
+def read_saved_config(path: str) -> dict[str, Any]:
+    ckpt = resolve_checkpoint(path)
+    with open(os.path.join(ckpt, CONFIG_FILE), encoding="utf-8") as f:
+        return json.load(f)
+
+
+def _rng_state() -> dict[str, Any]:
+    state = {
+        "random": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+        "tracker": tensor_parallel.get_cuda_rng_tracker().get_states(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["random"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+    tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
+
+
+def _model_keys(chunks) -> list[str]:
+    return ["model"] if len(chunks) == 1 else [f"model{i}" for i in range(len(chunks))]
+
+
+def build_sharded_state_dict(chunks, optimizer=None, scheduler=None, iteration: int = 0, extra=None,
+                             include_rng: bool = True, is_loading: bool = False) -> dict[str, Any]:
+    sd: dict[str, Any] = {}
+    for key, chunk in zip(_model_keys(chunks), chunks):
+        sd[key] = chunk.sharded_state_dict(metadata=SHARDING_METADATA)
+    if optimizer is not None:
+        sd["optimizer"] = optimizer.sharded_state_dict(sd, is_loading=is_loading, metadata=SHARDING_METADATA)
+    if scheduler is not None:
+        sd["opt_param_scheduler"] = scheduler.state_dict()
+    sd["iteration"] = iteration
+    sd["extra"] = extra or {}
+    if include_rng:
+        rank, world = dist.get_rank(), dist.get_world_size()
+        sd["rng_state"] = ShardedObject("rng_state", _rng_state(), (world,), (rank,), replica_id=0)
+    return sd
+
+
+def save_checkpoint(root: str, iteration: int, chunks, optimizer, scheduler, config_dict: dict[str, Any],
+                    extra: dict[str, Any] | None = None, save_optim: bool = True) -> str:
+    final = checkpoint_dir(root, iteration)
+    tmp = final + ".tmp"
+    rank = dist.get_rank()
+    if rank == 0:
+        os.makedirs(root, exist_ok=True)
+        if os.path.exists(tmp):  # left by a run killed while saving
+            shutil.rmtree(tmp)
+        os.makedirs(tmp)
+    dist.barrier()
+    sd = build_sharded_state_dict(chunks, optimizer if save_optim else None, scheduler, iteration, extra)
+    dist_checkpointing.save(sd, tmp, content_metadata={**SHARDING_METADATA, "world_size": dist.get_world_size()})
+    dist.barrier()
+    if rank == 0:
+        with open(os.path.join(tmp, CONFIG_FILE), "w", encoding="utf-8") as f:
+            json.dump({**config_dict, "iteration": iteration, "world_size": dist.get_world_size(),
+                       "has_optimizer": save_optim}, f, indent=2, default=str)
+        if os.path.exists(final):
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        tracker_tmp = os.path.join(root, TRACKER_FILE + ".tmp")
+        with open(tracker_tmp, "w", encoding="utf-8") as f:
+            f.write(str(iteration))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tracker_tmp, os.path.join(root, TRACKER_FILE))
+    dist.barrier()
+    return final
+
+
+def load_checkpoint(path: str, chunks, optimizer=None, scheduler=None, load_optim: bool = True,
+                    load_rng: bool = True, strict: bool = True) -> tuple[int, dict[str, Any]]:
+    """Load into already-built chunks (any layout). Returns (iteration, extra)."""
+    ckpt = resolve_checkpoint(path)
+    saved = json.load(open(os.path.join(ckpt, CONFIG_FILE), encoding="utf-8"))
+    if load_optim and optimizer is not None and not saved.get("has_optimizer", True):
+        raise ValueError(f"{ckpt} holds no optimizer state (saved with --no-save-optim or converted); "
+                         "load it with --finetune or --no-load-optim")
+    same_world = saved.get("world_size") == dist.get_world_size()
+    if load_rng and not same_world and dist.get_rank() == 0:
+        print(f"[checkpoint] world size changed ({saved.get('world_size')} -> {dist.get_world_size()}): "
+              "RNG states are reseeded instead of restored", flush=True)
+    include_rng = load_rng and same_world
+    sd = build_sharded_state_dict(chunks, optimizer if load_optim else None, scheduler if load_optim else None,
+                                  include_rng=include_rng, is_loading=True)
+    loaded = dist_checkpointing.load(sd, ckpt)
+    for key, chunk in zip(_model_keys(chunks), chunks):
+        chunk.load_state_dict(loaded[key], strict=strict)
+    if load_optim and optimizer is not None:
+        optimizer.load_state_dict(loaded["optimizer"])
+        if scheduler is not None:
+            scheduler.load_state_dict(loaded["opt_param_scheduler"])
+    elif optimizer is not None:
+        optimizer.reload_model_params()  # fp32 master copies follow the freshly loaded weights
+    if include_rng:
+        _set_rng_state(loaded["rng_state"])
+    return int(loaded["iteration"]), dict(loaded.get("extra") or {})
