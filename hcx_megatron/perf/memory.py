@@ -175,7 +175,9 @@ def stage_memory(w: Workload, lay: Layout, cluster: ClusterConfig, pp_rank: int)
 
 def peak_memory(w: Workload, lay: Layout, cluster: ClusterConfig) -> MemoryBreakdown:
     """The most loaded pipeline stage's memory (what decides whether the layout fits)."""
-    return max((stage_memory(w, lay, cluster, r) for r in range(lay.pp)), key=lambda mb: mb.total_bytes)
+    # Stage 0 holds the most in-flight micro-batches and the embedding; the last stage holds the
+    # output layer and logits; middle stages have fewer of both, so these two bound the peak.
+    return max((stage_memory(w, lay, cluster, r) for r in sorted({0, lay.pp - 1})), key=lambda mb: mb.total_bytes)
 
 
 def fits(mem: MemoryBreakdown, cluster: ClusterConfig) -> bool:

@@ -81,9 +81,27 @@ def chunk_params(cfg: ModelConfig, tp: int, pp: int, pp_rank: int, vpp: int | No
 
 def params_per_rank(cfg: ModelConfig, tp: int, pp: int, pp_rank: int, vpp: int | None = None,
                     padded_vocab: int | None = None) -> int:
-    """Parameters held by one GPU (all its virtual chunks) at pipeline rank pp_rank."""
-    return sum(n for c in range(vpp or 1)
-               for _, n in chunk_params(cfg, tp, pp, pp_rank, vpp, c, padded_vocab))
+    """Parameters held by one GPU (all its virtual chunks) at pipeline rank pp_rank.
+
+    Same rules as chunk_params, summed arithmetically (the planner calls this a lot).
+    """
+    v = vpp or 1
+    if not 0 <= pp_rank < pp:
+        raise ValueError(f"pp_rank {pp_rank} outside PP {pp}")
+    if cfg.num_layers % (pp * v):
+        raise ValueError(f"num_layers {cfg.num_layers} not divisible by PP x VPP = {pp * v}")
+    vocab = padded_vocab if padded_vocab is not None else cfg.padded_vocab_size(tp)
+    h = cfg.hidden_size
+    n = cfg.num_layers // pp * sum(k for _, k in layer_params(cfg, tp))
+    if pp_rank == 0:
+        n += vocab // tp * h
+        if cfg.position_embedding_type == "learned_absolute":
+            n += cfg.max_position_embeddings * h
+    if pp_rank == pp - 1:
+        n += sum(k for _, k in _norm_params(cfg, h))
+        if cfg.untie_embeddings_and_output_weights or pp > 1:
+            n += vocab // tp * h
+    return n
 
 
 def max_params_per_rank(cfg: ModelConfig, tp: int, pp: int, vpp: int | None = None,

@@ -175,7 +175,7 @@ def step_time(w: Workload, lay: Layout, cluster: ClusterConfig) -> StepTime:
 
     # --- data parallel (over DP x CP) gradient reduce / weight gather
     group = lay.dp * cp
-    n_params = max(params_per_rank(m, tp, pp, r, lay.vpp) for r in range(pp))
+    n_params = max(params_per_rank(m, tp, pp, r, lay.vpp) for r in sorted({0, pp - 1}))
     grad_bytes = 4.0 * n_params
     weight_bytes = (4.0 if w.precision == "fp32" else 2.0) * n_params
     dp_link = _link(cluster, tp * group)

@@ -1,0 +1,102 @@
+"""Matplotlib PNGs for a sweep: tokens/s/GPU and MFU vs GPU count (measured solid, predicted
+dashed, one colour per scaling study), and predicted vs measured step time."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only; no display on cluster login nodes or CI
+import matplotlib.pyplot as plt  # noqa: E402
+
+from hcx_megatron.perf.sweep import RunResult  # noqa: E402
+
+
+def _series(results: list[RunResult]) -> dict[str, list[RunResult]]:
+    out: dict[str, list[RunResult]] = {}
+    for r in results:
+        out.setdefault(r.run.scaling, []).append(r)
+    return out
+
+
+def _best_per_count(rs: list[RunResult], key) -> list[tuple[int, float]]:
+    """Per GPU count, the best value among that count's layouts (a scaling curve shows the best)."""
+    best: dict[int, float] = {}
+    for r in rs:
+        v = key(r)
+        if v is not None:
+            best[r.run.gpus] = max(best.get(r.run.gpus, v), v)
+    return sorted(best.items())
+
+
+def scaling_plot(results: list[RunResult], metric: str, path: str | Path, title: str) -> Path:
+    """metric: 'tokens' (tokens/s/GPU) or 'mfu' (percent)."""
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=110)
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    if metric == "tokens":
+        meas = lambda r: r.measured_tokens_per_sec_per_gpu  # noqa: E731
+        pred = lambda r: r.predicted_tokens_per_sec_per_gpu  # noqa: E731
+        ylabel = "tokens / s / GPU"
+    else:
+        meas = lambda r: None if r.measured_mfu is None else 100 * r.measured_mfu  # noqa: E731
+        pred = lambda r: 100 * r.predicted_mfu  # noqa: E731
+        ylabel = "MFU (%)"
+    counts = sorted({r.run.gpus for r in results})
+    for i, (scaling, rs) in enumerate(sorted(_series(results).items())):
+        c = colors[i % len(colors)]
+        m = _best_per_count(rs, meas)
+        p = _best_per_count(rs, pred)
+        if m:
+            ax.plot([x for x, _ in m], [y for _, y in m], "o-", color=c, label=f"{scaling}: measured")
+            for x, y in m:
+                ax.annotate(f"{y:,.3g}", (x, y), textcoords="offset points", xytext=(4, 6), fontsize=8, color=c)
+        if p:
+            ax.plot([x for x, _ in p], [y for _, y in p], "s--", color=c, alpha=0.6, mfc="none",
+                    label=f"{scaling}: predicted")
+    if len(counts) > 1 and max(counts) / min(counts) >= 4:
+        ax.set_xscale("log", base=2)
+    ax.set_xticks(counts)
+    ax.set_xticklabels([str(c) for c in counts])
+    ax.set_xlabel("GPUs (processes)")
+    ax.set_ylabel(ylabel)
+    ax.set_ylim(bottom=0)
+    ax.set_title(title)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return Path(path)
+
+
+def predicted_vs_measured_plot(results: list[RunResult], path: str | Path, title: str) -> Path:
+    fig, ax = plt.subplots(figsize=(5.5, 5.5), dpi=110)
+    pts = [(r.measured.step_time_s, r.predicted_step_s, r.run.label) for r in results if r.measured]
+    if pts:
+        xs, ys, labels = zip(*pts)
+        ax.scatter(xs, ys, zorder=3)
+        for x, y, lab in pts:
+            ax.annotate(lab, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
+        lo, hi = min(xs + ys) / 1.5, max(xs + ys) * 1.5
+        ax.plot([lo, hi], [lo, hi], "k-", lw=0.8, label="predicted = measured")
+        ax.fill_between([lo, hi], [lo / 1.2, hi / 1.2], [lo * 1.2, hi * 1.2], color="grey", alpha=0.15,
+                        label="±20 %")
+        ax.set_xlim(lo, hi)
+        ax.set_ylim(lo, hi)
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.legend(fontsize=8, loc="upper left")
+    else:
+        ax.text(0.5, 0.5, "no measured runs yet", ha="center", va="center", transform=ax.transAxes)
+    ax.set_xlabel("measured step time (s)")
+    ax.set_ylabel("predicted step time (s)")
+    ax.set_title(title)
+    ax.grid(True, which="both", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return Path(path)
+
+
+__all__ = ["scaling_plot", "predicted_vs_measured_plot"]
