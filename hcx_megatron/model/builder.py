@@ -72,7 +72,10 @@ def transformer_config_from(cfg: Config, impl: str, device: str) -> TransformerC
         # wants the alltoall dispatcher named whenever this is on; we have no experts.)
         variable_seq_lengths=t.variable_seq_lengths,
         moe_token_dispatcher_type="alltoall" if t.variable_seq_lengths else "allgather",
-        deallocate_pipeline_outputs=True,
+        # Freeing a stage's output right after its send is safe with NCCL (stream-ordered) but not with gloo,
+        # whose isend may still be reading the buffer: the next stage then receives garbage. Seen here as a
+        # PP=2 loss that differed from PP=1 at step 1 on CPU.
+        deallocate_pipeline_outputs=device == "cuda",
         **kwargs,
     )
 

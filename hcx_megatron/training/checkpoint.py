@@ -145,6 +145,17 @@ def save_checkpoint(root: str, iteration: int, chunks, optimizer, scheduler, con
     return final
 
 
+def _materialize_optimizer_state(optimizer) -> None:
+    """megatron-core 0.16.1's DistributedOptimizer.state_dict() asserts that torch Adam already holds a
+    `step` (true only after a first step), yet its own sharded load path only creates dummy states later. Create
+    them first, as that load path would; the loaded checkpoint then overwrites every value."""
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        if isinstance(opt, DistributedOptimizer) and not opt.optimizer.state:
+            opt._init_optimizer_states_with_dummy_values()
+
+
 def load_checkpoint(path: str, chunks, optimizer=None, scheduler=None, load_optim: bool = True,
                     load_rng: bool = True, strict: bool = True) -> tuple[int, dict[str, Any]]:
     """Load into already-built chunks (any layout). Returns (iteration, extra)."""
@@ -158,6 +169,8 @@ def load_checkpoint(path: str, chunks, optimizer=None, scheduler=None, load_opti
         print(f"[checkpoint] world size changed ({saved.get('world_size')} -> {dist.get_world_size()}): "
               "RNG states are reseeded instead of restored", flush=True)
     include_rng = load_rng and same_world
+    if load_optim and optimizer is not None:
+        _materialize_optimizer_state(optimizer)
     sd = build_sharded_state_dict(chunks, optimizer if load_optim else None, scheduler if load_optim else None,
                                   include_rng=include_rng, is_loading=True)
     loaded = dist_checkpointing.load(sd, ckpt)
