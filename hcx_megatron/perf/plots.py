@@ -50,7 +50,9 @@ def scaling_plot(results: list[RunResult], metric: str, path: str | Path, title:
         if m:
             ax.plot([x for x, _ in m], [y for _, y in m], "o-", color=c, label=f"{scaling}: measured")
             for x, y in m:
-                ax.annotate(f"{y:,.3g}", (x, y), textcoords="offset points", xytext=(4, 6), fontsize=8, color=c)
+                text = f"{y:,.0f}" if metric == "tokens" and y >= 100 else f"{y:.3g}"
+                ax.annotate(text, (x, y), textcoords="offset points", xytext=(0, 8), ha="center", fontsize=8,
+                            color=c)
         if p:
             ax.plot([x for x, _ in p], [y for _, y in p], "s--", color=c, alpha=0.6, mfc="none",
                     label=f"{scaling}: predicted")
@@ -60,7 +62,10 @@ def scaling_plot(results: list[RunResult], metric: str, path: str | Path, title:
     ax.set_xticklabels([str(c) for c in counts])
     ax.set_xlabel("GPUs (processes)")
     ax.set_ylabel(ylabel)
-    ax.set_ylim(bottom=0)
+    top = max([v for rs in _series(results).values() for f in (meas, pred) for _, v in _best_per_count(rs, f)],
+              default=1.0)
+    ax.set_ylim(0, top * 1.18)  # head room for the value labels
+    ax.set_xlim(min(counts) / 1.3, max(counts) * 1.3) if len(counts) > 1 and ax.get_xscale() == "log" else None
     ax.set_title(title)
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8)
@@ -76,9 +81,13 @@ def predicted_vs_measured_plot(results: list[RunResult], path: str | Path, title
     if pts:
         xs, ys, labels = zip(*pts)
         ax.scatter(xs, ys, zorder=3)
-        for x, y, lab in pts:
-            ax.annotate(lab, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
         lo, hi = min(xs + ys) / 1.5, max(xs + ys) * 1.5
+        mid = (lo * hi) ** 0.5
+        for x, y, lab in pts:
+            # labels of points in the right half go to their left so they stay inside the axes
+            right = x > mid
+            ax.annotate(lab, (x, y), textcoords="offset points", xytext=(-5 if right else 5, 4),
+                        ha="right" if right else "left", fontsize=7)
         ax.plot([lo, hi], [lo, hi], "k-", lw=0.8, label="predicted = measured")
         ax.fill_between([lo, hi], [lo / 1.2, hi / 1.2], [lo * 1.2, hi * 1.2], color="grey", alpha=0.15,
                         label="±20 %")

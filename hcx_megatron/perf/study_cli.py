@@ -31,7 +31,7 @@ def _generate(a: argparse.Namespace) -> int:
         lay = parse_layout(spec)
         problems = lay.check(sweep.workload(SweepRun("x", lay, a.global_batch_size)))
         if problems:
-            raise SystemExit(f"--layout {spec!r}: {'; '.join(problems)}")
+            raise ValueError(f"--layout {spec!r}: {'; '.join(problems)}")
         runs.append(SweepRun(label=f"{a.scaling}-g{lay.world_size}-{lay.label()}", layout=lay,
                              global_batch_size=a.global_batch_size, scaling=a.scaling))
     if a.gpu_counts:
@@ -40,7 +40,7 @@ def _generate(a: argparse.Namespace) -> int:
             runs += planned_runs(model, a.seq_length, cluster, a.gpu_counts, mode, a.global_batch_size,
                                  per_count=a.per_count, space=space)
     if not runs:
-        raise SystemExit("give --layout SPEC (repeatable) and/or --gpu-counts N [N ...]")
+        raise ValueError("give --layout SPEC (repeatable) and/or --gpu-counts N [N ...]")
     sweep.runs = runs
     d = write_sweep(sweep, a.out)
     print(f"wrote {d}/sweep.json, tasks.tsv and submit.sh with {len(runs)} runs:")

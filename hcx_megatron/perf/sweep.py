@@ -278,7 +278,7 @@ def _fmt(v, spec: str) -> str:
 
 
 def markdown_table(rows: list[dict]) -> str:
-    cols = [("run", "label", "s"), ("GPUs", "gpus", "d"), ("TP", "tp", "d"), ("PP", "pp", "d"), ("VPP", "vpp", "s"),
+    cols = [("run", "label", "s"), ("GPUs", "gpus", "d"), ("TP", "tp", "d"), ("PP", "pp", "d"), ("VPP", "vpp", ""),
             ("CP", "cp", "d"), ("DP", "dp", "d"), ("MB", "micro_batch_size", "d"), ("GBS", "global_batch_size", "d"),
             ("step s meas", "measured_step_s", ".4f"), ("step s pred", "predicted_step_s", ".4f"),
             ("err %", "step_error_pct", "+.1f"), ("tok/s/GPU meas", "measured_tokens_per_sec_per_gpu", ",.0f"),
