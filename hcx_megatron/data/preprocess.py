@@ -143,9 +143,16 @@ def _batches(paths: Sequence[str], batch_lines: int) -> Iterator[list[tuple[int,
 def _ordered_results(cfg: PreprocessConfig, init_args) -> Iterator[list]:
     """Encoded batches in input order; bounded number of batches in flight."""
     if cfg.workers <= 1:
-        _init_worker(*init_args)
-        for batch in _batches(cfg.inputs, cfg.batch_lines):
-            yield _encode_lines(batch)
+        saved = os.environ.get("TOKENIZERS_PARALLELISM")
+        try:
+            _init_worker(*init_args)
+            for batch in _batches(cfg.inputs, cfg.batch_lines):
+                yield _encode_lines(batch)
+        finally:  # in-process: do not leave the caller's tokenizers single-threaded
+            if saved is None:
+                os.environ.pop("TOKENIZERS_PARALLELISM", None)
+            else:
+                os.environ["TOKENIZERS_PARALLELISM"] = saved
         return
     ctx = mp.get_context("fork") if "fork" in mp.get_all_start_methods() else mp.get_context("spawn")
     with ctx.Pool(cfg.workers, initializer=_init_worker, initargs=init_args) as pool:

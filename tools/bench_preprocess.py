@@ -1,0 +1,134 @@
+#!/usr/bin/env python
+"""Preprocessing and tokenizer throughput (numbers, not a test).
+
+  * tools/preprocess_data.py pipeline on the shared corpus with --workers 1 and 2: docs/s, MB/s, tokens/s
+    (1 worker is the baseline; both measured in this run);
+  * encode throughput of HCXTokenizer (single call per document, and batched) against plain HF
+    `tokenizers` loading the same tokenizer.json, on the same text (+ sentencepiece if given);
+  * the Kiwi morpheme analyser on the Korean text: why segmentation happens at training time only.
+
+python tools/bench_preprocess.py --corpus-dir ../shared/corpus --tokenizer-model DIR [--spm-tokenizer-model DIR]
+"""
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+import warnings
+
+
+def _texts(paths):
+    from hcx_megatron.data.jsonl import iter_texts
+
+    return [t for p in paths for d in iter_texts([p]) for t in d.texts]
+
+
+def _best(fn, repeats):
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return min(times), statistics.median(times)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                allow_abbrev=False)
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    p.add_argument("--corpus-dir", default=os.path.join(here, "..", "shared", "corpus"))
+    p.add_argument("--files", nargs="+", default=["ko.jsonl", "en.jsonl", "code.jsonl"])
+    p.add_argument("--tokenizer-model", default=None,
+                   help="HCX tokenizer dir (default: train one with --vocab-size on the corpus first)")
+    p.add_argument("--vocab-size", type=int, default=32000)
+    p.add_argument("--spm-tokenizer-model", default=None, help="optional sentencepiece-backend dir to compare")
+    p.add_argument("--workers", nargs="+", type=int, default=[1, 2])
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--output-json", default=None)
+    a = p.parse_args(argv)
+    warnings.simplefilter("ignore")
+
+    from hcx_megatron.data.preprocess import PreprocessConfig, preprocess
+    from hcx_megatron.tokenizer import load_tokenizer
+
+    paths = [os.path.join(a.corpus_dir, f) for f in a.files]
+    work = tempfile.mkdtemp(prefix="bench-preprocess-")
+    results = {"cpu_count": os.cpu_count(), "files": paths}
+    if a.tokenizer_model is None:
+        from hcx_megatron.tokenizer.train import TrainConfig, train_tokenizer
+
+        a.tokenizer_model = os.path.join(work, "tok")
+        t0 = time.perf_counter()
+        train_tokenizer(iter(_texts(paths)), a.tokenizer_model, TrainConfig(vocab_size=a.vocab_size))
+        results["tokenizer_train_s"] = time.perf_counter() - t0
+        print(f"trained tokenizer (vocab {a.vocab_size}) in {results['tokenizer_train_s']:.1f} s")
+    tok = load_tokenizer(a.tokenizer_model)
+    print(f"tokenizer: {tok}")
+
+    # ---------------------------------------------------------------- preprocessing pipeline
+    print("\n| pipeline | docs/s | MB/s | tokens/s | speed-up vs 1 worker |\n|---|---:|---:|---:|---:|")
+    base = None
+    results["preprocess"] = {}
+    for w in a.workers:
+        s = preprocess(PreprocessConfig(inputs=paths, output_prefix=os.path.join(work, f"w{w}"),
+                                        tokenizer_model=a.tokenizer_model, append_eod=True, workers=w,
+                                        progress=False))
+        r = {"docs_per_s": s.docs / s.seconds, "mb_per_s": s.input_bytes / 1e6 / s.seconds,
+             "tokens_per_s": s.tokens / s.seconds, "docs": s.docs, "tokens": s.tokens, "seconds": s.seconds}
+        base = base or r["mb_per_s"]
+        results["preprocess"][w] = r
+        print(f"| preprocess_data --workers {w} | {r['docs_per_s']:,.0f} | {r['mb_per_s']:.2f} | "
+              f"{r['tokens_per_s']:,.0f} | {r['mb_per_s'] / base:.2f}x |")
+
+    # ---------------------------------------------------------------- encoder
+    from tokenizers import Tokenizer
+
+    texts = _texts(paths)
+    mb = sum(len(t.encode()) for t in texts) / 1e6
+    plain = Tokenizer.from_file(os.path.join(a.tokenizer_model, "tokenizer.json"))
+    assert [e.ids for e in plain.encode_batch(texts[:20], add_special_tokens=False)] == tok.tokenize_batch(texts[:20])
+    os.environ["TOKENIZERS_PARALLELISM"] = "true"
+    cases = [
+        ("plain HF tokenizers, encode() per doc (baseline)",
+         lambda: [plain.encode(t, add_special_tokens=False) for t in texts]),
+        ("HCXTokenizer.tokenize() per doc", lambda: [tok.tokenize(t) for t in texts]),
+        ("plain HF tokenizers, encode_batch() (all cores)", lambda: plain.encode_batch(texts, add_special_tokens=False)),
+        ("HCXTokenizer.tokenize_batch() (all cores)", lambda: tok.tokenize_batch(texts)),
+    ]
+    if a.spm_tokenizer_model:
+        spm_tok = load_tokenizer(a.spm_tokenizer_model)
+        cases += [("sentencepiece backend, tokenize() per doc", lambda: [spm_tok.tokenize(t) for t in texts]),
+                  ("sentencepiece backend, tokenize_batch()", lambda: spm_tok.tokenize_batch(texts))]
+    print(f"\nencode {len(texts)} docs, {mb:.2f} MB ({a.repeats} repeats, best / median)")
+    print("| encoder | MB/s (best) | MB/s (median) | vs baseline |\n|---|---:|---:|---:|")
+    results["encode"] = {}
+    base = None
+    for name, fn in cases:
+        best, med = _best(fn, a.repeats)
+        base = base or mb / best
+        results["encode"][name] = {"mb_per_s_best": mb / best, "mb_per_s_median": mb / med}
+        print(f"| {name} | {mb / best:.2f} | {mb / med:.2f} | {mb / best / base:.2f}x |")
+
+    # ---------------------------------------------------------------- analyser
+    from hcx_megatron.tokenizer.morpheme import MorphemeSegmenter
+
+    ko = [t for t in texts if any("\uac00" <= c <= "\ud7a3" for c in t[:2000])][:200]
+    ko_mb = sum(len(t.encode()) for t in ko) / 1e6
+    seg = MorphemeSegmenter()
+    seg.boundaries_many(ko[:2])  # model warm-up
+    t_kiwi, _ = _best(lambda: seg.boundaries_many(ko), 1)
+    t_bpe, _ = _best(lambda: [tok.tokenize(t) for t in ko], a.repeats)
+    results["korean"] = {"kiwi_mb_per_s": ko_mb / t_kiwi, "bpe_mb_per_s": ko_mb / t_bpe}
+    print(f"\nKorean text ({len(ko)} docs, {ko_mb:.2f} MB), one thread: Kiwi analysis {ko_mb / t_kiwi:.2f} MB/s vs "
+          f"byte-level BPE encode {ko_mb / t_bpe:.2f} MB/s ({t_kiwi / t_bpe:.0f}x slower)")
+    if a.output_json:
+        with open(a.output_json, "w") as f:
+            json.dump(results, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
