@@ -8,7 +8,8 @@ give (validated with the driver's own checks) and exits without starting anythin
 `--tasks-per-node` it plans a hypothetical allocation on a login node.
 
 The driver runs in this process (runpy), not as a child: srun/mpirun signals (SIGUSR1 for preemption)
-reach it directly and its exit code (17 = preempted, saved) is ours.
+reach it directly and its exit code (17 = preempted, saved) is ours. SIGUSR1 is kept away from the
+driver's own helper processes (launch/signals.py), which Slurm would otherwise signal and kill too.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from hcx_megatron.distributed.env import (
 )
 from launch import layout as layout_mod
 from launch import mpi as mpi_mod
+from launch import signals as signals_mod
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -43,6 +45,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mpi", choices=["auto", "on", "off"], default="auto",
                    help="use mpi4py to agree on the rendezvous address under mpirun (auto: when importable)")
     p.add_argument("--master-port", type=int, default=None, help="override MASTER_PORT")
+    p.add_argument("--no-signal-routing", action="store_true",
+                   help="let SIGUSR1 reach the driver's child processes too (default: main process only; "
+                        "see launch/signals.py)")
     return p
 
 
@@ -125,11 +130,35 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(text, flush=True)
         return code
     env.update(torch_env(dist, local_ws))
+    if not args.no_signal_routing:
+        signals_mod.route_to_main_process()
     module, driver_args = driver[0], driver[1:]
     sys.argv = [module, *driver_args]
     # run_name="__main__" runs the module's `if __name__ == "__main__": main()` exactly as `python -m`.
-    runpy.run_module(module, run_name="__main__", alter_sys=True)
+    try:
+        runpy.run_module(module, run_name="__main__", alter_sys=True)
+    except SystemExit as exc:
+        if exc.code == EXIT_CODE_PREEMPTED:
+            mark_preempted(env.get("HCX_PREEMPT_MARKER"), dist.rank)
+        raise
     return 0
+
+
+# hcx_megatron.training.signals.EXIT_CODE_PREEMPTED; not imported so the launcher does not load torch early.
+EXIT_CODE_PREEMPTED = 17
+
+
+def mark_preempted(path: str | None, rank: int) -> None:
+    """Leave evidence that the driver saved and exited for preemption. With --kill-on-bad-exit, srun
+    kills the other ranks as soon as the first exits 17, so srun's own exit code may read 143 or 137;
+    the job script trusts this file instead (slurm/common.sh)."""
+    if not path:
+        return
+    try:
+        with open(path, "a", encoding="utf-8") as f:
+            f.write(f"{rank}\n")
+    except OSError as exc:  # never turn a clean preemption into a crash
+        print(f"launch.run: cannot write preemption marker {path}: {exc}", file=sys.stderr)
 
 
 if __name__ == "__main__":

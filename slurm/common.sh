@@ -301,6 +301,9 @@ hcx_launch() {
     hcx_log "job $SLURM_JOB_ID restart $restarts on ${SLURM_JOB_NODELIST:-?}: $module, run dir $RUN_DIR, checkpoint iteration $ckpt_before"
     hcx_log "step log: $LOG_DIR/train-$SLURM_JOB_ID.log"
 
+    # launch.run appends the rank to this file when the driver exits 17 (see hcx_launch's rc handling).
+    export HCX_PREEMPT_MARKER="$RUN_DIR/.preempted-${SLURM_JOB_ID}-${restarts}"
+    rm -f "$HCX_PREEMPT_MARKER"
     trap _hcx_on_usr1 USR1
     trap _hcx_on_term TERM
     cd "$HCX_REPO" || hcx_die "cannot cd to HCX_REPO=$HCX_REPO"
@@ -311,8 +314,9 @@ hcx_launch() {
     local rc prev=""
     while :; do
         HCX_TRAPPED=0
-        wait "$HCX_STEP_PID"
-        rc=$?
+        rc=0
+        # `|| rc=$?`: job scripts run with `set -e`, which must not end the script on a failed step.
+        wait "$HCX_STEP_PID" || rc=$?
         if ((rc == 127)) && [[ -n "$prev" ]]; then
             rc=$prev
             break
@@ -321,6 +325,13 @@ hcx_launch() {
         prev=$rc
     done
     trap - USR1 TERM
+    if ((rc != 0 && rc != HCX_EXIT_PREEMPTED)) && [[ -s "$HCX_PREEMPT_MARKER" ]]; then
+        # srun reports the first non-zero task or the signal that killed the rest; the marker says the
+        # driver itself saved and exited 17.
+        hcx_log "step exited $rc but ranks $(tr '\n' ' ' <"$HCX_PREEMPT_MARKER")exited $HCX_EXIT_PREEMPTED (preempted, saved)"
+        rc=$HCX_EXIT_PREEMPTED
+    fi
+    rm -f "$HCX_PREEMPT_MARKER"
 
     local ckpt_after failures
     ckpt_after=$(hcx_ckpt_iteration)
