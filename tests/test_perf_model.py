@@ -114,10 +114,11 @@ def test_pipeline_ranks_hold_embedding_and_head():
     names0 = [n for n, _ in chunk_params(cfg, 1, 2, 0)]
     names1 = [n for n, _ in chunk_params(cfg, 1, 2, 1)]
     assert names0[0] == "embedding.word_embeddings.weight" and "output_layer.weight" not in names0
-    assert names1[-1] == "output_layer.weight" and "decoder.layers.2.input_layernorm.weight" in names1
-    # interleaved: stage 0 holds layers 0 and 2, stage 1 holds 1 and 3
+    assert names1[-1] == "output_layer.weight" and "decoder.layers.1.input_layernorm.weight" in names1
+    assert "decoder.layers.2.input_layernorm.weight" not in names1  # 2 layers per stage, numbered locally
+    # interleaved: each of stage 0's two chunks holds one layer
     il0 = [n for c in range(2) for n, _ in chunk_params(cfg, 1, 2, 0, 2, c) if n.endswith("input_layernorm.weight")]
-    assert il0 == ["decoder.layers.0.input_layernorm.weight", "decoder.layers.2.input_layernorm.weight"]
+    assert il0 == ["decoder.layers.0.input_layernorm.weight"] * 2
     tied = dataclasses.replace(cfg, untie_embeddings_and_output_weights=False)
     assert "output_layer.weight" not in [n for n, _ in chunk_params(tied, 1, 1, 0)]
     assert "output_layer.weight" in [n for n, _ in chunk_params(tied, 1, 2, 1)]
@@ -189,3 +190,13 @@ def test_narayanan_table1_within_tolerance():
     for row in N.TABLE1:
         w, lay = N.row_case(row)
         assert peak_memory(w, lay, res.cluster).total_bytes < 80 * GIB
+
+
+@pytest.mark.timeout(10)
+def test_fast_param_count_equals_listing():
+    for cfg in (get_preset("hcx-tiny"), get_preset("hcx-l"), N.gpt_model(N.TABLE1[4]),
+                dataclasses.replace(get_preset("hcx-tiny"), untie_embeddings_and_output_weights=False)):
+        for tp, pp, vpp in ((1, 1, None), (2, 2, None), (2, 2, 2), (1, 4, None)):
+            for r in range(pp):
+                listed = sum(n for c in range(vpp or 1) for _, n in chunk_params(cfg, tp, pp, r, vpp, c))
+                assert params_per_rank(cfg, tp, pp, r, vpp) == listed

@@ -62,8 +62,6 @@ def chunk_params(cfg: ModelConfig, tp: int, pp: int, pp_rank: int, vpp: int | No
     first = pp_rank == 0 and vpp_rank == 0
     last = pp_rank == pp - 1 and vpp_rank == v - 1
     n_layers = cfg.num_layers // (pp * v)
-    # Megatron numbers layers globally: chunk c of stage r starts at c*(L/v) + r*(L/(p*v)).
-    offset = vpp_rank * (cfg.num_layers // v) + pp_rank * n_layers
     out: list[tuple[str, int]] = []
     if first:
         out.append(("embedding.word_embeddings.weight", vocab // tp * h))
@@ -71,7 +69,9 @@ def chunk_params(cfg: ModelConfig, tp: int, pp: int, pp_rank: int, vpp: int | No
             out.append(("embedding.position_embeddings.weight", cfg.max_position_embeddings * h))
     per_layer = layer_params(cfg, tp)
     for i in range(n_layers):
-        out += [(f"decoder.layers.{offset + i}.{n}", k) for n, k in per_layer]
+        # named_parameters() numbers a chunk's layers locally from 0 (the global number, used for
+        # checkpoint keys, is c*(L/v) + r*(L/(p*v)) + i for chunk c of stage r)
+        out += [(f"decoder.layers.{i}.{n}", k) for n, k in per_layer]
     if last:
         out += [(f"decoder.final_layernorm.{n}", k) for n, k in _norm_params(cfg, h)]
         if cfg.untie_embeddings_and_output_weights or pp > 1:
@@ -112,6 +112,13 @@ def max_params_per_rank(cfg: ModelConfig, tp: int, pp: int, vpp: int | None = No
 def total_unique_params(cfg: ModelConfig, tp: int = 1, padded_vocab: int | None = None) -> int:
     """Whole-model parameters (each TP shard counted once, tied copies once)."""
     return params_per_rank(cfg, 1, 1, 0, None, padded_vocab or cfg.padded_vocab_size(tp))
+
+
+def shared_embedding_names(cfg: ModelConfig, pp: int) -> frozenset[str]:
+    """Parameters megatron marks `shared_embedding` (tied embeddings split over first/last stage)."""
+    if cfg.untie_embeddings_and_output_weights or pp == 1:
+        return frozenset()
+    return frozenset({"embedding.word_embeddings.weight", "output_layer.weight"})
 
 
 @dataclass(frozen=True)
@@ -177,6 +184,7 @@ __all__ = [
     "params_per_rank",
     "max_params_per_rank",
     "total_unique_params",
+    "shared_embedding_names",
     "ShardLayout",
     "distributed_optimizer_shards",
 ]

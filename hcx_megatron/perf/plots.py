@@ -51,8 +51,9 @@ def scaling_plot(results: list[RunResult], metric: str, path: str | Path, title:
             ax.plot([x for x, _ in m], [y for _, y in m], "o-", color=c, label=f"{scaling}: measured")
             for x, y in m:
                 text = f"{y:,.0f}" if metric == "tokens" and y >= 100 else f"{y:.3g}"
-                ax.annotate(text, (x, y), textcoords="offset points", xytext=(0, 8), ha="center", fontsize=8,
-                            color=c)
+                # alternate series label above / below so that equal points at one count stay legible
+                ax.annotate(text, (x, y), textcoords="offset points", xytext=(0, 8 if i % 2 == 0 else -14),
+                            ha="center", fontsize=8, color=c)
         if p:
             ax.plot([x for x, _ in p], [y for _, y in p], "s--", color=c, alpha=0.6, mfc="none",
                     label=f"{scaling}: predicted")
@@ -77,17 +78,20 @@ def scaling_plot(results: list[RunResult], metric: str, path: str | Path, title:
 
 def predicted_vs_measured_plot(results: list[RunResult], path: str | Path, title: str) -> Path:
     fig, ax = plt.subplots(figsize=(5.5, 5.5), dpi=110)
-    pts = [(r.measured.step_time_s, r.predicted_step_s, r.run.label) for r in results if r.measured]
+    pts = [(r.measured.step_time_s, r.predicted_step_s, r) for r in results if r.measured]
     if pts:
-        xs, ys, labels = zip(*pts)
-        ax.scatter(xs, ys, zorder=3)
+        xs = [p[0] for p in pts]
+        ys = [p[1] for p in pts]
         lo, hi = min(xs + ys) / 1.5, max(xs + ys) * 1.5
-        mid = (lo * hi) ** 0.5
-        for x, y, lab in pts:
-            # labels of points in the right half go to their left so they stay inside the axes
-            right = x > mid
-            ax.annotate(lab, (x, y), textcoords="offset points", xytext=(-5 if right else 5, 4),
-                        ha="right" if right else "left", fontsize=7)
+        colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+        for i, (scaling, rs) in enumerate(sorted(_series([p[2] for p in pts]).items())):
+            c = colors[i % len(colors)]
+            ax.scatter([r.measured.step_time_s for r in rs], [r.predicted_step_s for r in rs], color=c, zorder=3,
+                       label=scaling)
+            for r in rs:
+                # short tags (S16 = strong scaling at 16 GPUs; the table has the full layout)
+                ax.annotate(f"{scaling[0].upper()}{r.run.gpus}", (r.measured.step_time_s, r.predicted_step_s),
+                            textcoords="offset points", xytext=(5, -4 - 9 * (i % 2)), fontsize=7, color=c)
         ax.plot([lo, hi], [lo, hi], "k-", lw=0.8, label="predicted = measured")
         ax.fill_between([lo, hi], [lo / 1.2, hi / 1.2], [lo * 1.2, hi * 1.2], color="grey", alpha=0.15,
                         label="±20 %")
