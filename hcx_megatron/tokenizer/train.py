@@ -225,7 +225,13 @@ def train_tokenizer(texts: Iterable[str], output_dir: str, cfg: TrainConfig | No
         if cfg.backend == "hf":
             vocab = _train_hf(texts, cfg, tmp, stats)
         else:
-            vocab = _train_spm(texts, cfg, tmp, stats)
+            try:
+                vocab = _train_spm(texts, cfg, tmp, stats)
+            except RuntimeError as e:  # sentencepiece reports a too-large vocabulary this way
+                raise ValueError(f"sentencepiece training failed for --vocab-size {cfg.vocab_size}: {e}") from None
+        if vocab < cfg.vocab_size:
+            log.warning("--vocab-size %d requested, but the corpus supports only %d tokens at --min-frequency %d "
+                        "(BPE ran out of pairs); using %d", cfg.vocab_size, vocab, cfg.min_frequency, vocab)
         if stats.docs == 0:
             raise ValueError("no training documents (check --input and --json-keys)")
         meta = {
