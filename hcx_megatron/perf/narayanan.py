@@ -88,4 +88,55 @@ def training_days(params: float, tokens: float, gpus: int, tflops_per_gpu: float
     return 8.0 * tokens * params / (gpus * tflops_per_gpu * 1e12) / 86400.0
 
 
-__all__ = ["PaperRow", "TABLE1", "selene_cluster", "gpt_model", "row_case", "row_measurement", "training_days"]
+def validation_table(leave_one_out: bool = True) -> tuple[str, dict]:
+    """Markdown table of predicted vs published TFLOP/s per GPU for every row of Table 1.
+
+    Columns: the fit on all ten rows (in-sample) and, for each row, a fit on the other nine
+    (leave-one-out: a prediction for a configuration the knobs never saw).
+    """
+    from hcx_megatron.perf.calibrate import fit
+    from hcx_megatron.perf.memory import peak_memory
+    from hcx_megatron.perf.timing import step_time
+
+    data = [row_measurement(r) for r in TABLE1]
+    full = fit(selene_cluster(), data)
+    loo = []
+    if leave_one_out:
+        for i in range(len(data)):
+            res = fit(selene_cluster(), data[:i] + data[i + 1:])
+            loo.append(step_time(data[i].workload, data[i].layout, res.cluster).hardware_tflops_per_gpu)
+    lines = ["| model | TP | PP | GPUs | batch | paper TFLOP/s (% peak) | predicted (fit on all) | error | "
+             "predicted (leave-one-out) | error | pred. bubble | pred. memory GiB |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    errs_in, errs_loo = [], []
+    for i, (row, d) in enumerate(zip(TABLE1, data)):
+        st = step_time(d.workload, d.layout, full.cluster)
+        mem = peak_memory(d.workload, d.layout, full.cluster)
+        e_in = st.hardware_tflops_per_gpu / row.tflops_per_gpu - 1
+        errs_in.append(e_in)
+        cells = [f"{row.params_b}B", str(row.tp), str(row.pp), str(row.gpus), str(row.batch),
+                 f"{row.tflops_per_gpu:.0f} ({row.pct_peak}%)", f"{st.hardware_tflops_per_gpu:.1f}",
+                 f"{100 * e_in:+.1f}%"]
+        if loo:
+            e_loo = loo[i] / row.tflops_per_gpu - 1
+            errs_loo.append(e_loo)
+            cells += [f"{loo[i]:.1f}", f"{100 * e_loo:+.1f}%"]
+        else:
+            cells += ["-", "-"]
+        cells += [f"{100 * st.bubble_fraction:.1f}%", f"{mem.total_gib:.1f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    summary = {"fitted": full.fitted, "max_abs_in_sample": max(abs(e) for e in errs_in),
+               "rms_in_sample": (sum(e * e for e in errs_in) / len(errs_in)) ** 0.5}
+    if errs_loo:
+        summary.update(max_abs_loo=max(abs(e) for e in errs_loo),
+                       rms_loo=(sum(e * e for e in errs_loo) / len(errs_loo)) ** 0.5)
+    return "\n".join(lines), summary
+
+
+if __name__ == "__main__":
+    table, summary = validation_table()
+    print(table)
+    print(summary)
+
+
+__all__ = ["PaperRow", "TABLE1", "selene_cluster", "gpt_model", "row_case", "row_measurement", "training_days", "validation_table"]
