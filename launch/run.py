@@ -87,11 +87,15 @@ def resolve(env: MutableMapping[str, str], mpi: str = "auto") -> tuple[DistEnv, 
 def dry_run_report(dist: DistEnv, local_ws: int, env: Mapping[str, str], driver: list[str],
                    nodes: int | None, tasks_per_node: int | None, mpi_hosts: tuple[str, ...] | None) -> tuple[str, int]:
     """(text, exit code): the process's own view, and on rank 0 the job-wide layout."""
-    lines = [f"[rank {dist.rank}/{dist.world_size}] source={dist.source} local_rank={dist.local_rank}/{local_ws} "
-             f"master={dist.master_addr}:{dist.master_port} driver={driver[0] if driver else '-'}"]
+    planning = nodes is not None or tasks_per_node is not None
+    if planning:
+        lines = [f"[plan] hypothetical allocation, nothing started; driver={driver[0] if driver else '-'}"]
+    else:
+        lines = [f"[rank {dist.rank}/{dist.world_size}] source={dist.source} local_rank={dist.local_rank}/{local_ws} "
+                 f"master={dist.master_addr}:{dist.master_port} driver={driver[0] if driver else '-'}"]
     if dist.rank != 0:
         return "\n".join(lines), 0
-    if nodes is not None or tasks_per_node is not None:
+    if planning:
         hosts = layout_mod.simulated_hosts(nodes or 1, tasks_per_node or 1)
     elif mpi_hosts is not None:
         uniq = list(dict.fromkeys(mpi_hosts))
@@ -102,7 +106,7 @@ def dry_run_report(dist: DistEnv, local_ws: int, env: Mapping[str, str], driver:
             hosts = layout_mod.JobHosts((dist.master_addr,), (dist.world_size,))
     code = 0
     lay = None
-    if len(driver) > 1 or driver:
+    if driver:
         from hcx_megatron.config.args import ConfigError
 
         try:

@@ -173,6 +173,11 @@ hcx_train_args() {
         HCX_ARGS+=(--data-path "${blend[@]}")
         [[ -n "${TOKENIZER_MODEL:-}" ]] || hcx_die "DATA_PATH needs TOKENIZER_MODEL (the tokenizer dir used to preprocess it)"
     fi
+    if [[ -n "${VALID_DATA_PATH:-}" ]]; then
+        local valid
+        read -r -a valid <<<"$VALID_DATA_PATH"
+        HCX_ARGS+=(--valid-data-path "${valid[@]}")
+    fi
     if [[ -n "${TOKENIZER_MODEL:-}" ]]; then HCX_ARGS+=(--tokenizer-model "$TOKENIZER_MODEL"); fi
     if [[ -n "${DATA_CACHE_PATH:-}" ]]; then HCX_ARGS+=(--data-cache-path "$DATA_CACHE_PATH"); fi
     HCX_ARGS+=(--save "$CKPT_DIR" --save-interval "${SAVE_INTERVAL:-500}")
@@ -181,6 +186,30 @@ hcx_train_args() {
         HCX_ARGS+=(--eval-interval "$EVAL_INTERVAL" --eval-iters "${EVAL_ITERS:-10}")
     fi
     HCX_ARGS+=(--distributed-timeout-minutes "${DIST_TIMEOUT_MIN:-30}")
+}
+
+# Layout defaults for a preset on 8xH100 nodes (only variables still unset): the same layouts as
+# pretrain_hcx_l.sh / pretrain_hcx_s.sh, so fine-tuning jobs load pretraining checkpoints without resharding.
+hcx_layout_defaults() {
+    case "$1" in
+        hcx-l) : "${TP:=8}" "${PP:=4}" "${VP_LAYERS=5}" "${SP:=1}" "${DIST_OPT:=1}" "${OVERLAP:=1}" "${RECOMPUTE:=selective}" ;;
+        hcx-s) : "${TP:=2}" "${PP:=1}" "${VP_LAYERS=}" "${SP:=1}" "${DIST_OPT:=1}" "${OVERLAP:=1}" "${RECOMPUTE:=none}" ;;
+        *) : "${TP:=1}" "${PP:=1}" "${VP_LAYERS=}" "${SP:=0}" "${DIST_OPT:=0}" "${OVERLAP:=0}" "${RECOMPUTE:=none}" ;;
+    esac
+    : "${CP:=1}"
+}
+
+# Fine-tuning start: resume our own checkpoint when there is one, else start from INIT_CKPT with fresh
+# optimizer, scheduler and iteration (--finetune). So a requeued SFT/PPO job never restarts from the
+# pretrained weights.
+hcx_finetune_load_args() {
+    local init=$1 what=$2
+    if [[ -s "$CKPT_DIR/latest_checkpointed_iteration.txt" ]]; then
+        HCX_ARGS+=(--load "$CKPT_DIR")
+    else
+        [[ -n "$init" ]] || hcx_die "set $what (the checkpoint to start from); nothing to resume in $CKPT_DIR"
+        HCX_ARGS+=(--load "$init" --finetune)
+    fi
 }
 
 # --load for auto-resume: our own checkpoint dir. The driver starts fresh when it holds no checkpoint
