@@ -200,3 +200,37 @@ def test_fast_param_count_equals_listing():
             for r in range(pp):
                 listed = sum(n for c in range(vpp or 1) for _, n in chunk_params(cfg, tp, pp, r, vpp, c))
                 assert params_per_rank(cfg, tp, pp, r, vpp) == listed
+
+
+@pytest.mark.timeout(10)
+def test_cluster_yaml_files_load_and_h100_is_the_default(tmp_path):
+    from hcx_megatron.perf.cluster import load_cluster, save_cluster
+
+    repo = __import__("pathlib").Path(__file__).resolve().parents[1]
+    assert load_cluster(repo / "examples/clusters/h100.yaml") == default_cluster() == load_cluster(None)
+    selene = load_cluster(repo / "examples/clusters/a100_selene.yaml")
+    assert selene.peak_tflops == 312.0 and selene.perf.internode_efficiency == pytest.approx(0.54, abs=0.01)
+    assert load_cluster(repo / "examples/clusters/cpu_local.yaml").gpu == "cpu-process"
+    save_cluster(selene, tmp_path / "c.yaml")
+    assert load_cluster(tmp_path / "c.yaml") == selene
+    (tmp_path / "bad.yaml").write_text("gpus_per_node: 0\n")
+    with pytest.raises(ValueError, match="gpus_per_node must be > 0"):
+        load_cluster(tmp_path / "bad.yaml")
+
+
+@pytest.mark.timeout(10)
+def test_context_parallel_splits_work_and_memory():
+    w = Workload(model=get_preset("hcx-l"), seq_length=32768, global_batch_size=32)
+    c = default_cluster()
+    base = parse_layout("tp=8,pp=4,dp=2,mb=1")
+    cp = parse_layout("tp=8,pp=4,cp=2,dp=1,mb=1")
+    t0, t1 = step_time(w, base, c), step_time(w, cp, c)
+    # same GPUs: CP halves the tokens per GPU per micro-batch but DP=1 doubles the micro-batches
+    assert t1.compute_s == pytest.approx(t0.compute_s, rel=1e-9)
+    assert t1.num_microbatches == 2 * t0.num_microbatches
+    m0, m1 = peak_memory(w, base, c), peak_memory(w, cp, c)
+    assert m1.activations_bytes < m0.activations_bytes
+    # the distributed optimizer shards over DP x CP, so optimizer bytes are unchanged
+    assert m1.optimizer_bytes == pytest.approx(m0.optimizer_bytes)
+    with pytest.raises(ValueError, match="cannot run"):
+        step_time(w, parse_layout("tp=3,dp=1"), c)

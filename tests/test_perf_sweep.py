@@ -156,6 +156,11 @@ def test_sweep_generate_report_calibrate_on_synthetic_metrics(tmp_path, capsys):
     for r in rows:
         assert abs(float(r["step_error_pct"])) < 3.0  # 1 % noise; first (slow) step dropped
         assert float(r["measured_mfu"]) == pytest.approx(float(r["predicted_mfu"]), rel=0.03)
+    # hcx-plan-layout can fit the same knobs straight from the sweep directory
+    assert plan_cli.main(["--model-preset", "hcx-s", "--num-gpus", "16", "--global-batch-size", "256", "--top", "3",
+                          "--calibrate", str(d), "--fit", "matmul_efficiency", "--save-cluster",
+                          str(tmp_path / "fitted.yaml")]) == 0
+    assert "calibrated on 6 run(s): matmul_efficiency=0.4" in capsys.readouterr().out
     md = (d / "results.md").read_text()
     assert "| run | GPUs |" in md and "![tokens_per_gpu_vs_gpus](tokens_per_gpu_vs_gpus.png)" in md
     for name in ("tokens_per_gpu_vs_gpus.png", "mfu_vs_gpus.png", "predicted_vs_measured.png"):
