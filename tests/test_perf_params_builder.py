@@ -12,6 +12,8 @@ import socket
 import pytest
 import torch.multiprocessing as mp
 
+from hcx_megatron.perf.layout import Layout, Workload
+from hcx_megatron.perf.memory import bytes_per_param
 from hcx_megatron.perf.params import (chunk_params, distributed_optimizer_shards, params_per_rank,
                                       shared_embedding_names)
 
@@ -63,20 +65,21 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
         optimizer.zero_grad()
         optimizer.step()  # Adam creates its moments on the first step (zero gradients are fine)
         inner = getattr(optimizer, "chained_optimizers", [optimizer])
-        state_elems = 0
-        shard_elems = 0
+        state_elems = shard_elems = state_bytes = 0
         for opt in inner:
             for group in opt.optimizer.param_groups:
                 for p in group["params"]:
                     shard_elems += p.numel()
                     st = opt.optimizer.state.get(p, {})
                     state_elems += sum(v.numel() for k, v in st.items() if k in ("exp_avg", "exp_avg_sq"))
+                    state_bytes += sum(v.numel() * v.element_size() for k, v in st.items()
+                                       if k in ("exp_avg", "exp_avg_sq"))
         results[name] = {
             "tp": ps.get_tensor_model_parallel_world_size(), "pp": ps.get_pipeline_model_parallel_world_size(),
             "pp_rank": ps.get_pipeline_model_parallel_rank(), "dp": ps.get_data_parallel_world_size(),
             "dp_rank": ps.get_data_parallel_rank(), "vpp": cfg.parallel.virtual_pipeline_model_parallel_size,
             "padded_vocab": cfg.padded_vocab_size, "chunks": chunks, "buffers": buffers,
-            "shard_elems": shard_elems, "state_elems": state_elems,
+            "shard_elems": shard_elems, "state_elems": state_elems, "state_bytes": state_bytes,
             "untie": cfg.model.untie_embeddings_and_output_weights,
         }
         del optimizer, built
@@ -119,4 +122,8 @@ def test_param_counts_and_optimizer_shards_match_built_model(built, layout):
             assert r["buffers"][c] == [shards.buffer_numel], f"rank {rank} {layout} chunk {c}"
             owned += shards.param_elements_per_dp_rank[r["dp_rank"]]
         assert owned > 0 and r["shard_elems"] == owned, f"rank {rank} {layout}"
-        assert r["state_elems"] == 2 * owned  # exp_avg + exp_avg_sq, fp32: 8 bytes per owned element
+        assert r["state_elems"] == 2 * owned  # exp_avg + exp_avg_sq
+        # fp32 run: the memory model's optimizer bytes (8 per parameter, sharded) on the exact shard
+        w = Workload(model=cfg, seq_length=64, global_batch_size=8, precision="fp32")
+        per_param = bytes_per_param(w, Layout(tp=r["tp"], pp=r["pp"], dp=r["dp"]))[2] * r["dp"]
+        assert r["state_bytes"] == per_param * owned == 8 * owned
