@@ -1,7 +1,5 @@
 """FLOP formulas: hand-computed cases and the Megatron-LM closed forms (Narayanan et al. 2021)."""
 
-import dataclasses
-
 import pytest
 
 from hcx_megatron.config.model import ModelConfig, count_parameters, get_preset

@@ -1,11 +1,10 @@
 """Memory, parameter, step-time and calibration formulas against hand-computed and published numbers."""
 
 import dataclasses
-import math
 
 import pytest
 
-from hcx_megatron.config.model import ModelConfig, count_parameters, get_preset
+from hcx_megatron.config.model import count_parameters, get_preset
 from hcx_megatron.perf import narayanan as N
 from hcx_megatron.perf.calibrate import Measurement, fit
 from hcx_megatron.perf.cluster import default_cluster

@@ -8,11 +8,12 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 
 from hcx_megatron.config.model import get_preset, load_model_yaml
-from hcx_megatron.perf.calibrate import BOUNDS, DEFAULT_FIT
+from hcx_megatron.perf.calibrate import DEFAULT_FIT
 from hcx_megatron.perf.cluster import load_cluster, save_cluster
 from hcx_megatron.perf.layout import Workload, parse_layout
 from hcx_megatron.perf.planner import SearchSpace, evaluate, format_table, plan
@@ -63,8 +64,6 @@ def main(argv: list[str] | None = None) -> int:
         if a.model_config:
             model = load_model_yaml(a.model_config, base=model)
         if a.vocab_size:
-            import dataclasses
-
             model = dataclasses.replace(model, vocab_size=a.vocab_size)
         cluster = load_cluster(a.cluster)
         if a.calibrate:
