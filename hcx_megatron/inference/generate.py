@@ -1,0 +1,277 @@
+"""Text generation on megatron-core model chunks, under any TP x PP layout, on GPU or in CPU mode.
+
+Shared by the SFT generation eval, the `hcx-chat` CLI and RLHF rollouts:
+
+    out = generate(chunks, prompts_ids, max_new_tokens=64, temperature=0.7, top_p=0.9, seed=1)
+    out.tokens[i]    # response ids of prompt i (the stop id included when one was generated)
+    out.logprobs[i]  # log p(token) under the model's unmodified distribution (return_logprobs=True)
+    out.finished[i]  # True when a stop id ended the response (False: hit max_new_tokens / max_seq_length)
+
+Contract: every rank of one model-parallel group (all TP x PP ranks of a DP replica) calls `generate` with the
+same arguments; every one of them gets the same result. Different DP replicas may pass different prompts
+(split the work across DP yourself). The chunks may be DDP-wrapped or bare; their train/eval mode is restored.
+
+How a step works: all live sequences (prompt + response so far) are right-padded to one length and run
+through megatron-core's forward-only pipeline schedule (so PP stages exchange activations exactly as in
+training); the last stage gathers the vocabulary-parallel logits at each sequence's last real position across
+TP, picks the next tokens and broadcasts them over the pipeline group. Right padding needs no attention mask:
+attention is causal, so a real position never sees the pads after it.
+
+COST — no KV cache. megatron-core's inference contexts (static/dynamic KV caches) drive their own engine
+and p2p path and assume CUDA; instead of forking that for the CPU path we recompute the prefix at every step.
+Generating T tokens after a P-token prompt therefore runs T forward passes over P+1 .. P+T tokens:
+T*P + T(T+1)/2 token-forwards instead of P + T with a cache, i.e. the projection/MLP work grows as O(T*(P+T))
+instead of O(P+T), and attention work as O(T*(P+T)^2) instead of O((P+T)^2). That is fine for tests, evals
+and short PPO rollouts on small models, and wasteful for long responses: for production-scale rollouts use a
+KV-cached engine (megatron-core's inference engine on GPU) behind the same function signature.
+
+Sampling: temperature <= 0 is greedy (argmax). Otherwise logits / temperature, then nucleus (top-p) filtering,
+then a draw from a per-prompt torch.Generator seeded by (seed, prompt index), so a prompt's sample does not
+depend on which other prompts share the batch or how work is split across DP ranks. Reported logprobs are
+of the raw (temperature 1, unfiltered) distribution, the quantity PPO's importance ratio needs when rollouts
+sample at temperature 1 / top_p 1; with other settings they are still the policy's own logprobs of the
+sampled tokens, not of the sampling distribution.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state as ps
+from megatron.core.pipeline_parallel import get_forward_backward_func
+from megatron.core.tensor_parallel.mappings import gather_from_tensor_model_parallel_region
+
+from hcx_megatron.tokenizer.special_tokens import ENDOFTURN, PAD, SPECIAL_TOKEN_IDS
+
+ENDOFTURN_ID = SPECIAL_TOKEN_IDS[ENDOFTURN]
+PAD_ID = SPECIAL_TOKEN_IDS[PAD]
+
+
+@dataclass
+class GenerationOutput:
+    tokens: list[list[int]]
+    logprobs: list[list[float]] | None
+    finished: list[bool]
+
+
+def _unwrap(chunk):
+    while hasattr(chunk, "module"):
+        chunk = chunk.module
+    return chunk
+
+
+def _as_list(model_chunks) -> list:
+    return list(model_chunks) if isinstance(model_chunks, (list, tuple)) else [model_chunks]
+
+
+def top_p_filter(logits: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Keep the smallest set of tokens whose probability reaches top_p (always at least the most likely one);
+    the rest get -inf. logits: [b, V]."""
+    if top_p >= 1.0:
+        return logits
+    sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+    probs = torch.softmax(sorted_logits, dim=-1)
+    # Drop a token when the probability mass BEFORE it already reaches top_p.
+    before = torch.cumsum(probs, dim=-1) - probs
+    drop_sorted = before >= top_p
+    drop_sorted[..., 0] = False
+    drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+    return logits.masked_fill(drop, float("-inf"))
+
+
+def choose_next(logits: torch.Tensor, temperature: float, top_p: float,
+                generators: Sequence[torch.Generator | None]) -> torch.Tensor:
+    """Next token per row of logits [b, V]: greedy when temperature <= 0, else temperature + top-p sampling
+    with row i drawn from generators[i]."""
+    if temperature <= 0:
+        return torch.argmax(logits, dim=-1)
+    scaled = top_p_filter(logits.float() / temperature, top_p)
+    cdf = torch.cumsum(torch.softmax(scaled.double(), dim=-1), dim=-1)
+    # Inverse-CDF sampling with ONE uniform per row: the generator advances identically whatever the
+    # (TP-dependent) padded vocabulary width; torch.multinomial would consume one draw per vocabulary entry.
+    u = torch.stack([torch.rand((), generator=g, device=logits.device, dtype=torch.float64) for g in generators])
+    u = u * cdf[:, -1]
+    out = torch.searchsorted(cdf, u.unsqueeze(-1)).squeeze(-1)
+    return out.clamp_(max=logits.shape[-1] - 1)
+
+
+def _prompt_generator(seed: int, index: int, device: torch.device) -> torch.Generator:
+    g = torch.Generator(device=device)
+    g.manual_seed((int(seed) * 1_000_003 + int(index)) % (2**63))
+    return g
+
+
+def _last_logits(chunks: list, seqs: list[list[int]], pad_id: int, pad_multiple: int,
+                 device: torch.device) -> torch.Tensor | None:
+    """Full-vocabulary logits at the last real position of each sequence: [b, padded_vocab] float32 on the
+    last pipeline stage, None on the others."""
+    b = len(seqs)
+    pp = ps.get_pipeline_model_parallel_world_size()
+    # Several micro-batches let pipeline stages overlap; each must have the same [s, mbs] shape.
+    n_micro = max(1, min(b, pp))
+    mbs = -(-b // n_micro)
+    rows = seqs + [seqs[0]] * (n_micro * mbs - b)  # filler rows, results dropped
+    length = max(len(s) for s in rows)
+    length = -(-length // pad_multiple) * pad_multiple
+    tokens = torch.full((len(rows), length), pad_id, dtype=torch.long)
+    for i, s in enumerate(rows):
+        tokens[i, : len(s)] = torch.as_tensor(s, dtype=torch.long)
+    last = torch.as_tensor([len(s) - 1 for s in rows], dtype=torch.long)
+    positions = torch.arange(length, dtype=torch.long).unsqueeze(0).expand(len(rows), -1).contiguous()
+    tokens, last, positions = tokens.to(device), last.to(device), positions.to(device)
+    micro = [
+        {"tokens": tokens[k * mbs:(k + 1) * mbs], "position_ids": positions[k * mbs:(k + 1) * mbs],
+         "last": last[k * mbs:(k + 1) * mbs]}
+        for k in range(n_micro)
+    ]
+
+    def forward_step(data_iterator, model):
+        batch = next(data_iterator)
+        output = model(batch["tokens"], batch["position_ids"], None)
+
+        def collect(output_tensor, non_loss_data=False):
+            rows_idx = torch.arange(output_tensor.shape[0], device=output_tensor.device)
+            picked = output_tensor[rows_idx, batch["last"]]  # [mbs, V / TP]
+            return gather_from_tensor_model_parallel_region(picked.contiguous()).float()
+
+        return output, collect
+
+    n_chunks = len(chunks)
+    iterators = [iter(micro) for _ in range(n_chunks)]
+    collected = get_forward_backward_func()(
+        forward_step_func=forward_step,
+        data_iterator=iterators if n_chunks > 1 else iterators[0],
+        model=chunks if n_chunks > 1 else chunks[0],
+        num_microbatches=n_micro,
+        seq_length=length,
+        micro_batch_size=mbs,
+        forward_only=True,
+        collect_non_loss_data=True,
+    )
+    if not ps.is_pipeline_last_stage(ignore_virtual=True):
+        return None
+    return torch.cat(list(collected), dim=0)[:b]
+
+
+@torch.no_grad()
+def generate(
+    model_chunks,
+    prompts_ids: Sequence[Sequence[int]],
+    max_new_tokens: int,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    stop_ids: Sequence[int] = (ENDOFTURN_ID,),
+    seed: int = 0,
+    return_logprobs: bool = False,
+    vocab_size: int | None = None,
+    pad_id: int = PAD_ID,
+    max_seq_length: int | None = None,
+    seed_indices: Sequence[int] | None = None,
+) -> GenerationOutput:
+    """Generate a response for each prompt (see the module docstring for the contract and the cost).
+
+    vocab_size: the tokenizer's size; logits of Megatron's padding rows above it are never chosen.
+    max_seq_length: stop a sequence when prompt + response reaches it (default: the model's
+    max_sequence_length).
+    seed_indices: the index each prompt's sampling generator is keyed by (default 0..n-1); callers that split
+    a prompt list give the global indices so samples do not depend on the split.
+    """
+    chunks = _as_list(model_chunks)
+    if not prompts_ids:
+        return GenerationOutput([], [] if return_logprobs else None, [])
+    if any(len(p) == 0 for p in prompts_ids):
+        raise ValueError("generate: every prompt needs at least one token")
+    if not 0.0 < top_p <= 1.0:
+        raise ValueError(f"generate: top_p must be in (0, 1], got {top_p}")
+    core = _unwrap(chunks[0])
+    config = core.config
+    device = next(core.parameters()).device
+    limit = max_seq_length or getattr(core, "max_sequence_length", None) or 10**9
+    too_long = [i for i, p in enumerate(prompts_ids) if len(p) >= limit]
+    if too_long:
+        raise ValueError(f"generate: prompts {too_long[:5]} already have >= {limit} tokens (max_seq_length)")
+    tp = ps.get_tensor_model_parallel_world_size()
+    pad_multiple = tp if config.sequence_parallel else 1  # SP splits the sequence over TP ranks
+    stop = set(int(s) for s in stop_ids)
+    last_stage = ps.is_pipeline_last_stage(ignore_virtual=True)
+    pp_group = ps.get_pipeline_model_parallel_group()
+    pp_src = ps.get_pipeline_model_parallel_last_rank()
+    pp = ps.get_pipeline_model_parallel_world_size()
+
+    n = len(prompts_ids)
+    prompts = [list(map(int, p)) for p in prompts_ids]
+    responses: list[list[int]] = [[] for _ in range(n)]
+    logprobs: list[list[float]] = [[] for _ in range(n)]
+    finished = [False] * n
+    active = list(range(n))
+    keys = list(seed_indices) if seed_indices is not None else list(range(n))
+    if len(keys) != n:
+        raise ValueError(f"generate: {len(keys)} seed_indices for {n} prompts")
+    generators = [_prompt_generator(seed, k, device) if temperature > 0 else None for k in keys]
+
+    modes = [c.training for c in chunks]
+    for c in chunks:
+        c.eval()
+    try:
+        for _ in range(max_new_tokens):
+            seqs = [prompts[i] + responses[i] for i in active]
+            logits = _last_logits(chunks, seqs, pad_id, pad_multiple, device)
+            picked = torch.empty(len(active), dtype=torch.long, device=device)
+            lp = torch.zeros(len(active), dtype=torch.float32, device=device)
+            if last_stage:
+                if vocab_size is not None and vocab_size < logits.shape[-1]:
+                    logits = logits[:, :vocab_size]  # Megatron's padding rows are not tokens
+                picked = choose_next(logits, temperature, top_p, [generators[i] for i in active])
+                if return_logprobs:
+                    lp = torch.log_softmax(logits, dim=-1).gather(-1, picked.unsqueeze(-1)).squeeze(-1)
+            if pp > 1:
+                # Only the last stage has logits; every stage must agree on the tokens to continue in step.
+                dist.broadcast(picked, src=pp_src, group=pp_group)
+                if return_logprobs:
+                    dist.broadcast(lp, src=pp_src, group=pp_group)
+            still = []
+            for k, i in enumerate(active):
+                token = int(picked[k])
+                responses[i].append(token)
+                logprobs[i].append(float(lp[k]))
+                if token in stop:
+                    finished[i] = True
+                elif len(prompts[i]) + len(responses[i]) < limit:
+                    still.append(i)
+            active = still
+            if not active:
+                break
+    finally:
+        for c, mode in zip(chunks, modes):
+            c.train(mode)
+    return GenerationOutput(responses, logprobs if return_logprobs else None, finished)
+
+
+def generate_data_parallel(model_chunks, prompts_ids: Sequence[Sequence[int]], max_new_tokens: int,
+                           **kwargs) -> GenerationOutput:
+    """`generate` with the prompts split across DP replicas (round robin) and the results gathered back on
+    every rank, in prompt order. Samples do not depend on the split: each prompt is seeded by its index here."""
+    dp, rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
+    mine = list(range(rank, len(prompts_ids), dp))
+    local: dict[int, tuple] = {}
+    if mine:
+        out = generate(model_chunks, [prompts_ids[i] for i in mine], max_new_tokens, seed_indices=mine, **kwargs)
+        lps = out.logprobs or [None] * len(mine)
+        local = {i: (t, lp, f) for i, t, lp, f in zip(mine, out.tokens, lps, out.finished)}
+    gathered: list = [local]
+    if dp > 1:
+        gathered = [None] * dp
+        dist.all_gather_object(gathered, local, group=ps.get_data_parallel_group())
+    n = len(prompts_ids)
+    tokens, lps, fin = [[] for _ in range(n)], [[] for _ in range(n)], [False] * n
+    for part in gathered:
+        for i, (t, lp, f) in part.items():
+            tokens[i], lps[i], fin[i] = t, lp, f
+    return GenerationOutput(tokens, lps if kwargs.get("return_logprobs") else None, fin)
+
+
+__all__ = ["generate", "generate_data_parallel", "GenerationOutput", "choose_next", "top_p_filter",
+           "ENDOFTURN_ID", "PAD_ID"]
