@@ -251,3 +251,16 @@ def test_train_tokenizer_cli(tmp_path):
                          capture_output=True, text=True, timeout=60)
     assert bad.returncode != 0 and "missing.jsonl" in bad.stderr
     assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.timeout(10)
+def test_report_alignment_counts_pure():
+    from hcx_megatron.tokenizer.report import alignment_counts, hangul_word_byte_spans, _char_to_byte
+
+    text = "ab 학교에 cd"
+    c2b = _char_to_byte(text)
+    spans = hangul_word_byte_spans(text, c2b)
+    assert spans == [(3, 12)]  # three 3-byte syllables
+    morph = {c2b[5]}  # 학교|에
+    # token ends at bytes 2 (outside), 6 (학|교: inside, not morpheme), 9 (교|에: on it), 10 (inside 에's bytes)
+    assert alignment_counts([2, 6, 9, 10, 12], spans, morph) == (3, 1)
