@@ -202,7 +202,17 @@ class SlurmCluster:
         return "\n".join(parts)
 
     def stop(self) -> None:
-        """End our daemons by pid (reverse start order), then anything left of their process groups."""
+        """Cancel what is still queued or running, end our daemons by pid (reverse start order), then
+        anything left of their process groups."""
+        ctld = self.procs.get("slurmctld")
+        if ctld is not None and ctld.poll() is None:
+            try:
+                self.run(["scancel", "--user=root"], check=False, timeout=20)
+                deadline = time.monotonic() + 30
+                while time.monotonic() < deadline and self.run(["squeue", "-h"], check=False, timeout=20).strip():
+                    time.sleep(0.5)
+            except subprocess.TimeoutExpired:
+                pass
         for name in reversed(list(self.procs)):
             p = self.procs[name]
             if p.poll() is None:
