@@ -1,0 +1,272 @@
+"""Reward model driver: `python -m hcx_megatron.rlhf.reward` (console script `hcx-reward`).
+
+Bradley-Terry reward model on the shared training loop: a decoder initialised from an SFT checkpoint
+(--sft-checkpoint) with a fresh scalar head on the last pipeline stage (hcx_megatron.model.heads). For each
+prompt, all K(K-1)/2 comparisons of its ranked responses are in the same optimisation step; the loss is
+-log sigmoid(r_better - r_worse) averaged over the pairs of the global batch. One epoch by default (the HCX /
+InstructGPT finding: reward models overfit after one). --global-batch-size and --micro-batch-size count PROMPTS.
+
+After the last step the rewards of a calibration set (--calibration-data, default: the validation split) give a
+mean and std that are stored with the checkpoint (task.state_dict() -> extra["reward_calibration"]); inference
+(`RewardScorer`) returns clip((r - mean) / std, -c, c) with c = --reward-clip.
+
+Example (2 CPU processes, data parallel):
+    torchrun --nproc-per-node 2 -m hcx_megatron.rlhf.reward --device cpu --model-preset hcx-tiny \
+        --tokenizer-model TOK --preference-data prefs.jsonl --valid-fraction 0.1 \
+        --global-batch-size 8 --micro-batch-size 2 --seq-length 128 --lr 1e-4 --save runs/rm
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from functools import partial
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from megatron.core import parallel_state as ps
+
+from hcx_megatron.config.args import Config, parse_config
+from hcx_megatron.data.preference import (LoadStats, PreferenceBatcher, build_example, chat_renderer,
+                                          collate, eval_shards, read_preference_jsonl, split_indices)
+from hcx_megatron.model.heads import scalar_head_factory, sequence_scores
+from hcx_megatron.pretrain import load_run_tokenizer, to_device
+from hcx_megatron.rlhf.common import (apply_checkpoint_model_shape, flag_given, load_model_weights, rank0,
+                                      with_data_flag)
+from hcx_megatron.training.checkpoint import read_latest_iteration
+from hcx_megatron.training.loop import StepBatches, TrainContext, evaluate, main_wrapper, setup, train
+
+CALIBRATION_KEY = "reward_calibration"
+
+
+def add_reward_args(parser) -> None:
+    g = parser.add_argument_group("reward model")
+    g.add_argument("--preference-data", required=True, help="JSONL {prompt, responses, ranking} (see data/preference.py)")
+    g.add_argument("--preference-valid-data", default=None, help="validation JSONL; default: --valid-fraction of the data")
+    g.add_argument("--valid-fraction", type=float, default=0.05)
+    g.add_argument("--calibration-data", default=None,
+                   help="JSONL whose responses calibrate reward mean/std; default: the validation split")
+    g.add_argument("--rm-epochs", type=float, default=1.0,
+                   help="epochs over the training prompts (sets --train-iters unless that is given)")
+    g.add_argument("--reward-clip", type=float, default=5.0, help="normalised rewards are clipped to +-this")
+    g.add_argument("--sft-checkpoint", default=None, help="initialise the backbone from this SFT checkpoint")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# loss
+# ---------------------------------------------------------------------------------------------------------
+def bradley_terry_terms(scores: torch.Tensor, better: torch.Tensor, worse: torch.Tensor):
+    """Per pair: -log sigmoid(r_b - r_w) and whether r_b > r_w."""
+    margin = scores[better] - scores[worse]
+    return F.softplus(-margin), (margin > 0).float()
+
+
+def rm_loss_func(batch: dict[str, torch.Tensor], values: torch.Tensor):
+    scores = sequence_scores(values, batch["lengths"]).float()
+    losses, correct = bradley_terry_terms(scores, batch["better"], batch["worse"])
+    n_pairs = torch.tensor(float(batch["better"].numel()), device=scores.device)
+    n_seq = torch.tensor(float(scores.numel()), device=scores.device)
+    loss_sum = losses.sum()
+    stats = torch.stack([loss_sum.detach(), n_pairs])
+    return loss_sum, n_pairs.to(torch.int), {
+        "lm loss": stats,  # the loop's console line prints "lm loss": here it is the Bradley-Terry loss
+        "rm loss": stats,
+        "pair acc": torch.stack([correct.sum(), n_pairs]),
+        "reward mean": torch.stack([scores.detach().sum(), n_seq]),
+        "reward sq": torch.stack([(scores.detach() ** 2).sum(), n_seq]),
+    }
+
+
+@dataclass
+class Calibration:
+    mean: float = 0.0
+    std: float = 1.0
+    count: int = 0
+
+    def normalise(self, raw: torch.Tensor, clip: float) -> torch.Tensor:
+        return torch.clamp((raw - self.mean) / max(self.std, 1e-6), -clip, clip)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# task
+# ---------------------------------------------------------------------------------------------------------
+class RewardModelTask:
+    metric_keys = ["lm loss", "rm loss", "pair acc", "reward mean", "reward sq"]
+
+    def __init__(self, args):
+        self.args = args
+        self.calibration: Calibration | None = None
+        self.mode = "valid"  # eval_batches serves the validation split, or the calibration set
+
+    def setup(self, cfg: Config, device: str) -> None:
+        self.cfg, self.device = cfg, device
+        self.tokenizer = load_run_tokenizer(cfg)
+        render = chat_renderer(self.tokenizer)
+        seq = cfg.training.seq_length
+        records = read_preference_jsonl(self.args.preference_data)
+        if self.args.preference_valid_data:
+            train_idx, valid_recs = list(range(len(records))), read_preference_jsonl(self.args.preference_valid_data)
+        else:
+            train_idx, valid_idx = split_indices(len(records), self.args.valid_fraction, cfg.training.seed)
+            valid_recs = [records[i] for i in valid_idx]
+        self.stats = LoadStats()
+        build = lambda recs: [build_example(*r, render, seq, self.stats, where) for where, r in recs]  # noqa: E731
+        self.train_examples = build([records[i] for i in train_idx])
+        self.valid_examples = build(valid_recs)
+        self.calib_examples = (build(read_preference_jsonl(self.args.calibration_data)) if self.args.calibration_data
+                               else self.valid_examples or self.train_examples)
+        p = cfg.parallel
+        self.dp_rank, self.dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
+        multiple = p.tensor_model_parallel_size if p.sequence_parallel else 1
+        t = cfg.training
+        pad = self.tokenizer.pad if self.tokenizer.pad >= 0 else self.tokenizer.eod
+        self.pad_id, self.multiple_of = pad, multiple
+        self.batcher = PreferenceBatcher(self.train_examples, t.global_batch_size, t.micro_batch_size,
+                                         self.dp_rank, self.dp_size, t.seed, pad, multiple)
+        if rank0():
+            s = self.stats
+            print(f"[reward] {len(self.train_examples)} train / {len(self.valid_examples)} valid prompts, "
+                  f"{s.pairs} comparisons, {s.prompt_truncated} prompts / {s.response_truncated} responses "
+                  f"truncated to --seq-length {seq}; {self.batcher.steps_per_epoch} steps per epoch", flush=True)
+
+    def model_factory(self, cfg, impl):
+        return scalar_head_factory(cfg, impl)
+
+    def _step(self, examples) -> StepBatches:
+        micro = [to_device(b, self.device) for b in self.batcher.microbatches(examples)]
+        length = max(b["tokens"].shape[1] for b in micro)
+        tokens = sum(int(b["lengths"].sum()) for b in micro) * self.dp_size  # estimate: other ranks alike
+        return StepBatches(micro, length, micro[0]["tokens"].shape[0], tokens)
+
+    def train_batches(self, iteration: int) -> StepBatches:
+        return self._step(self.batcher.step_examples(iteration))
+
+    def eval_batches(self, eval_index: int) -> list[StepBatches]:
+        examples = self.calib_examples if self.mode == "calibration" else self.valid_examples
+        mine = eval_shards(examples, self.cfg.training.micro_batch_size, self.dp_rank, self.dp_size)
+        if not mine:
+            return []
+        return [self._step(mine)]
+
+    def forward_step(self, data_iterator, model):
+        batch = next(data_iterator)
+        values = model(batch["tokens"], batch["position_ids"], None)
+        return values, partial(rm_loss_func, batch)
+
+    # -- calibration ----------------------------------------------------------------------------------
+    def calibrate(self, ctx: TrainContext) -> Calibration:
+        """Reward mean/std over the calibration set (all ranks; forward only)."""
+        self.mode = "calibration"
+        try:
+            stats = evaluate(ctx, self, 0) or {}
+        finally:
+            self.mode = "valid"
+        mean = stats.get("reward_mean", 0.0)
+        var = max(stats.get("reward_sq", 1.0) - mean * mean, 0.0)
+        n = len(eval_shards(self.calib_examples, self.cfg.training.micro_batch_size, self.dp_rank, self.dp_size))
+        self.calibration = Calibration(mean, math.sqrt(var) if var > 0 else 1.0, n * self.dp_size)
+        return self.calibration
+
+    def on_step(self, ctx: TrainContext, record: dict) -> None:
+        # The calibration must be in the final checkpoint, which the loop saves right after this hook.
+        if ctx.iteration == ctx.cfg.training.train_iters:
+            cal = self.calibrate(ctx)
+            ctx.writer.write({"kind": "event", "event": "reward_calibration", "iteration": ctx.iteration,
+                              "mean": cal.mean, "std": cal.std, "count": cal.count,
+                              "reward_clip": self.args.reward_clip})
+            if rank0():
+                print(f"[reward] calibration over {cal.count} prompts' responses: mean {cal.mean:.4f} "
+                      f"std {cal.std:.4f} (stored with the checkpoint)", flush=True)
+
+    def state_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"reward_clip": self.args.reward_clip}
+        if self.calibration is not None:
+            out[CALIBRATION_KEY] = {"mean": self.calibration.mean, "std": self.calibration.std,
+                                    "count": self.calibration.count}
+        return out
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if CALIBRATION_KEY in state:
+            c = state[CALIBRATION_KEY]
+            self.calibration = Calibration(float(c["mean"]), float(c["std"]), int(c.get("count", 0)))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# inference
+# ---------------------------------------------------------------------------------------------------------
+class RewardScorer:
+    """Frozen reward model for PPO: normalised, clipped sequence rewards. Needs pipeline size 1 (its forward is
+    a direct call; TP ranks run it together)."""
+
+    def __init__(self, chunks, calibration: Calibration, clip: float):
+        if len(chunks) != 1 or ps.get_pipeline_model_parallel_world_size() != 1:
+            raise ValueError("RewardScorer needs --pipeline-model-parallel-size 1")
+        self.model, self.calibration, self.clip = chunks[0], calibration, clip
+
+    @classmethod
+    def load(cls, path: str, cfg: Config, device: str, clip: float | None = None) -> "RewardScorer":
+        from hcx_megatron.model.builder import build_model
+        from hcx_megatron.rlhf.common import freeze
+        from hcx_megatron.training.checkpoint import load_checkpoint
+
+        built = build_model(cfg, device, factory=scalar_head_factory(cfg, "auto"), wrap_ddp=False)
+        _, extra = load_checkpoint(path, built.chunks, optimizer=None, load_rng=False)
+        if CALIBRATION_KEY not in extra:
+            raise ValueError(f"{path}: reward checkpoint has no {CALIBRATION_KEY} (train it to its last step)")
+        c = extra[CALIBRATION_KEY]
+        freeze(built.chunks)
+        return cls(built.chunks, Calibration(float(c["mean"]), float(c["std"]), int(c.get("count", 0))),
+                   float(extra.get("reward_clip", 5.0) if clip is None else clip))
+
+    @torch.no_grad()
+    def raw(self, tokens: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        pos = torch.arange(tokens.shape[1], device=tokens.device).unsqueeze(0).expand_as(tokens)
+        return sequence_scores(self.model(tokens, pos, None), lengths).float()
+
+    def __call__(self, tokens: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        return self.calibration.normalise(self.raw(tokens, lengths), self.clip)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# driver
+# ---------------------------------------------------------------------------------------------------------
+def main(argv=None) -> int:
+    from hcx_megatron.distributed.initialize import shutdown
+
+    argv = with_data_flag(argv)
+    cfg, args = parse_config(argv, extra_args=add_reward_args, description="HCX reward model (Bradley-Terry)")
+    if args.sft_checkpoint:
+        apply_checkpoint_model_shape(cfg, args.sft_checkpoint)
+    if not args.tokenizer_model:
+        raise SystemExit("hcx-reward: --tokenizer-model is required (preference data are chat text)")
+    cfg.training.variable_seq_lengths = True  # micro-batches hold different numbers and lengths of sequences
+    if not flag_given(argv, "--train-iters"):
+        n = len(read_preference_jsonl(args.preference_data))
+        if not args.preference_valid_data:
+            n = len(split_indices(n, args.valid_fraction, cfg.training.seed)[0])
+        cfg.training.train_iters = max(1, math.ceil(args.rm_epochs * (n // cfg.training.global_batch_size)))
+    task = RewardModelTask(args)
+    ctx = setup(cfg, task)
+    resumed = read_latest_iteration(cfg.checkpoint.load) is not None if cfg.checkpoint.load else False
+    if args.sft_checkpoint and not resumed:
+        skipped = load_model_weights(args.sft_checkpoint, ctx.chunks, allow_missing=("value_head.",))
+        ctx.optimizer.reload_model_params()
+        if rank0():
+            print(f"[reward] backbone from {args.sft_checkpoint}; fresh head: {skipped}", flush=True)
+    try:
+        code = train(ctx, task, on_step=task.on_step)
+    finally:
+        ctx.writer.close()
+    dist.barrier()
+    shutdown()
+    return code
+
+
+if __name__ == "__main__":  # the dist-checkpoint writer spawns processes: keep this guard
+    main_wrapper(main)
+
+
+__all__ = ["RewardModelTask", "RewardScorer", "Calibration", "bradley_terry_terms", "rm_loss_func", "main",
+           "add_reward_args", "CALIBRATION_KEY"]

@@ -1,0 +1,53 @@
+"""Synthetic RLHF data with known answers (tests, CPU demos): preference data whose better response follows a
+hidden rule, PPO prompt files, and small launch helpers for tests."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import socket
+import subprocess
+import sys
+
+WORDS = ["the", "cat", "sat", "on", "mat", "dog", "ran", "to", "park", "and", "big", "red", "house", "we", "saw",
+         "a", "tree", "blue", "sky", "day"]
+KEYWORD = "apple"  # hidden rule: more "apple"s = better response
+
+
+def _response(rng: random.Random, n_keyword: int) -> str:
+    words = [rng.choice(WORDS) for _ in range(rng.randint(4, 8))]
+    for _ in range(n_keyword):
+        words.insert(rng.randint(0, len(words)), KEYWORD)
+    return " ".join(words)
+
+
+def write_preference_jsonl(path: str, n: int, seed: int) -> None:
+    """Each prompt has 2 or 3 responses with 0/1/2 keywords (distinct counts); ranking = most keywords first."""
+    rng = random.Random(seed)
+    with open(path, "w", encoding="utf-8") as f:
+        for _ in range(n):
+            k = rng.choice([2, 3])
+            counts = rng.sample([0, 1, 2], k)
+            responses = [_response(rng, c) for c in counts]
+            ranking = sorted(range(k), key=lambda i: -counts[i])
+            prompt = [{"role": "user", "content": "say something about " + rng.choice(WORDS)}]
+            f.write(json.dumps({"prompt": prompt, "responses": responses, "ranking": ranking}) + "\n")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun(module: str, nproc: int, args: list[str], timeout: float, cwd: str | None = None):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
+           "--master-port", str(free_port()), "-m", module, *args]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=cwd, env=env)
+
+
+def read_jsonl(path: str) -> list[dict]:
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
