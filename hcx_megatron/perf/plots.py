@@ -48,7 +48,7 @@ def scaling_plot(results: list[RunResult], metric: str, path: str | Path, title:
         m = _best_per_count(rs, meas)
         p = _best_per_count(rs, pred)
         if m:
-            ax.plot([x for x, _ in m], [y for _, y in m], "o-", color=c, label=f"{scaling}: measured")
+            ax.plot([x for x, _ in m], [y for _, y in m], "o-", color=c, label=f"{scaling}: measured (best layout per count)")
             for x, y in m:
                 text = f"{y:,.0f}" if metric == "tokens" and y >= 100 else f"{y:.3g}"
                 # alternate series label above / below so that equal points at one count stay legible
@@ -56,7 +56,7 @@ def scaling_plot(results: list[RunResult], metric: str, path: str | Path, title:
                             ha="center", fontsize=8, color=c)
         if p:
             ax.plot([x for x, _ in p], [y for _, y in p], "s--", color=c, alpha=0.6, mfc="none",
-                    label=f"{scaling}: predicted")
+                    label=f"{scaling}: predicted (best per count)")
     if len(counts) > 1 and max(counts) / min(counts) >= 4:
         ax.set_xscale("log", base=2)
     ax.set_xticks(counts)
