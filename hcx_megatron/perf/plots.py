@@ -48,7 +48,8 @@ def scaling_plot(results: list[RunResult], metric: str, path: str | Path, title:
         m = _best_per_count(rs, meas)
         p = _best_per_count(rs, pred)
         if m:
-            ax.plot([x for x, _ in m], [y for _, y in m], "o-", color=c, label=f"{scaling}: measured (best layout per count)")
+            ax.plot([x for x, _ in m], [y for _, y in m], "o-", color=c,
+                    label=f"{scaling}: measured (best layout per count)")
             for x, y in m:
                 text = f"{y:,.0f}" if metric == "tokens" and y >= 100 else f"{y:.3g}"
                 # alternate series label above / below so that equal points at one count stay legible
