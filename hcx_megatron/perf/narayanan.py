@@ -139,4 +139,5 @@ if __name__ == "__main__":
     print(summary)
 
 
-__all__ = ["PaperRow", "TABLE1", "selene_cluster", "gpt_model", "row_case", "row_measurement", "training_days", "validation_table"]
+__all__ = ["PaperRow", "TABLE1", "selene_cluster", "gpt_model", "row_case", "row_measurement", "training_days",
+           "validation_table"]

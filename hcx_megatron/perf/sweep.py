@@ -203,7 +203,8 @@ class RunResult:
     error: str | None = None
 
 
-def collect(sweep: Sweep, sweep_dir: str | Path, cluster: ClusterConfig | None = None, skip: int = 2) -> list[RunResult]:
+def collect(sweep: Sweep, sweep_dir: str | Path, cluster: ClusterConfig | None = None,
+            skip: int = 2) -> list[RunResult]:
     """Each run's measured summary (None when missing/failed) next to the model's prediction."""
     cluster = cluster or sweep.cluster
     out = []
