@@ -264,3 +264,16 @@ def test_report_alignment_counts_pure():
     morph = {c2b[5]}  # 학교|에
     # token ends at bytes 2 (outside), 6 (학|교: inside, not morpheme), 9 (교|에: on it), 10 (inside 에's bytes)
     assert alignment_counts([2, 6, 9, 10, 12], spans, morph) == (3, 1)
+
+
+@pytest.mark.timeout(60)
+def test_offsets_map_tokens_to_character_starts(hf_tok):
+    s = "ab 학교에 갔다 😀x"
+    ids = hf_tok.tokenize(s)
+    offs = hf_tok.offsets(ids, s)
+    assert len(offs) == len(ids) and offs[0] == 0 and offs == sorted(offs)
+    for i, o in zip(ids, offs):
+        piece = hf_tok.token_bytes(i)
+        # a token that starts a character starts exactly where its bytes appear in the text
+        if piece and (piece[0] & 0xC0) != 0x80:
+            assert s.encode()[len(s[:o].encode()):].startswith(piece)

@@ -12,7 +12,6 @@ python tools/tokenizer_report.py --input ko.jsonl en.jsonl code.jsonl --vocab-si
 """
 
 import argparse
-import json
 import os
 import sys
 import tempfile
