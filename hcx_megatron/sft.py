@@ -1,0 +1,331 @@
+"""Supervised fine-tuning driver: `python -m hcx_megatron.sft` (console script `hcx-sft`).
+
+A Task for the shared training loop (hcx_megatron/training/loop.py): chat JSONL in the HCX format
+(hcx_megatron/data/chat.py), loss on assistant tokens only, length-grouped token-budget micro-batches,
+optional packing, a validation split, and an optional greedy-generation exact-match eval after training.
+
+    torchrun --nproc-per-node 2 -m hcx_megatron.sft --device cpu --tensor-model-parallel-size 2 \
+        --tokenizer-model TOK --data-path train.jsonl --valid-data-path valid.jsonl \
+        --load runs/pretrain/ckpt --finetune --save runs/sft/ckpt --seq-length 512 \
+        --sft-tokens-per-microbatch 4096 --micro-batch-size 1 --global-batch-size 8 --train-iters 1000 --lr 1e-5
+
+Steps and batches: each optimizer step takes GBS / (MBS x DP) micro-batches on every DP rank (Megatron's
+count, so every pipeline stage of a replica runs the same number). Without --sft-tokens-per-microbatch a
+micro-batch holds --micro-batch-size conversations; with it, as many length-grouped conversations (or packed
+rows) as fit the padded-token budget. Loss is a per-token average over all assistant tokens of the step,
+across micro-batches and DP ranks (megatron-core calculate_per_token_loss with (sum, count) losses).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass
+from functools import partial
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state as ps
+
+from hcx_megatron.config.args import Config, parse_config
+from hcx_megatron.data.sft_dataset import (
+    TRUNCATION_RULES, BatchingConfig, Conversation, DataReport, MicroBatchPlan, SFTDataError, collate,
+    read_conversations, real_tokens, split_fractions, split_train_valid,
+)
+from hcx_megatron.training.loop import StepBatches, TrainContext, main_wrapper, run
+
+
+@dataclass
+class SFTOptions:
+    tokens_per_microbatch: int | None = None
+    packing: bool = False
+    truncation: str = "drop_oldest_turns"
+    strict: bool = False
+    pad_to_multiple_of: int = 8
+    data_report: str | None = None
+    gen_eval_data: str | None = None
+    gen_eval_output: str | None = None
+    gen_max_new_tokens: int = 64
+
+
+def add_sft_args(parser) -> None:
+    g = parser.add_argument_group("sft")
+    g.add_argument("--sft-tokens-per-microbatch", type=int, default=None,
+                   help="padded-token budget of a micro-batch (length-grouped batching); default: "
+                        "--micro-batch-size conversations per micro-batch")
+    g.add_argument("--sft-packing", action="store_true",
+                   help="pack conversations into rows of --seq-length with per-document positions and attention")
+    g.add_argument("--sft-truncation", choices=TRUNCATION_RULES, default="drop_oldest_turns",
+                   help="what to do with a conversation longer than --seq-length tokens")
+    g.add_argument("--sft-strict", "--strict", dest="sft_strict", action="store_true",
+                   help="fail on the first bad conversation instead of counting and skipping it")
+    g.add_argument("--sft-pad-to-multiple-of", type=int, default=8)
+    g.add_argument("--sft-data-report", default=None, help="write the data report (counts, file:line of rejects) as JSON")
+    g.add_argument("--gen-eval-data", default=None,
+                   help="chat JSONL; after training, greedy-generate the last assistant turn of each line and "
+                        "report exact match")
+    g.add_argument("--gen-eval-output", default=None, help="JSON file for the generation eval (rank 0)")
+    g.add_argument("--gen-max-new-tokens", type=int, default=64)
+
+
+def options_from_args(ns) -> SFTOptions:
+    return SFTOptions(
+        tokens_per_microbatch=ns.sft_tokens_per_microbatch, packing=ns.sft_packing, truncation=ns.sft_truncation,
+        strict=ns.sft_strict, pad_to_multiple_of=ns.sft_pad_to_multiple_of, data_report=ns.sft_data_report,
+        gen_eval_data=ns.gen_eval_data, gen_eval_output=ns.gen_eval_output, gen_max_new_tokens=ns.gen_max_new_tokens,
+    )
+
+
+def check_sft_config(cfg: Config, opts: SFTOptions) -> None:
+    """SFT-specific flag checks; raise ValueError naming the flags (before any process starts)."""
+    d, t = cfg.data, cfg.training
+    if d.mock_data:
+        raise ValueError("SFT reads chat JSONL: give --data-path FILE.jsonl [...] instead of --mock-data")
+    if not d.tokenizer_model:
+        raise ValueError("SFT needs --tokenizer-model (the chat format uses its special tokens)")
+    for flag, paths in (("--data-path", d.data_path), ("--valid-data-path", d.valid_data_path)):
+        for p in paths:
+            try:
+                float(p)
+            except ValueError:
+                continue
+            raise ValueError(f"{flag}: {p!r} looks like a blend weight; SFT takes a plain list of JSONL files")
+    if opts.pad_to_multiple_of < 1:
+        raise ValueError("--sft-pad-to-multiple-of must be >= 1")
+    if opts.tokens_per_microbatch is not None and opts.tokens_per_microbatch < t.seq_length:
+        raise ValueError(f"--sft-tokens-per-microbatch ({opts.tokens_per_microbatch}) must be >= --seq-length "
+                         f"({t.seq_length}) so that the longest allowed conversation fits a micro-batch")
+    if opts.gen_max_new_tokens < 1:
+        raise ValueError("--gen-max-new-tokens must be >= 1")
+
+
+def sft_loss_func(loss_mask: torch.Tensor, user_mask: torch.Tensor, output_tensor: torch.Tensor):
+    """Sum of per-token losses on assistant targets and their count (megatron-core divides by the global
+    count). The user-token loss is reported from detached values: it never reaches the gradient."""
+    losses = output_tensor.float().view(-1)
+    mask = loss_mask.float().view(-1)
+    loss_sum = torch.sum(losses * mask)
+    count = mask.sum()
+    umask = user_mask.float().view(-1)
+    user_sum = torch.sum(losses.detach() * umask)
+    return loss_sum, count.to(torch.int), {
+        "lm loss": torch.stack([loss_sum.detach(), count]),
+        "user loss": torch.stack([user_sum, umask.sum()]),
+    }
+
+
+class SFTTask:
+    metric_keys = ["lm loss", "user loss"]
+
+    def __init__(self, opts: SFTOptions):
+        self.opts = opts
+        self.cfg: Config | None = None
+        self.device = "cpu"
+        self.impl = "local"
+        self.tokenizer = None
+        self.train: list[Conversation] = []
+        self.valid: list[Conversation] = []
+        self.report: DataReport | None = None
+        self._valid_steps: list[StepBatches] | None = None
+
+    # -- set-up ---------------------------------------------------------------------------------------
+    def setup(self, cfg: Config, device: str) -> None:
+        from hcx_megatron.model.spec import select_layer_spec
+        from hcx_megatron.pretrain import load_run_tokenizer
+
+        self.cfg, self.device = cfg, device
+        _, self.impl = select_layer_spec(cfg.runtime.transformer_impl, device)
+        self.tokenizer = load_run_tokenizer(cfg)
+        t, o = cfg.training, self.opts
+        rank0 = dist.get_rank() == 0
+        # Every rank reads and renders the data (deterministic), so no broadcast is needed.
+        convs, report = read_conversations(cfg.data.data_path, self.tokenizer, t.seq_length, o.truncation, o.strict)
+        if cfg.data.valid_data_path:
+            valid, vreport = read_conversations(cfg.data.valid_data_path, self.tokenizer, t.seq_length, o.truncation,
+                                                o.strict, flag="--valid-data-path")
+            self.train, self.valid = convs, valid
+        else:
+            valid_fraction, _ = split_fractions(cfg.data.split)
+            tr, va = split_train_valid(len(convs), valid_fraction, t.seed)
+            self.train, self.valid = [convs[i] for i in tr], [convs[i] for i in va]
+            vreport = None
+        self.report = report
+        if rank0:
+            print("[sft] train data: " + report.summary(), flush=True)
+            if vreport is not None:
+                print("[sft] valid data: " + vreport.summary(), flush=True)
+            print(f"[sft] {len(self.train)} train / {len(self.valid)} valid conversations", flush=True)
+            if o.data_report:
+                os.makedirs(os.path.dirname(os.path.abspath(o.data_report)), exist_ok=True)
+                with open(o.data_report, "w", encoding="utf-8") as f:
+                    json.dump({"train": report.to_dict(), "valid": vreport.to_dict() if vreport else None,
+                               "num_train": len(self.train), "num_valid": len(self.valid)}, f, indent=2)
+        if not self.train:
+            raise SFTDataError(f"--data-path {cfg.data.data_path}: no usable training conversation\n{report.summary()}")
+        tp = cfg.parallel.tensor_model_parallel_size
+        pad = o.pad_to_multiple_of
+        if cfg.parallel.sequence_parallel and tp > 1:
+            pad = pad * tp // math.gcd(pad, tp)  # sequence parallel splits the sequence over TP ranks
+        self.pad_multiple = pad
+        batching = BatchingConfig(seq_length=t.seq_length, max_tokens=o.tokens_per_microbatch,
+                                  rows_per_batch=t.micro_batch_size, pad_multiple=pad, packing=o.packing, seed=t.seed)
+        self.train_plan = MicroBatchPlan([c.input_length for c in self.train], batching)
+        self.valid_plan = MicroBatchPlan([c.input_length for c in self.valid], batching, shuffle=False) \
+            if self.valid else None
+        if rank0:
+            print(f"[sft] {self.train_plan.num_batches} train micro-batches per epoch, "
+                  f"{cfg.num_microbatches} per step per DP rank", flush=True)
+
+    def model_factory(self, cfg, impl):
+        return None
+
+    # -- batches --------------------------------------------------------------------------------------
+    def _microbatch(self, convs: list[Conversation], batch) -> dict[str, torch.Tensor]:
+        out = collate(convs, batch, self.pad_multiple, with_attention_mask=self.opts.packing)
+        if self.device == "cuda":
+            out = {k: v.cuda(non_blocking=True) for k, v in out.items()}
+        return out
+
+    def _step(self, convs, plan: MicroBatchPlan, first_global: int, limit: int | None = None) -> StepBatches:
+        """Micro-batches [first_global + r*nmb, +nmb) for this DP rank r; `limit` marks the end of a single
+        pass (validation): positions past it are filled with a fully masked copy so every rank runs the same
+        count."""
+        nmb = self.cfg.num_microbatches
+        dp, r = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
+        micro, total_tokens = [], 0
+        for k in range(dp * nmb):
+            g = first_global + k
+            if limit is not None and g >= limit:
+                continue
+            total_tokens += real_tokens(convs, plan.batch(g))
+        for m in range(nmb):
+            g = first_global + r * nmb + m
+            if limit is not None and g >= limit:
+                mb = self._microbatch(convs, plan.batch(0))
+                mb["loss_mask"].zero_()
+                mb["user_mask"].zero_()
+            else:
+                mb = self._microbatch(convs, plan.batch(g))
+            micro.append(mb)
+        seq = max(mb["tokens"].shape[1] for mb in micro)
+        rows = max(mb["tokens"].shape[0] for mb in micro)
+        return StepBatches(micro, seq, rows, total_tokens)
+
+    def train_batches(self, iteration: int) -> StepBatches:
+        per_step = ps.get_data_parallel_world_size() * self.cfg.num_microbatches
+        return self._step(self.train, self.train_plan, iteration * per_step)
+
+    def eval_batches(self, eval_index: int) -> list[StepBatches]:
+        """The whole validation split, at most --eval-iters steps of it, the same at every eval."""
+        if self.valid_plan is None:
+            return []
+        if self._valid_steps is None:
+            per_step = ps.get_data_parallel_world_size() * self.cfg.num_microbatches
+            n = self.valid_plan.num_batches
+            steps = min(self.cfg.training.eval_iters, -(-n // per_step))
+            self._valid_steps = [self._step(self.valid, self.valid_plan, k * per_step, limit=n) for k in range(steps)]
+        return self._valid_steps
+
+    # -- model ----------------------------------------------------------------------------------------
+    def forward_step(self, data_iterator, model):
+        batch = next(data_iterator)
+        if "attention_mask" in batch and self.impl == "transformer_engine":
+            output = model(*flatten_packed(batch), labels=batch["labels"].view(1, -1),
+                           packed_seq_params=packed_seq_params(batch["cu_seqlens"]))
+        else:
+            output = model(batch["tokens"], batch["position_ids"], batch.get("attention_mask"), labels=batch["labels"])
+        return output, partial(sft_loss_func, batch["loss_mask"], batch["user_mask"])
+
+    # -- checkpoint extra state -----------------------------------------------------------------------
+    def state_dict(self):
+        return {"sft": {"num_train": len(self.train), "num_valid": len(self.valid)}}
+
+    def load_state_dict(self, state):
+        saved = (state or {}).get("sft") or {}
+        if saved and saved.get("num_train") != len(self.train) and dist.get_rank() == 0:
+            print(f"[sft] warning: resuming with {len(self.train)} training conversations; the checkpoint was "
+                  f"written with {saved.get('num_train')}: the data order after resume differs", flush=True)
+
+    # -- generation eval ------------------------------------------------------------------------------
+    def generation_eval(self, ctx: TrainContext) -> dict | None:
+        o = self.opts
+        if not o.gen_eval_data:
+            return None
+        result = run_generation_eval(ctx.chunks, self.tokenizer, o.gen_eval_data, o.gen_max_new_tokens,
+                                     self.cfg.training.seq_length)
+        record = {"kind": "gen_eval", "iteration": ctx.iteration, "exact_match": result["exact_match"],
+                  "num_prompts": result["num_prompts"]}
+        ctx.writer.write(record)
+        if dist.get_rank() == 0:
+            print(f"[sft] generation eval: exact match {result['exact_match']:.3f} on {result['num_prompts']} prompts",
+                  flush=True)
+            if o.gen_eval_output:
+                os.makedirs(os.path.dirname(os.path.abspath(o.gen_eval_output)), exist_ok=True)
+                with open(o.gen_eval_output, "w", encoding="utf-8") as f:
+                    json.dump({"iteration": ctx.iteration, **result}, f, indent=2, ensure_ascii=False)
+        return result
+
+
+def flatten_packed(batch: dict[str, torch.Tensor]):
+    """Transformer Engine's THD layout: all rows of the micro-batch as one [1, total] sequence whose
+    documents are delimited by cu_seqlens."""
+    return batch["tokens"].view(1, -1), batch["position_ids"].view(1, -1), None
+
+
+def packed_seq_params(cu_seqlens: torch.Tensor):
+    from megatron.core.packed_seq_params import PackedSeqParams
+
+    cu = cu_seqlens.to(torch.int32)
+    max_len = int((cu[1:] - cu[:-1]).max())
+    return PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, max_seqlen_q=max_len,
+                           max_seqlen_kv=max_len)
+
+
+def run_generation_eval(chunks, tokenizer, path: str, max_new_tokens: int, max_length: int) -> dict:
+    """Greedy-generate the last assistant turn of every conversation in `path`; exact match of the stripped
+    text. Prompts are split across DP replicas."""
+    from hcx_megatron.data.chat import prompt_ids, response_text, split_prompt_and_reference
+    from hcx_megatron.data.sft_dataset import parse_conversation_line
+    from hcx_megatron.data.jsonl import iter_lines
+    from hcx_megatron.inference.generate import generate_data_parallel
+
+    prompts, refs, texts = [], [], []
+    for lineno, raw in iter_lines(path):
+        try:
+            messages = parse_conversation_line(raw)
+            context, ref = split_prompt_and_reference(messages)
+        except ValueError as e:
+            raise SFTDataError(f"--gen-eval-data {path}:{lineno}: {e}") from None
+        prompts.append(prompt_ids(tokenizer, context))
+        refs.append(ref)
+        texts.append(context[-1]["content"] if context else "")
+    out = generate_data_parallel(chunks, prompts, max_new_tokens, temperature=0.0, vocab_size=tokenizer.vocab_size,
+                                 max_seq_length=max_length)
+    answers = [response_text(tokenizer, t) for t in out.tokens]
+    hits = [a.strip() == r.strip() for a, r in zip(answers, refs)]
+    samples = [{"prompt": p, "reference": r, "answer": a, "match": h}
+               for p, r, a, h in list(zip(texts, refs, answers, hits))[:50]]
+    return {"exact_match": sum(hits) / max(1, len(hits)), "num_prompts": len(hits), "num_correct": sum(hits),
+            "samples": samples}
+
+
+def main(argv=None) -> int:
+    cfg, ns = parse_config(argv, extra_args=add_sft_args, description="HCX supervised fine-tuning on megatron-core")
+    opts = options_from_args(ns)
+    try:
+        check_sft_config(cfg, opts)
+    except ValueError as e:
+        raise SystemExit(f"hcx-sft: error: {e}") from None
+    # Micro-batches differ in length: pipeline p2p must exchange shapes first.
+    cfg.training.variable_seq_lengths = True
+    task = SFTTask(opts)
+    return run(cfg, task, after_train=lambda ctx: task.generation_eval(ctx))
+
+
+if __name__ == "__main__":  # the dist-checkpoint writer spawns processes: keep this guard
+    main_wrapper(main)
+
+
+__all__ = ["SFTTask", "SFTOptions", "sft_loss_func", "add_sft_args", "check_sft_config", "run_generation_eval",
+           "main"]
