@@ -179,6 +179,15 @@ def test_report_flags_missing_runs(tmp_path, capsys):
     assert all(r["status"].startswith("missing") for r in rows)
     assert study_cli.main(["report", str(d), "--allow-missing"]) == 0
     assert study_cli.main(["generate", "--out", str(tmp_path / "x"), "--layout", "tp=3"]) != 0
+    # real data instead of mock: the blend and tokenizer reach the driver flags, which the driver accepts
+    assert study_cli.main(["generate", "--out", str(tmp_path / "real"), "--model-preset", "hcx-tiny",
+                           "--seq-length", "128", "--global-batch-size", "8", "--layout", "tp=1,dp=2,mb=2",
+                           "--data-path", "0.7", "/d/ko", "0.3", "/d/en", "--tokenizer-model", "/d/tok"]) == 0
+    flags = shlex.split((tmp_path / "real" / "tasks.tsv").read_text().split("\t")[4])
+    assert "--mock-data" not in flags and flags[flags.index("--data-path") + 1: flags.index("--data-path") + 5] == [
+        "0.7", "/d/ko", "0.3", "/d/en"]
+    _driver_accepts(flags, 2)
+    assert study_cli.main(["generate", "--out", str(tmp_path / "y"), "--layout", "tp=1", "--data-path", "/d/x"]) == 2
 
 
 @pytest.mark.timeout(120)

@@ -20,11 +20,19 @@ from hcx_megatron.perf.sweep import (Sweep, SweepRun, calibrate_sweep, collect, 
                                      planned_runs, result_rows, run_local, write_csv, write_sweep)
 
 
+def _data_args(a: argparse.Namespace) -> list[str]:
+    if not a.data_path:
+        return []
+    if not a.tokenizer_model:
+        raise ValueError("--data-path needs --tokenizer-model (the tokenizer the data was preprocessed with)")
+    return ["--data-path", *a.data_path, "--tokenizer-model", a.tokenizer_model]
+
+
 def _generate(a: argparse.Namespace) -> int:
     cluster = load_cluster(a.cluster)
     sweep = Sweep(name=a.name or Path(a.out).name, model_preset=a.model_preset, model_config=a.model_config,
                   seq_length=a.seq_length, cluster=cluster, runs=[], bf16=not a.no_bf16, train_iters=a.train_iters,
-                  device=a.device, extra_args=a.extra_args or [])
+                  device=a.device, extra_args=a.extra_args or [], data_args=_data_args(a))
     model = sweep.model()
     runs: list[SweepRun] = []
     for spec in a.layout or []:
@@ -118,6 +126,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--train-iters", type=int, default=20)
     g.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
     g.add_argument("--no-bf16", action="store_true", help="fp32 runs (CPU)")
+    g.add_argument("--data-path", nargs="+", default=None, help="Megatron blend for real data (default: --mock-data)")
+    g.add_argument("--tokenizer-model", default=None)
     g.add_argument("--extra-args", nargs=argparse.REMAINDER, help="passed to the driver verbatim (put last)")
     g.set_defaults(fn=_generate)
     r = sub.add_parser("run-local", help="run the sweep here with torchrun (CPU)")

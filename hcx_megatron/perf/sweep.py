@@ -55,6 +55,7 @@ class Sweep:
     train_iters: int = 20
     device: str = "cuda"
     extra_args: list[str] = field(default_factory=list)
+    data_args: list[str] = field(default_factory=list)  # e.g. --data-path ... --tokenizer-model ...; empty: mock
 
     def model(self) -> ModelConfig:
         m = get_preset(self.model_preset)
@@ -69,8 +70,9 @@ class Sweep:
         if self.model_config:
             f += ["--model-config", self.model_config]
         f += ["--seq-length", str(self.seq_length), "--global-batch-size", str(run.global_batch_size),
-              "--train-iters", str(self.train_iters), "--log-interval", "1", "--mock-data",
-              "--device", self.device, "--peak-tflops", str(self.cluster.peak_tflops),
+              "--train-iters", str(self.train_iters), "--log-interval", "1"]
+        f += list(self.data_args) if self.data_args else ["--mock-data"]
+        f += ["--device", self.device, "--peak-tflops", str(self.cluster.peak_tflops),
               "--metrics-jsonl", f"{run_dir}/metrics.jsonl"]
         if self.bf16:
             f.append("--bf16")
