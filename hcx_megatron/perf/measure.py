@@ -1,0 +1,87 @@
+"""Measure what a built layer really keeps for backward, to check and calibrate memory.py.
+
+Runs one forward of the project's model (hcx_megatron.model.build_model) under
+torch.autograd.graph.saved_tensors_hooks and adds up the distinct storages each transformer layer
+saves (weights excluded). Needs an initialised process group / parallel_state (one rank is enough).
+
+    python -m hcx_megatron.perf.measure --model-preset hcx-tiny --seq-length 64 --micro-batch-size 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+
+def saved_bytes_per_layer(model, tokens, position_ids) -> list[int]:
+    """Bytes of distinct non-parameter storages saved for backward while each decoder layer runs."""
+    import torch
+
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    layers = list(model.decoder.layers)
+    current: list[int | None] = [None]
+    per_layer: list[dict[int, int]] = [dict() for _ in layers]
+
+    def pack(t):
+        ptr = t.untyped_storage().data_ptr()
+        if current[0] is not None and ptr not in params:
+            d = per_layer[current[0]]
+            d[ptr] = max(d.get(ptr, 0), t.untyped_storage().nbytes())
+        return t
+
+    handles = []
+    for i, layer in enumerate(layers):
+        handles.append(layer.register_forward_pre_hook(lambda m, a, i=i: current.__setitem__(0, i)))
+        handles.append(layer.register_forward_hook(lambda m, a, o: current.__setitem__(0, None)))
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            model(tokens, position_ids, None, labels=tokens)
+    finally:
+        for h in handles:
+            h.remove()
+    return [sum(d.values()) for d in per_layer]
+
+
+def measure(argv: list[str]) -> list[int]:
+    """Build the model the driver would for `argv` (one rank, CPU) and measure each layer."""
+    import torch
+
+    from hcx_megatron.config.args import parse_config
+    from hcx_megatron.distributed.initialize import initialize_distributed
+    from hcx_megatron.model.builder import build_model, unwrap
+
+    cfg, _ = parse_config(argv + ["--device", "cpu", "--mock-data"], world_size=1)
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", "29517")
+    os.environ.setdefault("RANK", "0")
+    os.environ.setdefault("WORLD_SIZE", "1")
+    os.environ.setdefault("LOCAL_RANK", "0")
+    initialize_distributed(cfg)
+    model = unwrap(build_model(cfg, "cpu", wrap_ddp=False).chunks[0])
+    b, s = cfg.training.micro_batch_size, cfg.training.seq_length
+    tokens = torch.randint(0, cfg.model.vocab_size, (b, s))
+    pos = torch.arange(s).unsqueeze(0).expand(b, s)
+    return saved_bytes_per_layer(model, tokens, pos)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog="all other flags are the driver's (model, --seq-length, --micro-batch-size, ...)")
+    _, driver_args = p.parse_known_args(argv)
+    from hcx_megatron.config.args import parse_config
+    from hcx_megatron.perf.layout import Layout, Workload
+    from hcx_megatron.perf.memory import layer_activation_bytes
+
+    got = measure(driver_args)
+    cfg, _ = parse_config(driver_args + ["--device", "cpu", "--mock-data"], world_size=1)
+    w = Workload(model=cfg.model, seq_length=cfg.training.seq_length, global_batch_size=cfg.training.global_batch_size,
+                 precision="bf16" if cfg.training.bf16 else "fp32")
+    pred = layer_activation_bytes(w, Layout(micro_batch_size=cfg.training.micro_batch_size))
+    for i, n in enumerate(got):
+        print(f"layer {i}: saved {n:,} bytes; memory.py (fused kernels) {pred:,.0f}; ratio {n / pred:.3f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
