@@ -145,6 +145,13 @@ def test_special_literals_are_plain_text_unless_asked(hf_tok, spm_tok):
         sp = tok.tokenize_with_special(text)
         assert [i for i in sp if i < len(SPECIAL_TOKENS)] == [0, 6, 2]
         assert tok.detokenize(sp) == text
+    import pickle
+
+    for tok in (hf_tok, spm_tok):  # DataLoader workers (spawn) receive pickled tokenizers
+        clone = pickle.loads(pickle.dumps(tok))
+        assert clone.tokenize(text) == tok.tokenize(text)
+        assert all(i >= len(SPECIAL_TOKENS) for i in clone.tokenize(text))
+        assert clone.tokenize_with_special(text) == tok.tokenize_with_special(text)
     chat = hf_tok.apply_chat_template([{"role": "user", "content": "안녕"}], add_generation_prompt=True)
     assert chat[0] == 6 and chat[-2:] == [8, 7]
 

@@ -91,6 +91,14 @@ class HCXTokenizer(MegatronTokenizerBase):
             [("class", type(self).__name__), ("backend", backend), ("model_sha256", digest),
              ("vocab_size", self._vocab_size)])
 
+    def __setstate__(self, state: dict) -> None:
+        # tokenizers.Tokenizer pickles without its encode_special_tokens flag; without this, a DataLoader
+        # worker started by spawn would turn literal "<|user|>" text into the control id.
+        self.__dict__.update(state)
+        if self.backend == "hf":
+            self._tok.encode_special_tokens = True
+            self._tok_special.encode_special_tokens = False
+
     # ------------------------------------------------------------------ encoding
     def tokenize(self, text: str, errors: str = "strict") -> list[int]:
         """Plain text -> ids. Special-token literals are encoded as ordinary text."""
