@@ -173,3 +173,26 @@ def test_merge_datasets(tmp_path, tiny_tokenizer_dir):
                         str(tmp_path / "nope"), "--output-prefix", out + "2"], capture_output=True, text=True,
                        timeout=60)
     assert r.returncode == 1 and "nope.bin not found" in r.stderr
+
+
+@pytest.mark.timeout(120)
+def test_bounded_read_ahead_with_workers(monkeypatch):
+    """The reader stays at most workers*inflight_per_worker batches ahead of the writer (bounded memory)."""
+    import hcx_megatron.data.preprocess as pp
+
+    consumed = []
+
+    def fake_batches(paths, batch_lines):
+        for i in range(100):
+            consumed.append(i)
+            yield [(0, i + 1, b'{"text": "1 2 3"}')]
+
+    monkeypatch.setattr(pp, "_batches", fake_batches)
+    cfg = pp.PreprocessConfig(inputs=["x"], output_prefix="unused", tokenizer_model=None,
+                              tokenizer_type="NullTokenizer", vocab_size=10, workers=2, inflight_per_worker=2)
+    gen = pp._ordered_results(cfg, ("NullTokenizer", None, 10, ["text"], True, "uint16"))
+    first = next(gen)
+    assert first[0][1] == 1 and first[0][3][0].tolist() == [1, 2, 3, 9]
+    assert len(consumed) == 4  # 2 workers x 2 batches in flight, not the whole input
+    rest = list(gen)
+    assert [r[0][1] for r in rest] == list(range(2, 101))  # ordered
