@@ -15,7 +15,6 @@ from hcx_megatron.perf.calibrate import BOUNDS
 from hcx_megatron.perf.cluster import load_cluster, save_cluster
 from hcx_megatron.perf.layout import parse_layout
 from hcx_megatron.perf.planner import SearchSpace
-from hcx_megatron.perf.plots import predicted_vs_measured_plot, scaling_plot
 from hcx_megatron.perf.sweep import (Sweep, SweepRun, calibrate_sweep, collect, load_sweep, markdown_table,
                                      planned_runs, result_rows, run_local, write_csv, write_sweep)
 
@@ -67,6 +66,9 @@ def _run_local(a: argparse.Namespace) -> int:
 
 
 def _report(a: argparse.Namespace) -> int:
+    # matplotlib only for the report: generate / run-local work on login nodes without it
+    from hcx_megatron.perf.plots import predicted_vs_measured_plot, scaling_plot
+
     d = Path(a.sweep_dir)
     sweep = load_sweep(d)
     if a.cluster:
