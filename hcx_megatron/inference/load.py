@@ -5,6 +5,8 @@ dist_checkpointing reshards the weights."""
 from __future__ import annotations
 
 import dataclasses
+import os
+import socket
 from dataclasses import dataclass
 from typing import Any
 
@@ -63,6 +65,12 @@ def load_for_inference(load: str, tensor_parallel: int = 1, pipeline_parallel: i
 
     saved = read_saved_config(load)
     env = resolve_dist_env()
+    if env.source == "single" and "MASTER_PORT" not in os.environ:
+        # A lone process still needs a rendezvous port: take a free one so several chats can run side by side.
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            os.environ["MASTER_PORT"] = str(s.getsockname()[1])
+        env = resolve_dist_env()
     if env.world_size % (tensor_parallel * pipeline_parallel):
         raise ValueError(f"world size {env.world_size} is not divisible by TP {tensor_parallel} x PP {pipeline_parallel}")
     cfg = config_from_saved(saved, tensor_parallel, pipeline_parallel, device, env.world_size)
