@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import time
 from pathlib import Path
 
@@ -45,6 +46,12 @@ def _job_env(run_dir: Path, **extra: str) -> dict[str, str]:
     env.update(TINY)
     env.update(RUN_DIR=str(run_dir), MASTER_PORT=str(free_port()), PYTHON=os.environ.get("PYTHON", "python3"),
                OMP_NUM_THREADS="1", HCX_REPO=str(REPO))
+    try:
+        socket.gethostbyname(socket.gethostname().split(".")[0])
+    except OSError:
+        # launch.run uses the node name as rendezvous address; a CI box whose own name does not resolve
+        # would fail on that, not on anything under test.
+        env["MASTER_ADDR"] = "127.0.0.1"
     env.update(extra)
     return env
 
@@ -168,8 +175,13 @@ def test_preempt_requeue_crash_resume_matches_uninterrupted(cluster, uninterrupt
         # 2) The requeued run (released from Slurm's requeue delay) resumes; once it has saved a new
         #    checkpoint, SIGKILL rank 1: a crash, as a node failure looks to the job.
         def resumed_and_saved():
-            cluster.release_requeued(cluster.job(job))
+            info = cluster.job(job)
+            cluster.release_requeued(info)
             a = attempts(run_dir)
+            if len(a) > 1 or (a and a[0]["decision"] != "requeue") or info.get("JobState") in TERMINAL_STATES:
+                # The first run was not a preemption, or the resumed run ended before we could crash it.
+                raise AssertionError(f"unexpected attempts {a}, job {info.get('JobState')}\n"
+                                     f"{diagnostics(run_dir, job)}")
             return len(a) == 1 and checkpoint_iteration(run_dir) > a[0]["ckpt_after"] and step_pids(job, 1)
         pids = wait_until(resumed_and_saved, 600, "the resumed run to save a checkpoint", poll=0.1)
         for pid in pids:
