@@ -20,6 +20,10 @@ from hcx_megatron.model.init import initialize_model_chunk
 from hcx_megatron.model.spec import final_norm_class, select_layer_spec
 
 
+def _no_init(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor
+
+
 def transformer_config_from(cfg: Config, impl: str, device: str) -> TransformerConfig:
     m, p, t = cfg.model, cfg.parallel, cfg.training
     dtype = torch.bfloat16 if t.bf16 else torch.float32
@@ -47,8 +51,18 @@ def transformer_config_from(cfg: Config, impl: str, device: str) -> TransformerC
         hidden_dropout=0.0,
         attention_dropout=0.0,
         init_method_std=m.init_method_std,
-        perform_initialization=False,  # hcx_megatron.model.init sets every weight, layout-independently
-        use_cpu_initialization=device == "cpu",
+        # megatron-core's init pass must run, because it is also what tags parameters with their TP layout
+        # (tensor_model_parallel / partition_dim, used by grad-norm and DDP); the values it would draw are
+        # per-rank though, so it draws nothing (no-op init methods) and hcx_megatron.model.init then sets every
+        # weight layout-independently.
+        perform_initialization=True,
+        init_method=_no_init,
+        output_layer_init_method=_no_init,
+        embedding_init_method=_no_init,
+        use_cpu_initialization=False,
+        # Per-token loss normalisation over micro-batches and DP ranks (must be set before DDP is built: it
+        # decides DDP's gradient scaling).
+        calculate_per_token_loss=True,
         tensor_model_parallel_size=p.tensor_model_parallel_size,
         pipeline_model_parallel_size=p.pipeline_model_parallel_size,
         virtual_pipeline_model_parallel_size=p.virtual_pipeline_model_parallel_size,
@@ -76,6 +90,11 @@ def transformer_config_from(cfg: Config, impl: str, device: str) -> TransformerC
         # whose isend may still be reading the buffer: the next stage then receives garbage. Seen here as a
         # PP=2 loss that differed from PP=1 at step 1 on CPU.
         deallocate_pipeline_outputs=device == "cuda",
+        # Batched p2p posts "send to prev" and "send to next" in one batch. With PP=2 and interleaving, prev and
+        # next are the same peer; gloo then pairs an activation with a gradient receive of the same shape (seen
+        # here: PP2xVPP2 diverged from PP1 from the third micro-batch). megatron's unbatched path sends the two
+        # directions over different groups, which keeps them apart.
+        batch_p2p_comm=device == "cuda",
         **kwargs,
     )
 

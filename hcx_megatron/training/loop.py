@@ -165,7 +165,6 @@ def setup(cfg: Config, task: Task) -> TrainContext:
     # Hooks megatron-core's schedules call: per-token loss normalisation over DP and micro-batches, gradient
     # all-reduce / reduce-scatter at the end of the step, loss scaling for mixed precision.
     tc = built.config
-    tc.calculate_per_token_loss = True
     tc.finalize_model_grads_func = finalize_model_grads
     tc.grad_scale_func = optimizer.scale_loss
     if cfg.parallel.overlap_grad_reduce:
