@@ -11,6 +11,7 @@ import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing
 from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
+from megatron.core.transformer.module import MegatronModule
 
 from hcx_megatron.config.args import Config
 from hcx_megatron.training.checkpoint import SHARDING_METADATA, read_saved_config, resolve_checkpoint
@@ -19,6 +20,23 @@ from hcx_megatron.training.checkpoint import SHARDING_METADATA, read_saved_confi
 def model_keys(chunks) -> list[str]:
     # Same naming as hcx_megatron.training.checkpoint (one key per virtual pipeline chunk).
     return ["model"] if len(chunks) == 1 else [f"model{i}" for i in range(len(chunks))]
+
+
+def _strip(key: str) -> str:
+    return key[len("module."):] if key.startswith("module.") else key
+
+
+class CheckpointView(MegatronModule):
+    """Wraps an unwrapped (no DDP) model chunk so that its checkpoint keys match those of training chunks:
+    megatron's DDP wrapper adds a "module." level, which every checkpoint written by the loop carries.
+    Used for the frozen models (reference, reward) that need no gradient buffers."""
+
+    def __init__(self, module: torch.nn.Module):
+        super().__init__(config=module.config)
+        self.module = module
+
+    def forward(self, *args, **kwargs):
+        return self.module(*args, **kwargs)
 
 
 def load_model_weights(path: str, chunks, allow_missing: Sequence[str] = ()) -> list[str]:
@@ -37,7 +55,7 @@ def load_model_weights(path: str, chunks, allow_missing: Sequence[str] = ()) -> 
             global_key = getattr(item, "key", None)
             if not isinstance(item, (ShardedTensor, ShardedTensorFactory)) or global_key in available:
                 keep[name] = item
-            elif any(name.startswith(p) or global_key.startswith(p) for p in allow_missing):
+            elif any(_strip(name).startswith(p) or _strip(global_key).startswith(p) for p in allow_missing):
                 skipped.append(name)
             else:
                 raise KeyError(f"{ckpt}: checkpoint has no tensor {global_key!r} needed by this model "
@@ -45,9 +63,10 @@ def load_model_weights(path: str, chunks, allow_missing: Sequence[str] = ()) -> 
         sd[key] = keep
     loaded = dist_checkpointing.load(sd, ckpt)
     for key, chunk in zip(model_keys(chunks), chunks):
-        result = chunk.load_state_dict(loaded[key], strict=False)
+        # nn.Module's own load_state_dict: megatron's DDP override returns nothing, and we want missing keys.
+        result = torch.nn.Module.load_state_dict(chunk, loaded[key], strict=False)
         missing = [k for k in result.missing_keys if not k.endswith("_extra_state")
-                   and not any(k.split("module.")[-1].startswith(p) for p in allow_missing)]
+                   and not any(_strip(k).startswith(p) for p in allow_missing)]
         if missing:
             raise KeyError(f"{ckpt}: weights missing after load: {missing[:5]}")
     return skipped
@@ -101,5 +120,5 @@ def copy_weights(dst_chunks, src_chunks) -> None:
             pd.copy_(ps_)
 
 
-__all__ = ["load_model_weights", "apply_checkpoint_model_shape", "with_data_flag", "flag_given", "rank0",
+__all__ = ["CheckpointView", "load_model_weights", "apply_checkpoint_model_shape", "with_data_flag", "flag_given", "rank0",
            "freeze", "copy_weights", "model_keys"]

@@ -208,16 +208,17 @@ class RewardScorer:
     @classmethod
     def load(cls, path: str, cfg: Config, device: str, clip: float | None = None) -> "RewardScorer":
         from hcx_megatron.model.builder import build_model
-        from hcx_megatron.rlhf.common import freeze
+        from hcx_megatron.rlhf.common import CheckpointView, freeze
         from hcx_megatron.training.checkpoint import load_checkpoint
 
         built = build_model(cfg, device, factory=scalar_head_factory(cfg, "auto"), wrap_ddp=False)
-        _, extra = load_checkpoint(path, built.chunks, optimizer=None, load_rng=False)
+        chunks = [CheckpointView(c) for c in built.chunks]
+        _, extra = load_checkpoint(path, chunks, optimizer=None, load_rng=False)
         if CALIBRATION_KEY not in extra:
             raise ValueError(f"{path}: reward checkpoint has no {CALIBRATION_KEY} (train it to its last step)")
         c = extra[CALIBRATION_KEY]
-        freeze(built.chunks)
-        return cls(built.chunks, Calibration(float(c["mean"]), float(c["std"]), int(c.get("count", 0))),
+        freeze(chunks)
+        return cls(chunks, Calibration(float(c["mean"]), float(c["std"]), int(c.get("count", 0))),
                    float(extra.get("reward_clip", 5.0) if clip is None else clip))
 
     @torch.no_grad()
