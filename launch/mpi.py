@@ -16,8 +16,15 @@ MPI_SIZE_KEYS = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_SIZE")
 
 
 def in_mpi_job(env: Mapping[str, str]) -> bool:
-    """True when an MPI launcher (mpirun/mpiexec) started this process and torchrun did not."""
-    return any(k in env for k in MPI_SIZE_KEYS) and not ("RANK" in env and "WORLD_SIZE" in env)
+    """True when an MPI launcher (mpirun/mpiexec) started this process and torchrun did not. A Slurm
+    step whose only MPI variables are PMI/PMIx (`srun --mpi=pmix`) is a Slurm job: srun's variables
+    already name the hosts, no MPI initialisation needed."""
+    if "RANK" in env and "WORLD_SIZE" in env:
+        return False
+    if "OMPI_COMM_WORLD_SIZE" in env:
+        return True
+    in_slurm_step = "SLURM_STEP_ID" in env or "SLURM_STEPID" in env
+    return any(k in env for k in MPI_SIZE_KEYS) and not in_slurm_step
 
 
 def single_node_mpi(env: Mapping[str, str]) -> bool:

@@ -102,3 +102,27 @@ def test_single_process_default():
     d = resolve_dist_env({})
     assert (d.rank, d.world_size, d.local_rank, d.source) == (0, 1, 0, "single")
     assert local_world_size_from_env({}) == 1
+
+
+@pytest.mark.timeout(30)
+def test_srun_with_pmix_uses_slurm_hosts():
+    """srun --mpi=pmix sets PMIX_RANK too; the master must still be the step's first node, not 127.0.0.1."""
+    env = {**SLURM_STEP_TASK_9, "PMIX_RANK": "9", "PMIX_SIZE": "16"}
+    d = resolve_dist_env(env)
+    assert (d.rank, d.world_size, d.master_addr, d.source) == (9, 16, "gpu017", "slurm")
+
+    from launch.mpi import in_mpi_job
+
+    assert not in_mpi_job(env)
+    assert in_mpi_job({"PMIX_RANK": "0", "PMIX_SIZE": "2"})  # mpiexec outside Slurm
+    assert in_mpi_job({**SLURM_STEP_TASK_9, "OMPI_COMM_WORLD_RANK": "0", "OMPI_COMM_WORLD_SIZE": "4"})
+
+
+@pytest.mark.timeout(30)
+def test_mpirun_ranks_inside_orted_step():
+    """Multi-node mpirun under Slurm starts orteds with srun: ranks inherit that step's SLURM_PROCID
+    (the node index) and SLURM_STEP_ID; OpenMPI's own variables are the truth."""
+    env = {**SLURM_STEP_TASK_9, "SLURM_PROCID": "1", "SLURM_NTASKS": "2", "SLURM_STEP_NUM_TASKS": "2",
+           "OMPI_COMM_WORLD_RANK": "12", "OMPI_COMM_WORLD_SIZE": "16", "OMPI_COMM_WORLD_LOCAL_RANK": "4"}
+    d = resolve_dist_env(env, use_mpi4py=False)
+    assert (d.rank, d.world_size, d.local_rank, d.source) == (12, 16, 4, "mpi")

@@ -1,12 +1,14 @@
 """Where this process sits in the job: rank, world size, local rank and rendezvous address.
 
-Read from (first match wins): torchrun (RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR), MPI (OpenMPI/PMI/PMIx
-env variables, or mpi4py when HCX_USE_MPI4PY is set), Slurm job steps (SLURM_PROCID,
-SLURM_STEP_NUM_TASKS, SLURM_LOCALID, master = first host of the step's node list). Pure functions of
-an environment mapping so tests need no processes.
+Read from (first match wins): torchrun (RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR), OpenMPI's mpirun
+(OMPI_COMM_WORLD_*), Slurm job steps (SLURM_PROCID, SLURM_STEP_NUM_TASKS, SLURM_LOCALID, master =
+first host of the step's node list), other MPI launchers (PMI_*/PMIX_*), mpi4py when HCX_USE_MPI4PY is
+set. Pure functions of an environment mapping so tests need no processes.
 
-Why MPI before Slurm: `mpirun` inside an sbatch allocation inherits the batch shell's SLURM_PROCID=0
-in every rank, while OMPI_COMM_WORLD_RANK is set per process. Why Slurm needs a step: the batch
+Why OpenMPI before Slurm: `mpirun` inside an sbatch allocation inherits the batch shell's (or its
+orted step's) SLURM_PROCID in every rank, while OMPI_COMM_WORLD_RANK is set per process. Why Slurm
+before PMI/PMIx: `srun --mpi=pmix` sets both with the same ranks, and only Slurm's say where the
+master is. Why Slurm needs a step: the batch
 shell itself has SLURM_PROCID=0 and SLURM_NTASKS=N but is one process, not rank 0 of N; only inside
 `srun` (SLURM_STEP_ID set) do those variables describe this process.
 """
@@ -126,6 +128,20 @@ def torch_env(dist: DistEnv, local_world_size: int = 1) -> dict[str, str]:
     }
 
 
+def _mpi_env(env: Mapping[str, str], keys: tuple[str, str, str]) -> DistEnv | None:
+    rank_key, size_key, local_key = keys
+    if rank_key not in env or size_key not in env:
+        return None
+    return DistEnv(
+        rank=int(env[rank_key]),
+        world_size=int(env[size_key]),
+        local_rank=int(env.get(local_key, 0)),
+        master_addr=env.get("MASTER_ADDR", "127.0.0.1"),
+        master_port=_port_for_job(env),
+        source="mpi",
+    )
+
+
 def resolve_dist_env(env: Mapping[str, str] | None = None, use_mpi4py: bool = True) -> DistEnv:
     env = os.environ if env is None else env
     if "RANK" in env and "WORLD_SIZE" in env:
@@ -137,20 +153,12 @@ def resolve_dist_env(env: Mapping[str, str] | None = None, use_mpi4py: bool = Tr
             master_port=_port_for_job(env),
             source="torchrun",
         )
-    for rank_key, size_key, local_key in (
-        ("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_RANK"),
-        ("PMI_RANK", "PMI_SIZE", "MPI_LOCALRANKID"),
-        ("PMIX_RANK", "PMIX_SIZE", "PMIX_LOCAL_RANK"),
-    ):
-        if rank_key in env and size_key in env:
-            return DistEnv(
-                rank=int(env[rank_key]),
-                world_size=int(env[size_key]),
-                local_rank=int(env.get(local_key, 0)),
-                master_addr=env.get("MASTER_ADDR", "127.0.0.1"),
-                master_port=_port_for_job(env),
-                source="mpi",
-            )
+    # OpenMPI's mpirun sets OMPI_COMM_WORLD_* per rank; under an allocation its ranks also inherit the
+    # Slurm variables of the orted step (SLURM_PROCID = node index), so OpenMPI must win.
+    mpi = _mpi_env(env, ("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_RANK"))
+    if mpi is not None:
+        return mpi
+    # srun --mpi=pmi2/pmix also sets PMI_*/PMIX_* (same ranks); Slurm's variables know the master host.
     if "SLURM_PROCID" in env and "SLURM_NTASKS" in env and not _is_slurm_batch_shell(env):
         nodelist = (env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST")
                     or "127.0.0.1")
@@ -162,6 +170,10 @@ def resolve_dist_env(env: Mapping[str, str] | None = None, use_mpi4py: bool = Tr
             master_port=_port_for_job(env),
             source="slurm",
         )
+    for keys in (("PMI_RANK", "PMI_SIZE", "MPI_LOCALRANKID"), ("PMIX_RANK", "PMIX_SIZE", "PMIX_LOCAL_RANK")):
+        mpi = _mpi_env(env, keys)
+        if mpi is not None:
+            return mpi
     if use_mpi4py and env is os.environ and "HCX_USE_MPI4PY" in env:
         try:
             from mpi4py import MPI  # type: ignore[import-not-found]
