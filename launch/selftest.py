@@ -20,7 +20,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--backend", default="gloo", choices=["gloo", "nccl"])
     p.add_argument("--timeout-s", type=int, default=120)
     p.add_argument("--report-jsonl", default=None, help="rank 0 appends one JSON line with what it saw")
-    args = p.parse_args(argv)
+    # Unknown flags are ignored so that a job script can swap its driver for this check unchanged
+    # (DRIVER=launch.selftest sbatch slurm/pretrain_hcx_l.sh); --device cuda then selects NCCL.
+    p.add_argument("--device", default=None, help=argparse.SUPPRESS)
+    args, _ = p.parse_known_args(argv)
+    if args.device == "cuda":
+        args.backend = "nccl"
 
     import torch
     import torch.distributed as dist

@@ -13,6 +13,7 @@ import json
 import os
 import signal
 import socket
+import sys
 import time
 from pathlib import Path
 
@@ -44,7 +45,7 @@ def cluster(tmp_path_factory):
 def _job_env(run_dir: Path, **extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "OMPI_", "PMI"))}
     env.update(TINY)
-    env.update(RUN_DIR=str(run_dir), MASTER_PORT=str(free_port()), PYTHON=os.environ.get("PYTHON", "python3"),
+    env.update(RUN_DIR=str(run_dir), MASTER_PORT=str(free_port()), PYTHON=sys.executable,
                OMP_NUM_THREADS="1", HCX_REPO=str(REPO))
     try:
         socket.gethostbyname(socket.gethostname().split(".")[0])
