@@ -47,6 +47,10 @@ if ((${#missing[@]})); then
 fi
 
 if ! "$PYTHON" -c "import mpi4py" >/dev/null 2>&1; then
+    if ! command -v cc >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1 && [[ $(id -u) -eq 0 ]]; then
+        # Where pip has to build mpi4py from source it needs a C compiler (mpicc wraps it).
+        DEBIAN_FRONTEND=noninteractive apt-get -q -o DPkg::Lock::Timeout=600 install -y --no-install-recommends gcc libc6-dev >/dev/null 2>&1 || true
+    fi
     echo "install_system_deps: pip install mpi4py"
     # mpi4py builds against libopenmpi-dev's mpicc; a wheel from PyPI is used when one matches.
     "$PYTHON" -m pip install -q --disable-pip-version-check mpi4py 2>&1 | grep -v -e "^WARNING: Running pip as" -e "is ignored: it is neither" >&2 || true
