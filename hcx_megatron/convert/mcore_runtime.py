@@ -13,7 +13,7 @@ import socket
 import torch
 from megatron.core.transformer.module import MegatronModule
 
-from hcx_megatron.config.args import Config, parse_config
+from hcx_megatron.config.args import Config, build_parser, config_from_args, validate_config
 from hcx_megatron.config.model import ModelConfig
 # Import megatron's model modules BEFORE cpu_mode patches torch.cuda: torch.compile-decorated functions in
 # megatron (jit_fuser) are registered at import time and dynamo rejects the patched torch.cuda functions.
@@ -28,18 +28,19 @@ def _free_port() -> int:
 
 
 def cpu_config(model: ModelConfig, tp: int = 1, pp: int = 1, world_size: int | None = None,
-               seed: int = 1234) -> Config:
-    """A validated CPU Config for `model` at TP x PP (no data: the converter never trains)."""
+               seed: int = 1234, bf16: bool = False) -> Config:
+    """A validated CPU Config for `model` at TP x PP (no data: the converter never trains). Raises
+    ConfigError (naming the flag) when the model cannot be laid out that way."""
     world = world_size or tp * pp
     seq = min(128, model.max_position_embeddings)
-    dp = world // (tp * pp)
-    cfg, _ = parse_config(
-        ["--mock-data", "--device", "cpu", "--transformer-impl", "local",
-         "--tensor-model-parallel-size", str(tp), "--pipeline-model-parallel-size", str(pp),
-         "--micro-batch-size", "1", "--global-batch-size", str(max(1, dp)), "--seq-length", str(seq),
-         "--seed", str(seed)],
-        world_size=world)
+    dp = world // (tp * pp) if world % (tp * pp) == 0 else 1
+    argv = ["--mock-data", "--device", "cpu", "--transformer-impl", "local",
+            "--tensor-model-parallel-size", str(tp), "--pipeline-model-parallel-size", str(pp),
+            "--micro-batch-size", "1", "--global-batch-size", str(max(1, dp)), "--seq-length", str(seq),
+            "--seed", str(seed)] + (["--bf16"] if bf16 else [])
+    cfg = config_from_args(build_parser().parse_args(argv), world_size=world)
     cfg.model = dataclasses.replace(model)
+    validate_config(cfg)
     return cfg
 
 
@@ -54,9 +55,14 @@ def init_processes(cfg: Config) -> None:
 
 
 def shutdown_processes() -> None:
+    """Tear down process groups and undo CPU mode's torch patches: code that runs afterwards in this process
+    (transformers, in --verify) computes wrong rotary embeddings under them (measured: 2e-2 relative logit
+    differences that vanish when transformers runs unpatched)."""
+    from hcx_megatron.distributed import cpu_mode
     from hcx_megatron.distributed.initialize import shutdown
 
     shutdown()
+    cpu_mode.deactivate()
 
 
 class CheckpointWrapper(MegatronModule):
