@@ -267,7 +267,7 @@ def _flops_per_token(cfg: Config) -> Callable[[int], float]:
 
     def f(seq_length: int) -> float:
         if seq_length not in cache:
-            cache[seq_length] = model_flops_per_token(cfg.model, seq_length)
+            cache[seq_length] = model_flops_per_token(cfg.model, seq_length, padded_vocab=cfg.padded_vocab_size)
         return cache[seq_length]
 
     return f

@@ -12,11 +12,11 @@ import psutil
 import torch
 
 
-def model_flops_per_token(model_cfg, seq_length: int) -> float:
+def model_flops_per_token(model_cfg, seq_length: int, padded_vocab: int | None = None) -> float:
     """Forward+backward model FLOPs per token (no recompute), from hcx_megatron.perf.flops."""
     from hcx_megatron.perf.flops import model_flops_per_token as impl
 
-    return impl(model_cfg, seq_length)
+    return impl(model_cfg, seq_length, padded_vocab=padded_vocab)
 
 
 def memory_gb(device: str) -> float:

@@ -1,0 +1,109 @@
+"""Checkpoints: exact resume, resharding across TP/PP, and crash safety while saving (real torchrun runs)."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from hcx_megatron.training.checkpoint import TRACKER_FILE, read_latest_iteration
+from torchrun_utils import REPO, free_port, pretrain, read_metrics
+
+
+def data_args(tok, prefix):
+    return ["--data-path", prefix, "--tokenizer-model", tok, "--split", "98,2,0"]
+
+
+BASE = ["--model-preset", "hcx-tiny", "--seq-length", "64", "--micro-batch-size", "2", "--global-batch-size", "8",
+        "--lr", "2e-3", "--lr-warmup-iters", "2", "--seed", "7"]
+
+
+@pytest.mark.timeout(900)
+def test_resume_is_exact(tmp_path, tiny_tokenizer_dir, tiny_indexed_dataset):
+    """6 steps straight == 3 steps, stop, resume, 3 steps (PP2 x DP2, distributed optimizer, real data)."""
+    args = [*BASE, *data_args(tiny_tokenizer_dir, tiny_indexed_dataset), "--train-iters", "6",
+            "--pipeline-model-parallel-size", "2", "--use-distributed-optimizer", "--eval-interval", "3"]
+    straight, resumed, ckpt = tmp_path / "a.jsonl", tmp_path / "b.jsonl", tmp_path / "ckpt"
+    pretrain([*args, "--metrics-jsonl", str(straight)], nproc=4)
+    pretrain([*args, "--metrics-jsonl", str(resumed), "--save", str(ckpt), "--load", str(ckpt),
+              "--exit-interval", "3"], nproc=4)
+    assert read_latest_iteration(str(ckpt)) == 3
+    pretrain([*args, "--metrics-jsonl", str(resumed), "--save", str(ckpt), "--load", str(ckpt)], nproc=4)
+    a, b = read_metrics(str(straight)), read_metrics(str(resumed))
+    assert [r["iteration"] for r in b] == [1, 2, 3, 4, 5, 6]
+    for x, y in zip(a, b):
+        assert abs(x["lm_loss"] - y["lm_loss"]) <= 1e-6 * abs(x["lm_loss"]), (x, y)
+        assert abs(x["lr"] - y["lr"]) <= 1e-12
+    assert a[-1]["lm_loss"] < a[0]["lm_loss"]
+    ev_a = read_metrics(str(straight), kind="eval")
+    ev_b = read_metrics(str(resumed), kind="eval")
+    assert [e["lm_loss"] for e in ev_a] == pytest.approx([e["lm_loss"] for e in ev_b], rel=1e-6)
+    events = [e["event"] for e in read_metrics(str(resumed), kind="event")]
+    assert events.count("load") == 1 and "save" in events
+
+
+@pytest.mark.timeout(900)
+def test_reshard_tp2pp2_to_tp1pp1_and_tp1pp2(tmp_path):
+    args = [*BASE, "--mock-data", "--use-distributed-optimizer"]
+    ckpt = tmp_path / "ckpt"
+    cont = tmp_path / "cont.jsonl"
+    pretrain([*args, "--train-iters", "3", "--tensor-model-parallel-size", "2", "--pipeline-model-parallel-size", "2",
+              "--save", str(ckpt)], nproc=4)
+    # The continuing run: same layout, resumes at 3 and runs steps 4-5.
+    pretrain([*args, "--train-iters", "5", "--tensor-model-parallel-size", "2", "--pipeline-model-parallel-size", "2",
+              "--load", str(ckpt), "--metrics-jsonl", str(cont)], nproc=4)
+    ref = read_metrics(str(cont))
+    assert [r["iteration"] for r in ref] == [4, 5]
+    for tp, pp in ((1, 1), (1, 2)):
+        out = tmp_path / f"tp{tp}pp{pp}.jsonl"
+        pretrain([*args, "--train-iters", "5", "--tensor-model-parallel-size", str(tp),
+                  "--pipeline-model-parallel-size", str(pp), "--load", str(ckpt), "--metrics-jsonl", str(out)],
+                 nproc=tp * pp)
+        got = read_metrics(str(out))
+        assert [r["iteration"] for r in got] == [4, 5]
+        # First step after loading: a forward pass of the loaded weights on the same batch.
+        assert got[0]["lm_loss"] == pytest.approx(ref[0]["lm_loss"], rel=1e-5)
+        # Second step: also proves the Adam moments and scheduler resharded (fully_reshardable optimizer state).
+        assert got[1]["lm_loss"] == pytest.approx(ref[1]["lm_loss"], rel=1e-4)
+        assert got[0]["lr"] == pytest.approx(ref[0]["lr"], rel=1e-9)
+
+
+@pytest.mark.timeout(900)
+def test_sigkill_while_saving_keeps_previous_checkpoint(tmp_path):
+    ckpt = tmp_path / "ckpt"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", f"--master-port={free_port()}",
+           "-m", "hcx_megatron.pretrain", "--device", "cpu", "--mock-data", *BASE, "--train-iters", "200",
+           "--tensor-model-parallel-size", "2", "--save", str(ckpt), "--save-interval", "1", "--log-interval", "1000"]
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    killed_during = None
+    deadline = time.time() + 400
+    try:
+        while time.time() < deadline and proc.poll() is None:
+            latest = read_latest_iteration(str(ckpt)) if (ckpt / TRACKER_FILE).exists() else None
+            tmps = [d for d in os.listdir(ckpt)] if ckpt.exists() else []
+            pending = [d for d in tmps if d.endswith(".tmp")]
+            if latest is not None and latest >= 2 and pending:
+                os.killpg(proc.pid, signal.SIGKILL)
+                killed_during = pending[0]
+                break
+            time.sleep(0.005)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert killed_during, "never caught the run while a save was in progress"
+    latest = read_latest_iteration(str(ckpt))
+    # The tracker names a complete checkpoint, never the one being written: whatever the kill interrupted is
+    # iteration latest+1 (a half-written .tmp, or at most a renamed directory whose tracker update never came).
+    assert (ckpt / f"iter_{latest:07d}" / "metadata.json").exists()
+    leftovers = sorted(d for d in os.listdir(ckpt) if d.startswith("iter_") and d != f"iter_{latest:07d}")
+    assert leftovers and all(d.startswith(f"iter_{latest + 1:07d}") for d in leftovers), (latest, leftovers)
+    out = tmp_path / "resume.jsonl"
+    pretrain(["--mock-data", *BASE, "--train-iters", str(latest + 1), "--tensor-model-parallel-size", "2",
+              "--save", str(ckpt), "--load", str(ckpt), "--metrics-jsonl", str(out)], nproc=2)
+    assert [r["iteration"] for r in read_metrics(str(out))] == [latest + 1]
+    assert read_latest_iteration(str(ckpt)) == latest + 1
+    assert not any(d.endswith(".tmp") for d in os.listdir(ckpt)), "the stale temp dir was not cleared"
