@@ -84,23 +84,28 @@ def parse_record(obj: Any, where: str) -> tuple[list[dict], list[str], list[int]
 
 
 def chat_renderer(tokenizer) -> Callable[[list[dict], str | None], list[int]]:
-    """(prompt messages, response or None) -> ids. A response ends with <|endofturn|>; None renders the
-    generation prompt (prompt + <|assistant|>) used by PPO. Uses the tokenizer's chat rendering."""
+    """(prompt messages, response or None) -> ids in the HCX chat format (hcx_megatron.data.chat, the one
+    definition shared with SFT). A response ends with <|endofturn|>; None renders the generation prompt
+    (conversation + <|assistant|>) used by PPO."""
+    from hcx_megatron.data.chat import prompt_ids, render_ids
 
     def render(messages: list[dict], response: str | None) -> list[int]:
         if response is None:
-            return list(tokenizer.apply_chat_template(messages, add_generation_prompt=True))
-        return list(tokenizer.apply_chat_template(list(messages) + [{"role": "assistant", "content": response}]))
+            return prompt_ids(tokenizer, messages)
+        return render_ids(tokenizer, list(messages) + [{"role": "assistant", "content": response}]).ids
 
     return render
 
 
 def build_example(messages: list[dict], responses: list[str], ranking: list[int], render, seq_length: int,
                   stats: LoadStats, where: str = "") -> PreferenceExample:
-    prompt_ids = render(messages, None)
+    try:
+        prompt_ids = render(messages, None)
+        rendered = [render(messages, r) for r in responses]
+    except ValueError as exc:  # hcx_megatron.data.chat.ChatFormatError
+        raise PreferenceDataError(f"{where}: {exc}") from None
     seqs = []
-    for r in responses:
-        full = render(messages, r)
+    for full in rendered:
         # The rendered conversation starts with the generation prompt's ids: the rest is the response turn.
         if full[: len(prompt_ids)] == prompt_ids:
             prefix, resp = list(prompt_ids), full[len(prompt_ids):]

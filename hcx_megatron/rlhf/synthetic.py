@@ -51,3 +51,26 @@ def torchrun(module: str, nproc: int, args: list[str], timeout: float, cwd: str 
 def read_jsonl(path: str) -> list[dict]:
     with open(path, encoding="utf-8") as f:
         return [json.loads(line) for line in f if line.strip()]
+
+
+def write_prompt_ids_jsonl(path: str, n: int, vocab: int, length: int, seed: int) -> None:
+    """PPO prompts given as ids ({"prompt_ids": [...]}) over a small vocabulary (NullTokenizer runs)."""
+    rng = random.Random(seed)
+    with open(path, "w", encoding="utf-8") as f:
+        for _ in range(n):
+            f.write(json.dumps({"prompt_ids": [rng.randrange(vocab) for _ in range(length)]}) + "\n")
+
+
+def parse_rule_reward(spec: str):
+    """--rule-reward SPEC -> fn(responses: list[list[int]]) -> list[float]. Rules (ids inclusive):
+        share:LO-HI   share of response tokens whose id is in [LO, HI] (0 for an empty response)
+    e.g. share:7-7 rewards emitting token 7, which invites repetition (the unlikelihood test)."""
+    kind, _, arg = spec.partition(":")
+    if kind != "share" or "-" not in arg:
+        raise ValueError(f"--rule-reward {spec!r}: expected share:LO-HI")
+    lo, hi = (int(x) for x in arg.split("-", 1))
+
+    def reward(responses):
+        return [sum(lo <= t <= hi for t in r) / len(r) if r else 0.0 for r in responses]
+
+    return reward
