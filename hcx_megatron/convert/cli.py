@@ -5,6 +5,7 @@
     from-hf --load HF_DIR --save CKPT_DIR --target-tensor-parallel-size N --target-pipeline-parallel-size M
             [--target-virtual-pipeline-parallel-size V] [--dtype fp32|bf16] [--make-vocab-size-divisible-by 128]
             [--verify]
+    verify  --load CKPT_DIR --hf HF_DIR [--tokenizer-model DIR] [--verify-report FILE]
 
 Exit codes: 0 ok; 1 --verify over tolerance; 2 bad input (message names the file/flag).
 """
@@ -37,9 +38,15 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="weights in the checkpoint")
     i.add_argument("--make-vocab-size-divisible-by", type=int, default=128)
 
-    for sp in (e, i):
-        sp.add_argument("--verify", action="store_true",
-                        help="load both sides on CPU, compare next-token logits and 10 greedy tokens")
+    v = sub.add_parser("verify", help="compare an existing megatron checkpoint with an existing HF directory")
+    v.add_argument("--load", required=True, help="megatron checkpoint (--save root or iter_XXXXXXX)")
+    v.add_argument("--hf", required=True, help="HF LlamaForCausalLM directory")
+    v.add_argument("--tokenizer-model", default=None, help="tokenizer dir for the built-in text prompts")
+
+    for sp in (e, i, v):
+        if sp is not v:
+            sp.add_argument("--verify", action="store_true",
+                            help="load both sides on CPU, compare next-token logits and 10 greedy tokens")
         sp.add_argument("--verify-report", default=None, help="also write the comparison as JSON here")
         sp.add_argument("--verify-prompts", default=None, help="JSON list of token-id lists (default: built-in)")
         sp.add_argument("--quiet", action="store_true")
@@ -75,6 +82,8 @@ def main(argv=None) -> int:
     from hcx_megatron.convert.hf_config import UnsupportedModelError
 
     try:
+        if a.command == "verify":
+            return _verify(a.load, a.hf, a, a.tokenizer_model)
         if a.command == "to-hf":
             from hcx_megatron.convert.export import export_to_hf
             from hcx_megatron.convert.hf_writer import parse_size
