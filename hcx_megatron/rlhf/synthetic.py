@@ -74,3 +74,19 @@ def parse_rule_reward(spec: str):
         return [sum(lo <= t <= hi for t in r) / len(r) if r else 0.0 for r in responses]
 
     return reward
+
+
+def write_repetitive_indexed_dataset(prefix: str, n_docs: int, lo: int, hi: int, length: int, seed: int) -> str:
+    """Megatron .bin/.idx of documents that repeat one token id drawn from [lo, hi]: a model pretrained on it
+    continues any prompt by repeating its last token, the repetition-prone start of the unlikelihood test."""
+    import numpy as np
+    import torch
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+    rng = random.Random(seed)
+    builder = IndexedDatasetBuilder(prefix + ".bin", dtype=np.int32)
+    for _ in range(n_docs):
+        doc = torch.tensor([rng.randint(lo, hi)] * length, dtype=torch.int32)
+        builder.add_document(doc, [length])
+    builder.finalize(prefix + ".idx")
+    return prefix
