@@ -119,9 +119,10 @@ def main(argv=None) -> int:
     os.environ["TOKENIZERS_PARALLELISM"] = "true"
     cases = [
         ("plain HF tokenizers, encode() per doc (baseline)",
-         lambda: [plain.encode(t, add_special_tokens=False) for t in texts]),
+         lambda: [plain.encode(t, add_special_tokens=False).ids for t in texts]),
         ("HCXTokenizer.tokenize() per doc", lambda: [tok.tokenize(t) for t in texts]),
-        ("plain HF tokenizers, encode_batch() (all cores)", lambda: plain.encode_batch(texts, add_special_tokens=False)),
+        ("plain HF tokenizers, encode_batch() (all cores)",
+         lambda: [e.ids for e in plain.encode_batch(texts, add_special_tokens=False)]),
         ("HCXTokenizer.tokenize_batch() (all cores)", lambda: tok.tokenize_batch(texts)),
     ]
     if a.spm_tokenizer_model:
