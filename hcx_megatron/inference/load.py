@@ -10,8 +10,6 @@ import socket
 from dataclasses import dataclass
 from typing import Any
 
-import torch
-
 from hcx_megatron.config.args import (
     CheckpointConfig, Config, DataConfig, LoggingConfig, ParallelConfig, RuntimeConfig, TrainingConfig,
 )
@@ -44,24 +42,6 @@ def config_from_saved(saved: dict[str, Any], tensor_parallel: int = 1, pipeline_
     # Prompts of different lengths are generated in one process: let pipeline p2p exchange shapes.
     cfg.training.variable_seq_lengths = True
     return cfg
-
-
-class CheckpointKeyWrapper(torch.nn.Module):
-    """Training saves DDP-wrapped chunks, whose checkpoint keys start with "module."; this wrapper gives a
-    bare chunk the same keys without DDP's gradient buffers (a full fp32 copy of the weights)."""
-
-    def __init__(self, module: torch.nn.Module):
-        super().__init__()
-        self.module = module
-
-    def forward(self, *args, **kwargs):
-        return self.module(*args, **kwargs)
-
-    def sharded_state_dict(self, prefix: str = "", *args, **kwargs):
-        return self.module.sharded_state_dict(prefix + "module.", *args, **kwargs)
-
-    def set_input_tensor(self, tensor):
-        self.module.set_input_tensor(tensor)
 
 
 @dataclass
@@ -103,7 +83,8 @@ def load_for_inference(load: str, tensor_parallel: int = 1, pipeline_parallel: i
                          f"trained with {cfg.model.vocab_size}")
     _, dev = initialize_distributed(cfg)
     built = build_model(cfg, dev, wrap_ddp=False, initialize=False)
-    chunks = [CheckpointKeyWrapper(c) for c in built.chunks]
+    # Bare chunks (no DDP gradient buffers): checkpoint keys are those of the unwrapped GPTModel.
+    chunks = built.chunks
     load_checkpoint(load, chunks, optimizer=None, scheduler=None, load_optim=False, load_rng=False)
     if dist.get_rank() == 0:
         print(f"[hcx] loaded {load} (iteration {saved.get('iteration')}) as TP{tensor_parallel} x PP{pipeline_parallel} "
