@@ -62,6 +62,15 @@ def test_fc1_vocab_and_errors():
 
 
 @pytest.mark.timeout(30)
+def test_checkpoint_key_prefix_detection():
+    assert L.detect_prefix(["embedding.word_embeddings.weight", "decoder.final_layernorm.weight"]) == ""
+    assert L.detect_prefix(["module.embedding.word_embeddings.weight"]) == "module."  # DDP-wrapped keys
+    with pytest.raises(ValueError, match="not a GPT checkpoint"):
+        L.detect_prefix(["optimizer.state.exp_avg"])
+    assert L.mcore_key(L.QKV, True, "module.") == "module.decoder.layers.self_attention.linear_qkv.weight"
+
+
+@pytest.mark.timeout(30)
 def test_hf_config_round_trip():
     m = model_config_from_hf(_llama_cfg())
     assert (m.num_attention_heads, m.num_query_groups, m.kv_channels, m.rotary_base) == (8, 2, 16, 500000)
@@ -169,14 +178,14 @@ def test_reader_rejects_incomplete_checkpoints(tmp_path):
     from hcx_megatron.convert.dist_reader import DistCheckpointReader
 
     d = tmp_path / "iter_0000001"
-    save({"module.decoder.final_layernorm.weight": torch.ones(4)}, storage_writer=FileSystemWriter(str(d)),
+    save({"decoder.final_layernorm.weight": torch.ones(4)}, storage_writer=FileSystemWriter(str(d)),
          no_dist=True)
     (d / "metadata.json").write_text(json.dumps({"sharded_backend": "torch_dist"}))
     (d / "hcx_config.json").write_text(json.dumps({"model": {}}))
     r = DistCheckpointReader(str(d))
-    assert torch.equal(r.read("module.decoder.final_layernorm.weight"), torch.ones(4))
+    assert torch.equal(r.read("decoder.final_layernorm.weight"), torch.ones(4))
     with pytest.raises(KeyError, match="no tensor"):
-        r.read("module.output_layer.weight")
+        r.read("output_layer.weight")
     shard = next(p for p in os.listdir(d) if p.endswith(".distcp"))
     os.remove(d / shard)
     with pytest.raises(FileNotFoundError, match=shard):

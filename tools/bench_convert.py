@@ -39,6 +39,7 @@ def main():
             p.normal_(0, 0.02, generator=g)
     save_checkpoint(sys.argv[2], 1, chunks, None, None, cfg.to_dict(), save_optim=False)
     rt.shutdown_processes()
+    print("RESULT 0 0 0")
 if __name__ == "__main__":
     main()
 """
@@ -105,6 +106,7 @@ def main(argv=None) -> int:
     p.add_argument("--num-query-groups", type=int, default=4)
     p.add_argument("--vocab-size", type=int, default=32000)
     p.add_argument("--keep", action="store_true", help="keep the checkpoint and HF output")
+    p.add_argument("--reuse", action="store_true", help="reuse a checkpoint a previous --keep run left in --work")
     a = p.parse_args(argv)
 
     from hcx_megatron.config.model import ModelConfig, count_parameters
@@ -114,15 +116,17 @@ def main(argv=None) -> int:
                     num_query_groups=a.num_query_groups, vocab_size=a.vocab_size, max_position_embeddings=4096)
     os.makedirs(a.work, exist_ok=True)
     ckpt, hf = os.path.join(a.work, "ckpt"), os.path.join(a.work, "hf")
-    shutil.rmtree(ckpt, ignore_errors=True)
+    if not a.reuse:
+        shutil.rmtree(ckpt, ignore_errors=True)
     print(f"model: {count_parameters(m) / 1e9:.2f}B parameters ({m.num_layers} layers, hidden {m.hidden_size}, "
           f"ffn {m.ffn_hidden_size}, {m.num_attention_heads} heads / {m.num_query_groups} groups, vocab {m.vocab_size})",
           flush=True)
     t = time.time()
     from dataclasses import asdict
 
-    _run(_WRITE, a.work, "write", json.dumps(asdict(m)), ckpt)
-    print(f"wrote checkpoint in {time.time() - t:.0f}s", flush=True)
+    if not a.reuse:
+        _run(_WRITE, a.work, "write", json.dumps(asdict(m)), ckpt)
+        print(f"wrote checkpoint in {time.time() - t:.0f}s", flush=True)
     from hcx_megatron.convert.dist_reader import DistCheckpointReader
 
     size = DistCheckpointReader(ckpt).model_bytes()

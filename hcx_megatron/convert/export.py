@@ -46,18 +46,18 @@ def saved_model_config(reader: DistCheckpointReader) -> ModelConfig:
     return ModelConfig(**{k: v for k, v in fields.items() if k in known})
 
 
-def check_checkpoint_shapes(reader: DistCheckpointReader, m: ModelConfig) -> None:
+def check_checkpoint_shapes(reader: DistCheckpointReader, m: ModelConfig, prefix: str) -> None:
     """Every tensor the export needs is present with the shape hcx_config.json implies."""
     shape = L.AttentionShape(m.num_attention_heads, m.num_query_groups, m.head_dim, m.hidden_size)
     h, f, n = m.hidden_size, m.ffn_hidden_size, m.num_layers
     expected = {
-        L.mcore_key(L.INPUT_NORM, True): (n, h),
-        L.mcore_key(L.QKV, True): (n, shape.qkv_rows, h),
-        L.mcore_key(L.PROJ, True): (n, h, m.num_attention_heads * m.head_dim),
-        L.mcore_key(L.PRE_MLP_NORM, True): (n, h),
-        L.mcore_key(L.FC1, True): (n, 2 * f, h),
-        L.mcore_key(L.FC2, True): (n, h, f),
-        L.mcore_key(L.FINAL_NORM): (h,),
+        L.mcore_key(L.INPUT_NORM, True, prefix): (n, h),
+        L.mcore_key(L.QKV, True, prefix): (n, shape.qkv_rows, h),
+        L.mcore_key(L.PROJ, True, prefix): (n, h, m.num_attention_heads * m.head_dim),
+        L.mcore_key(L.PRE_MLP_NORM, True, prefix): (n, h),
+        L.mcore_key(L.FC1, True, prefix): (n, 2 * f, h),
+        L.mcore_key(L.FC2, True, prefix): (n, h, f),
+        L.mcore_key(L.FINAL_NORM, prefix=prefix): (h,),
     }
     tensors = reader.tensors()
     for key, shp in expected.items():
@@ -66,8 +66,9 @@ def check_checkpoint_shapes(reader: DistCheckpointReader, m: ModelConfig) -> Non
         if tensors[key].shape != shp:
             raise ValueError(f"{reader.path}: {key} has shape {tensors[key].shape}, but hcx_config.json's model "
                              f"section implies {shp}")
-    vocab_keys = [L.mcore_key(L.EMBEDDING)] + ([L.mcore_key(L.OUTPUT_LAYER)] if m.untie_embeddings_and_output_weights
-                                               else [])
+    vocab_keys = [L.mcore_key(L.EMBEDDING, prefix=prefix)]
+    if m.untie_embeddings_and_output_weights:
+        vocab_keys.append(L.mcore_key(L.OUTPUT_LAYER, prefix=prefix))
     for key in vocab_keys:
         if key not in tensors:
             raise ValueError(f"{reader.path}: tensor {key} is missing")
@@ -102,8 +103,10 @@ def export_to_hf(load: str, save: str, tokenizer_dir: str | None = None, dtype: 
     start = time.time()
     reader = DistCheckpointReader(load)
     m = saved_model_config(reader)
-    check_checkpoint_shapes(reader, m)
-    stored = reader.info(L.mcore_key(L.EMBEDDING)).dtype
+    prefix = L.detect_prefix(reader.tensors())
+    check_checkpoint_shapes(reader, m, prefix)
+    stored = reader.info(L.mcore_key(L.EMBEDDING, prefix=prefix)).dtype
+    padded_rows = reader.info(L.mcore_key(L.EMBEDDING, prefix=prefix)).shape[0]
     if dtype is not None and dtype not in DTYPES:
         raise ValueError(f"--dtype {dtype!r}: choose one of {sorted(DTYPES)}")
     out_dtype = DTYPES[dtype] if dtype else stored
@@ -125,21 +128,21 @@ def export_to_hf(load: str, save: str, tokenizer_dir: str | None = None, dtype: 
         def put(name: str, t: torch.Tensor) -> None:
             writer.add(name, t.to(out_dtype))
 
-        put(L.HF_EMBED, L.cut_vocab(reader.read(L.mcore_key(L.EMBEDDING)), m.vocab_size))
-        layer_keys = [L.mcore_key(k, True) for k in L.LAYER_KEYS]
+        put(L.HF_EMBED, L.cut_vocab(reader.read(L.mcore_key(L.EMBEDDING, prefix=prefix)), m.vocab_size))
+        layer_keys = [L.mcore_key(k, True, prefix) for k in L.LAYER_KEYS]
         t0 = time.time()
         for i in range(m.num_layers):
             raw = reader.read_layer(layer_keys, i)
-            layer = {k[len(L.mcore_key("", True)):]: v for k, v in raw.items()}
+            layer = {k[len(L.mcore_key("", True, prefix)):]: v for k, v in raw.items()}
             for name, t in L.mcore_layer_to_hf(layer, i, shape, m.ffn_hidden_size).items():
                 put(name, t)
             del raw, layer
             if progress and (i + 1 == m.num_layers or (i + 1) % max(1, m.num_layers // 10) == 0):
                 rate = (i + 1) / max(1e-9, time.time() - t0)
                 log.info("exported layer %d/%d (%.2f layers/s)", i + 1, m.num_layers, rate)
-        put(L.HF_NORM, reader.read(L.mcore_key(L.FINAL_NORM)))
+        put(L.HF_NORM, reader.read(L.mcore_key(L.FINAL_NORM, prefix=prefix)))
         if m.untie_embeddings_and_output_weights:
-            put(L.HF_LM_HEAD, L.cut_vocab(reader.read(L.mcore_key(L.OUTPUT_LAYER)), m.vocab_size))
+            put(L.HF_LM_HEAD, L.cut_vocab(reader.read(L.mcore_key(L.OUTPUT_LAYER, prefix=prefix)), m.vocab_size))
         writer.close()
 
         with open(os.path.join(tmp, "config.json"), "w", encoding="utf-8") as f:
@@ -152,7 +155,7 @@ def export_to_hf(load: str, save: str, tokenizer_dir: str | None = None, dtype: 
                        "iteration": reader.config.get("iteration"),
                        "source_parallel": reader.config.get("parallel"),
                        "model": reader.config.get("model"),
-                       "padded_vocab_rows_dropped": reader.info(L.mcore_key(L.EMBEDDING)).shape[0] - m.vocab_size,
+                       "padded_vocab_rows_dropped": padded_rows - m.vocab_size,
                        "dtype": DTYPE_NAMES[out_dtype]}, f, indent=2)
         if os.path.isdir(save):
             shutil.rmtree(save)

@@ -20,8 +20,11 @@ from dataclasses import dataclass
 
 import torch
 
-# Megatron sharded-state-dict keys (DDP-wrapped chunks prefix "module.") of one layer, without the layer axis.
-MCORE_PREFIX = "module."
+# Megatron sharded-state-dict keys. Checkpoints hold the bare GPTModel's keys ("embedding.word_embeddings.weight");
+# checkpoints written by earlier versions of hcx_megatron's save_checkpoint took them from the DDP wrapper, which
+# prefixes "module.". Both are read: see detect_prefix.
+MCORE_PREFIX = ""
+KNOWN_PREFIXES = ("", "module.")
 EMBEDDING = "embedding.word_embeddings.weight"
 FINAL_NORM = "decoder.final_layernorm.weight"
 OUTPUT_LAYER = "output_layer.weight"
@@ -35,8 +38,18 @@ FC2 = "mlp.linear_fc2.weight"
 LAYER_KEYS = (INPUT_NORM, QKV, PROJ, PRE_MLP_NORM, FC1, FC2)
 
 
-def mcore_key(name: str, layer: bool = False) -> str:
-    return MCORE_PREFIX + (LAYER_PREFIX if layer else "") + name
+def mcore_key(name: str, layer: bool = False, prefix: str = MCORE_PREFIX) -> str:
+    return prefix + (LAYER_PREFIX if layer else "") + name
+
+
+def detect_prefix(keys) -> str:
+    """The key prefix of a checkpoint's model tensors ("" or "module.")."""
+    keys = set(keys)
+    for prefix in KNOWN_PREFIXES:
+        if prefix + EMBEDDING in keys:
+            return prefix
+    raise ValueError("no embedding.word_embeddings.weight tensor (with any known prefix "
+                     f"{list(KNOWN_PREFIXES)}): not a GPT checkpoint of hcx_megatron")
 
 
 @dataclass(frozen=True)
