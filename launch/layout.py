@@ -104,6 +104,9 @@ def parallel_layout_from_argv(driver_argv: Sequence[str], world_size: int, valid
         # A dry run happens on a login node without GPUs; the job itself will find them.
         ns = argparse.Namespace(**{**vars(ns), "device": "cuda"})
         planned_device = "cuda"
+    if not ns.data_path and not ns.mock_data:
+        # Drivers with their own data flags (PPO's --prompt-data) pass neither; data is not a layout matter.
+        ns = argparse.Namespace(**{**vars(ns), "mock_data": True})
     cfg = config_from_args(ns, world_size=world_size)
     if validate:
         validate_config(cfg)

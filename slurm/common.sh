@@ -164,7 +164,9 @@ hcx_train_args() {
     HCX_ARGS+=(--lr "${LR:?LR is required}" --min-lr "${MIN_LR:-0}" --lr-warmup-iters "${WARMUP_ITERS:-0}")
     HCX_ARGS+=(--lr-decay-style "${LR_DECAY_STYLE:-cosine}" --weight-decay "${WEIGHT_DECAY:-0.1}")
     HCX_ARGS+=(--clip-grad "${CLIP_GRAD:-1.0}" --seed "${SEED:-1234}")
-    if hcx_true "${MOCK_DATA:-0}"; then
+    if hcx_true "${HCX_OWN_DATA_FLAGS:-0}"; then
+        : # the driver reads its own data flags (PPO: --prompt-data), added by the job script
+    elif hcx_true "${MOCK_DATA:-0}"; then
         HCX_ARGS+=(--mock-data)
     else
         [[ -n "${DATA_PATH:-}" ]] || hcx_die "set DATA_PATH (a Megatron blend: 'w1 prefix1 w2 prefix2 ...') or MOCK_DATA=1"

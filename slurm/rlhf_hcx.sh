@@ -11,29 +11,33 @@
 #SBATCH --output=slurm-%x-%j.out
 #
 # RLHF with PPO (python -m hcx_megatron.rlhf.ppo): actor and reference from an SFT checkpoint, critic
-# and reward model from a reward-model checkpoint (python -m hcx_megatron.rlhf.reward), prompts JSONL.
+# and frozen reward model from a reward-model checkpoint (python -m hcx_megatron.rlhf.reward), prompts
+# from a JSONL file ({"prompt": messages | "text"}).
 #
-#   SFT_CKPT=runs/hcx-sft/checkpoints RM_CKPT=runs/hcx-rm/checkpoints DATA_PATH=/data/prompts.jsonl \
+#   SFT_CKPT=runs/hcx-sft/checkpoints RM_CKPT=runs/hcx-rm/checkpoints PROMPT_DATA=/data/prompts.jsonl \
 #       TOKENIZER_MODEL=/data/tok sbatch slurm/rlhf_hcx.sh
-#   HCX_DRY_RUN=1 SFT_CKPT=x RM_CKPT=x DATA_PATH=x TOKENIZER_MODEL=x bash slurm/rlhf_hcx.sh   # plan only
+#   HCX_DRY_RUN=1 SFT_CKPT=x RM_CKPT=x PROMPT_DATA=x TOKENIZER_MODEL=x bash slurm/rlhf_hcx.sh   # plan only
 #
-# Layout: the four models share the ranks in the preset's layout (hcx-s: TP2 x DP16 on 4 nodes, i.e.
-# twice the SFT job: actor + critic train, reference + reward only run forward). For hcx-l use
-# MODEL_PRESET=hcx-l and sbatch --nodes=32. The first run initialises from SFT_CKPT/RM_CKPT; requeued runs
-# resume actor and critic from this run's CKPT_DIR. Preemption, requeue and failure bounds as in
+# Layout: the driver puts all four models (actor, critic, reference, reward) on the same ranks with one
+# TP/PP layout: the preset's (hcx-s: TP2 x DP16 on 4 nodes, twice the SFT job since actor and critic
+# both train). For hcx-l use MODEL_PRESET=hcx-l and sbatch --nodes=32. One PPO iteration = ROLLOUT_BATCH
+# prompts, then PPO_EPOCHS passes in minibatches of GLOBAL_BATCH sequences (one optimizer step each), so
+# TRAIN_ITERS = PPO_ROLLOUTS x PPO_EPOCHS x ROLLOUT_BATCH / GLOBAL_BATCH. The first run initialises from
+# SFT_CKPT/RM_CKPT; a requeued run resumes actor, critic and the interrupted rollout buffer from CKPT_DIR
+# (the driver decides, from CKPT_DIR's tracker). Preemption, requeue and failure bounds as in
 # pretrain_hcx_l.sh.
 #
 # Environment (default in brackets; paths, venv/container and NCCL: see slurm/common.sh):
-#   SFT_CKPT [] (required for the first run)  RM_CKPT [] (required)  DATA_PATH [] (prompts JSONL, required)
-#   TOKENIZER_MODEL [] (required)  MODEL_PRESET [hcx-s]  DEVICE [cuda]  PRECISION [bf16]
-#   TP PP VP_LAYERS CP SP DIST_OPT OVERLAP RECOMPUTE [per preset, see hcx_layout_defaults in common.sh]
-#   MICRO_BATCH [1]  GLOBAL_BATCH [256] (prompts per rollout batch)  SEQ_LENGTH [4096]  TRAIN_ITERS [2000]
-#   LR [1e-6]  MIN_LR [1e-7]  WARMUP_ITERS [10]  SAVE_INTERVAL [50]  LOG_INTERVAL [1]  EVAL_INTERVAL [0]
-#   PPO_MODEL_ARGS ["--reward-model-load $RM_CKPT --critic-load $RM_CKPT --ref-load $SFT_CKPT"] (how the
-#       driver is told where the other three models start; override if its flag names differ)
-#   PPO_ARGS [] (e.g. "--init-kl-coef 0.04 --async-rollouts")  EXTRA_ARGS []  SRUN_EXTRA_ARGS []
-#   RUN_NAME [job name]  RUN_DIR [$RUNS_ROOT/$RUN_NAME]  CKPT_DIR [$RUN_DIR/checkpoints]
-#   MAX_RESTARTS [50]  MAX_FAILURES [3]  HCX_DRY_RUN [0]  DRIVER [hcx_megatron.rlhf.ppo]
+#   SFT_CKPT [] (required)  RM_CKPT [] (required unless RULE_REWARD)  RULE_REWARD [] (synthetic reward)
+#   PROMPT_DATA [] (required)  TOKENIZER_MODEL [] (required)  MODEL_PRESET [hcx-s]  DEVICE [cuda]
+#   PRECISION [bf16]  TP PP VP_LAYERS CP SP DIST_OPT OVERLAP RECOMPUTE [per preset, see common.sh]
+#   ROLLOUT_BATCH [512] (prompts per PPO iteration)  PPO_EPOCHS [2]  PPO_ROLLOUTS [200]
+#   GLOBAL_BATCH [128] (sequences per optimizer step)  MICRO_BATCH [1]  SEQ_LENGTH [4096]
+#   MAX_NEW_TOKENS [1024]  INIT_KL_COEF [0.04]  LR [1e-6]  MIN_LR [1e-7]  WARMUP_ITERS [10]
+#   SAVE_INTERVAL [20]  LOG_INTERVAL [1]  PPO_ARGS [] (e.g. "--adaptive-kl --async-rollouts
+#   --unlikelihood-weight 0.1")  EXTRA_ARGS []  SRUN_EXTRA_ARGS []
+#   RUN_NAME [job name]  RUN_DIR [$RUNS_ROOT/$RUN_NAME]  CKPT_DIR [$RUN_DIR/checkpoints] (actor; critic in
+#   CKPT_DIR/critic)  MAX_RESTARTS [50]  MAX_FAILURES [3]  HCX_DRY_RUN [0]  DRIVER [hcx_megatron.rlhf.ppo]
 set -euo pipefail
 
 HCX_DEFAULT_JOB_NAME=hcx-ppo
@@ -52,15 +56,20 @@ source "$HCX_REPO/slurm/common.sh"
 
 : "${MODEL_PRESET:=hcx-s}" "${DEVICE:=cuda}" "${PRECISION:=bf16}"
 hcx_layout_defaults "$MODEL_PRESET"
-: "${MICRO_BATCH:=1}" "${GLOBAL_BATCH:=256}" "${SEQ_LENGTH:=4096}" "${TRAIN_ITERS:=2000}"
-: "${LR:=1e-6}" "${MIN_LR:=1e-7}" "${WARMUP_ITERS:=10}"
-: "${SAVE_INTERVAL:=50}" "${EVAL_INTERVAL:=0}"
+: "${ROLLOUT_BATCH:=512}" "${PPO_EPOCHS:=2}" "${PPO_ROLLOUTS:=200}" "${GLOBAL_BATCH:=128}"
+: "${MICRO_BATCH:=1}" "${SEQ_LENGTH:=4096}" "${MAX_NEW_TOKENS:=1024}" "${INIT_KL_COEF:=0.04}"
+: "${LR:=1e-6}" "${MIN_LR:=1e-7}" "${WARMUP_ITERS:=10}" "${SAVE_INTERVAL:=20}" "${EVAL_INTERVAL:=0}"
 : "${DRIVER:=hcx_megatron.rlhf.ppo}"
 HCX_PLAN_NODES=${HCX_PLAN_NODES:-$(hcx_sbatch_header_value nodes "${BASH_SOURCE[0]}")}
 HCX_PLAN_TASKS_PER_NODE=${HCX_PLAN_TASKS_PER_NODE:-$(hcx_sbatch_header_value ntasks-per-node "${BASH_SOURCE[0]}")}
-[[ -n "${RM_CKPT:-}" ]] || hcx_die "set RM_CKPT (reward model checkpoint from hcx_megatron.rlhf.reward)"
+[[ -n "${PROMPT_DATA:-}" ]] || hcx_die "set PROMPT_DATA (prompts JSONL)"
+[[ -n "${SFT_CKPT:-}" ]] || hcx_die "set SFT_CKPT (actor and reference initialisation)"
+[[ -n "${RM_CKPT:-}${RULE_REWARD:-}" ]] || hcx_die "set RM_CKPT (reward model checkpoint from hcx_megatron.rlhf.reward) or RULE_REWARD"
 [[ -n "${TOKENIZER_MODEL:-}" ]] || hcx_die "PPO needs TOKENIZER_MODEL (generation and chat template)"
-: "${PPO_MODEL_ARGS=--reward-model-load $RM_CKPT --critic-load $RM_CKPT --ref-load ${SFT_CKPT:-}}"
+((ROLLOUT_BATCH % GLOBAL_BATCH == 0)) || hcx_die "ROLLOUT_BATCH ($ROLLOUT_BATCH) must be a multiple of GLOBAL_BATCH ($GLOBAL_BATCH)"
+# The learning-rate schedule spans every optimizer step of the run.
+: "${TRAIN_ITERS:=$((PPO_ROLLOUTS * PPO_EPOCHS * ROLLOUT_BATCH / GLOBAL_BATCH))}"
+HCX_OWN_DATA_FLAGS=1
 
 hcx_init_paths
 hcx_setup_python
@@ -68,9 +77,13 @@ hcx_comm_env
 HCX_ARGS=()
 hcx_model_args
 hcx_train_args
-hcx_finetune_load_args "${SFT_CKPT:-}" SFT_CKPT
-read -r -a ppo_model_args <<<"$PPO_MODEL_ARGS"
+# The driver resumes from CKPT_DIR when it holds a checkpoint, else initialises from the checkpoints below.
+hcx_resume_args
+HCX_ARGS+=(--prompt-data "$PROMPT_DATA" --sft-checkpoint "$SFT_CKPT")
+if [[ -n "${RM_CKPT:-}" ]]; then HCX_ARGS+=(--rm-checkpoint "$RM_CKPT"); else HCX_ARGS+=(--rule-reward "$RULE_REWARD"); fi
+HCX_ARGS+=(--rollout-batch-size "$ROLLOUT_BATCH" --ppo-epochs "$PPO_EPOCHS" --max-new-tokens "$MAX_NEW_TOKENS")
+HCX_ARGS+=(--init-kl-coef "$INIT_KL_COEF")
 read -r -a ppo_args <<<"${PPO_ARGS:-}"
-HCX_ARGS+=("${ppo_model_args[@]}" "${ppo_args[@]}")
+HCX_ARGS+=("${ppo_args[@]}")
 hcx_extra_args
 hcx_launch "$DRIVER"

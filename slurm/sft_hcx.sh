@@ -31,6 +31,8 @@
 #   WARMUP_ITERS [50]  LR_DECAY_STYLE [cosine]  WEIGHT_DECAY [0.1]  CLIP_GRAD [1.0]  SEED [1234]
 #   SAVE_INTERVAL [250]  LOG_INTERVAL [1]  EVAL_INTERVAL [250]  EVAL_ITERS [20]
 #   RUN_NAME [job name]  RUN_DIR [$RUNS_ROOT/$RUN_NAME]  CKPT_DIR [$RUN_DIR/checkpoints]
+#   SFT_TOKENS_PER_MICROBATCH [] (length-grouped micro-batches up to this many padded tokens; the HCX recipe)
+#   SFT_PACKING [0] (pack conversations per row, attention not crossing them; needs GPUs/TE)
 #   MAX_RESTARTS [50]  MAX_FAILURES [3]  EXTRA_ARGS [] (e.g. "--strict")  SRUN_EXTRA_ARGS []  HCX_DRY_RUN [0]
 #   DRIVER [hcx_megatron.sft]
 set -euo pipefail
@@ -66,5 +68,7 @@ HCX_ARGS=()
 hcx_model_args
 hcx_train_args
 hcx_finetune_load_args "${PRETRAINED_CKPT:-}" PRETRAINED_CKPT
+if [[ -n "${SFT_TOKENS_PER_MICROBATCH:-}" ]]; then HCX_ARGS+=(--sft-tokens-per-microbatch "$SFT_TOKENS_PER_MICROBATCH"); fi
+if hcx_true "${SFT_PACKING:-0}"; then HCX_ARGS+=(--sft-packing); fi
 hcx_extra_args
 hcx_launch "$DRIVER"

@@ -118,23 +118,40 @@ def dry_run(script: str, **env: str) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=170)
 
 
+# A dry run creates nothing, so a path that cannot exist is a fine run dir; each distinct dry run is made once
+# (every one imports torch and megatron-core, ~5-15 s on 2 busy cores).
+DRY_RUN_DIR = "/nonexistent/hcx-dry-run"
+_dry_cache: dict[tuple, subprocess.CompletedProcess] = {}
+
+
+def dry_run_cached(script: str, **env: str) -> subprocess.CompletedProcess:
+    key = (script, tuple(sorted(env.items())))
+    if key not in _dry_cache:
+        _dry_cache[key] = dry_run(script, RUN_DIR=DRY_RUN_DIR, **env)
+    return _dry_cache[key]
+
+
+PRETRAIN_L_ENV = dict(MOCK_DATA="1")
+PRETRAIN_S_CPU_ENV = dict(MOCK_DATA="1", DEVICE="cpu", MODEL_PRESET="hcx-tiny", TP="1", SP="0", DIST_OPT="0",
+                          GLOBAL_BATCH="4", SEQ_LENGTH="64", HCX_PLAN_NODES="1", HCX_PLAN_TASKS_PER_NODE="2")
+RLHF_ENV = dict(SFT_CKPT="/ck/sft", RM_CKPT="/ck/rm", PROMPT_DATA="/d/p.jsonl", TOKENIZER_MODEL="/t")
+
+
 @pytest.mark.timeout(180)
-def test_pretrain_l_dry_run_plans_its_allocation(tmp_path):
-    proc = dry_run("pretrain_hcx_l.sh", MOCK_DATA="1", RUN_DIR=str(tmp_path / "run"))
+def test_pretrain_l_dry_run_plans_its_allocation():
+    proc = dry_run_cached("pretrain_hcx_l.sh", **PRETRAIN_L_ENV)
     assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
     out = proc.stdout
     assert "16 node(s) x 8 task(s) = 128 ranks" in out
     assert "TP8 x PP4 VPP4 x CP1 x DP4 + SP + dist-opt on cuda" in out
-    assert f"--save {tmp_path}/run/checkpoints" in out and f"--load {tmp_path}/run/checkpoints" in out
+    assert f"--save {DRY_RUN_DIR}/checkpoints" in out and f"--load {DRY_RUN_DIR}/checkpoints" in out
     assert "--bf16" in out and "--overlap-grad-reduce" in out
-    assert not (tmp_path / "run").exists(), "a dry run creates nothing"
+    assert not Path(DRY_RUN_DIR).exists()
 
 
 @pytest.mark.timeout(180)
-def test_cpu_overrides_build_cpu_flags(tmp_path):
-    proc = dry_run("pretrain_hcx_s.sh", MOCK_DATA="1", DEVICE="cpu", MODEL_PRESET="hcx-tiny", TP="1", SP="0",
-                   DIST_OPT="0", GLOBAL_BATCH="4", SEQ_LENGTH="64", RUN_DIR=str(tmp_path / "run"),
-                   HCX_PLAN_NODES="1", HCX_PLAN_TASKS_PER_NODE="2")
+def test_cpu_overrides_build_cpu_flags():
+    proc = dry_run_cached("pretrain_hcx_s.sh", **PRETRAIN_S_CPU_ENV)
     assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
     out = proc.stdout
     assert "--device cpu" in out and "--bf16" not in out and "--sequence-parallel" not in out
@@ -164,13 +181,16 @@ def test_sft_starts_from_pretrained_then_resumes_itself(tmp_path):
 
 
 @pytest.mark.timeout(180)
-def test_rlhf_dry_run_passes_model_sources(tmp_path):
-    proc = dry_run("rlhf_hcx.sh", SFT_CKPT="/ck/sft", RM_CKPT="/ck/rm", DATA_PATH="/d/p.jsonl", TOKENIZER_MODEL="/t",
-                   RUN_DIR=str(tmp_path / "run"))
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "hcx_megatron.rlhf.ppo" in proc.stdout
-    assert "--load /ck/sft --finetune" in proc.stdout and "--reward-model-load /ck/rm" in proc.stdout
-    assert "32 ranks" in proc.stdout
+def test_rlhf_dry_run_passes_model_sources():
+    proc = dry_run_cached("rlhf_hcx.sh", **RLHF_ENV)
+    assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
+    out = proc.stdout
+    assert "hcx_megatron.rlhf.ppo" in out and "32 ranks" in out
+    assert f"--load {DRY_RUN_DIR}/checkpoints" in out and "--finetune" not in out  # the driver resumes itself
+    assert "--prompt-data /d/p.jsonl --sft-checkpoint /ck/sft --rm-checkpoint /ck/rm" in out
+    assert "--mock-data" not in out and "--data-path" not in out
+    # 200 PPO iterations x 2 epochs x 512 prompts / 128 per step
+    assert "--train-iters 1600" in out and "--rollout-batch-size 512" in out
 
 
 @pytest.mark.timeout(60)
@@ -179,3 +199,33 @@ def test_not_in_slurm_without_dry_run_refuses(tmp_path):
                           env=_env(MOCK_DATA="1", RUN_DIR=str(tmp_path / "run"), PYTHON=sys.executable),
                           capture_output=True, text=True, timeout=50)
     assert proc.returncode == 2 and "submit with sbatch" in proc.stderr
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("script,env", [
+    ("pretrain_hcx_l.sh", PRETRAIN_L_ENV),
+    ("pretrain_hcx_s.sh", PRETRAIN_S_CPU_ENV),
+    ("pretrain_hcx_s.sh", dict(DATA_PATH="0.7 /d/ko_text_document 0.3 /d/en_text_document", TOKENIZER_MODEL="/t",
+                               PRECISION="fp8", LONG_CONTEXT_SEQ_LENGTH="32768", RECOMPUTE="full")),
+    ("sft_hcx.sh", dict(PRETRAINED_CKPT="/a", DATA_PATH="/d.jsonl", VALID_DATA_PATH="/v.jsonl", TOKENIZER_MODEL="/t",
+                        SFT_TOKENS_PER_MICROBATCH="8192", SFT_PACKING="1")),
+    ("rlhf_hcx.sh", RLHF_ENV),
+])
+def test_built_flags_are_accepted_by_the_driver(script, env):
+    """Every flag a job script builds parses with its driver's own parser (catches drift between the scripts
+    and the drivers; validation needing the real world size is the dry run's job)."""
+    import importlib
+    import shlex
+
+    from hcx_megatron.config.args import build_parser
+
+    proc = dry_run_cached(script, **env)
+    assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
+    line = next(ln for ln in proc.stdout.splitlines() if "would start:" in ln)
+    driver_argv = shlex.split(line.split(" -- ", 1)[1])
+    module = importlib.import_module(driver_argv[0])
+    parser = build_parser()
+    for name in dir(module):
+        if name.startswith("add_") and name.endswith("_args"):
+            getattr(module, name)(parser)
+    parser.parse_args(driver_argv[1:])  # argparse exits (SystemExit 2) on an unknown flag
