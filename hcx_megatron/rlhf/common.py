@@ -11,7 +11,6 @@ import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing
 from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
-from megatron.core.transformer.module import MegatronModule
 
 from hcx_megatron.config.args import Config
 from hcx_megatron.training.checkpoint import SHARDING_METADATA, read_saved_config, resolve_checkpoint
@@ -26,19 +25,6 @@ def _strip(key: str) -> str:
     return key[len("module."):] if key.startswith("module.") else key
 
 
-class CheckpointView(MegatronModule):
-    """Wraps an unwrapped (no DDP) model chunk so that its checkpoint keys match those of training chunks:
-    megatron's DDP wrapper adds a "module." level, which every checkpoint written by the loop carries.
-    Used for the frozen models (reference, reward) that need no gradient buffers."""
-
-    def __init__(self, module: torch.nn.Module):
-        super().__init__(config=module.config)
-        self.module = module
-
-    def forward(self, *args, **kwargs):
-        return self.module(*args, **kwargs)
-
-
 def load_model_weights(path: str, chunks, allow_missing: Sequence[str] = ()) -> list[str]:
     """Load the weights that `path` (a --save root or an iter_ directory) holds for `chunks`, in any layout.
 
@@ -48,7 +34,13 @@ def load_model_weights(path: str, chunks, allow_missing: Sequence[str] = ()) -> 
     ckpt = resolve_checkpoint(path)
     available = set(dist_checkpointing.load_tensors_metadata(ckpt).keys())
     sd, skipped = {}, []
-    for key, chunk in zip(model_keys(chunks), chunks):
+    from hcx_megatron.model.builder import unwrap
+
+    # Checkpoint keys are those of the bare model (hcx_megatron.training.checkpoint unwraps DDP); checkpoints
+    # written before that change carry DDP's "module." level, and load through the wrapped chunk.
+    prefixed = any(k.startswith("module.") for k in available)
+    target = [c if prefixed and hasattr(c, "module") else unwrap(c) for c in chunks]
+    for key, chunk in zip(model_keys(chunks), target):
         full = chunk.sharded_state_dict(metadata=SHARDING_METADATA)
         keep = {}
         for name, item in full.items():
@@ -62,7 +54,7 @@ def load_model_weights(path: str, chunks, allow_missing: Sequence[str] = ()) -> 
                                f"(different architecture or model shape?)")
         sd[key] = keep
     loaded = dist_checkpointing.load(sd, ckpt)
-    for key, chunk in zip(model_keys(chunks), chunks):
+    for key, chunk in zip(model_keys(chunks), target):
         # nn.Module's own load_state_dict: megatron's DDP override returns nothing, and we want missing keys.
         result = torch.nn.Module.load_state_dict(chunk, loaded[key], strict=False)
         missing = [k for k in result.missing_keys if not k.endswith("_extra_state")
@@ -120,5 +112,5 @@ def copy_weights(dst_chunks, src_chunks) -> None:
             pd.copy_(ps_)
 
 
-__all__ = ["CheckpointView", "load_model_weights", "apply_checkpoint_model_shape", "with_data_flag", "flag_given", "rank0",
+__all__ = ["load_model_weights", "apply_checkpoint_model_shape", "with_data_flag", "flag_given", "rank0",
            "freeze", "copy_weights", "model_keys"]

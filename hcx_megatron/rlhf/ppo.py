@@ -37,7 +37,7 @@ from hcx_megatron.config.args import CheckpointConfig, Config, parse_config
 from hcx_megatron.model.heads import scalar_head_factory, sequence_scores
 from hcx_megatron.pretrain import load_run_tokenizer
 from hcx_megatron.rlhf import ppo_math as pm
-from hcx_megatron.rlhf.common import (CheckpointView, apply_checkpoint_model_shape, freeze, load_model_weights,
+from hcx_megatron.rlhf.common import (apply_checkpoint_model_shape, freeze, load_model_weights,
                                       rank0, with_data_flag)
 from hcx_megatron.rlhf.rollout import (AsyncRollouts, Rollout, RolloutProducer, RolloutSettings, finalize,
                                        forward_collect, scaled_logits, split_micro, token_logprobs)
@@ -430,7 +430,7 @@ def main(argv=None) -> int:
             load_model_weights(args.sft_checkpoint, critic_ctx.chunks, allow_missing=("value_head.",))
         critic_ctx.optimizer.reload_model_params()
 
-    ref_chunks = [CheckpointView(c) for c in build_model(cfg, device, wrap_ddp=False).chunks]
+    ref_chunks = build_model(cfg, device, wrap_ddp=False).chunks
     if args.sft_checkpoint:
         load_model_weights(args.sft_checkpoint, ref_chunks)
     freeze(ref_chunks)  # without an SFT checkpoint: the actor's own seeded initialisation

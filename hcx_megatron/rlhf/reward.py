@@ -208,11 +208,11 @@ class RewardScorer:
     @classmethod
     def load(cls, path: str, cfg: Config, device: str, clip: float | None = None) -> "RewardScorer":
         from hcx_megatron.model.builder import build_model
-        from hcx_megatron.rlhf.common import CheckpointView, freeze
+        from hcx_megatron.rlhf.common import freeze
         from hcx_megatron.training.checkpoint import load_checkpoint
 
         built = build_model(cfg, device, factory=scalar_head_factory(cfg, "auto"), wrap_ddp=False)
-        chunks = [CheckpointView(c) for c in built.chunks]
+        chunks = built.chunks
         _, extra = load_checkpoint(path, chunks, optimizer=None, load_rng=False)
         if CALIBRATION_KEY not in extra:
             raise ValueError(f"{path}: reward checkpoint has no {CALIBRATION_KEY} (train it to its last step)")
