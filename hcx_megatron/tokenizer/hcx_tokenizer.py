@@ -73,8 +73,6 @@ class HCXTokenizer(MegatronTokenizerBase):
 
             self._tok = Tokenizer.from_file(model_path)
             self._tok.encode_special_tokens = True  # literal "<|user|>" in text is text
-            self._tok_special = Tokenizer.from_file(model_path)
-            self._tok_special.encode_special_tokens = False
             self._vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
         else:
             import sentencepiece as spm
@@ -97,7 +95,6 @@ class HCXTokenizer(MegatronTokenizerBase):
         self.__dict__.update(state)
         if self.backend == "hf":
             self._tok.encode_special_tokens = True
-            self._tok_special.encode_special_tokens = False
 
     # ------------------------------------------------------------------ encoding
     def tokenize(self, text: str, errors: str = "strict") -> list[int]:
