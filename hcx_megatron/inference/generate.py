@@ -112,6 +112,8 @@ def _last_logits(chunks: list, seqs: list[list[int]], pad_id: int, pad_multiple:
     pp = ps.get_pipeline_model_parallel_world_size()
     # Several micro-batches let pipeline stages overlap; each must have the same [s, mbs] shape.
     n_micro = max(1, min(b, pp))
+    if len(chunks) > 1:
+        n_micro = pp  # the interleaved (VPP) schedule wants a multiple of PP micro-batches: fill with copies
     mbs = -(-b // n_micro)
     rows = seqs + [seqs[0]] * (n_micro * mbs - b)  # filler rows, results dropped
     length = max(len(s) for s in rows)
