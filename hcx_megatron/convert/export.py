@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import shutil
 import tempfile
@@ -78,19 +79,19 @@ def check_checkpoint_shapes(reader: DistCheckpointReader, m: ModelConfig, prefix
                              f"{m.vocab_size}, {h})")
 
 
-def hf_tensor_sizes(m: ModelConfig, element_size: int) -> list[tuple[str, int]]:
-    """(HF name, bytes) in the order the exporter produces them."""
+def hf_tensor_shapes(m: ModelConfig) -> list[tuple[str, tuple[int, ...]]]:
+    """(HF name, shape) in the order the exporter produces them."""
     h, f, d = m.hidden_size, m.ffn_hidden_size, m.head_dim
     q, kv = m.num_attention_heads * d, m.num_query_groups * d
-    per_layer = {"input_norm": h, "q": q * h, "k": kv * h, "v": kv * h, "o": h * q, "post_norm": h,
-                 "gate": f * h, "up": f * h, "down": h * f}
-    out = [(L.HF_EMBED, m.vocab_size * h * element_size)]
+    per_layer = {"input_norm": (h,), "q": (q, h), "k": (kv, h), "v": (kv, h), "o": (h, q), "post_norm": (h,),
+                 "gate": (f, h), "up": (f, h), "down": (h, f)}
+    out = [(L.HF_EMBED, (m.vocab_size, h))]
     for i in range(m.num_layers):
         names = L.hf_layer_names(i)
-        out += [(names[k], n * element_size) for k, n in per_layer.items()]
-    out.append((L.HF_NORM, h * element_size))
+        out += [(names[k], shp) for k, shp in per_layer.items()]
+    out.append((L.HF_NORM, (h,)))
     if m.untie_embeddings_and_output_weights:
-        out.append((L.HF_LM_HEAD, m.vocab_size * h * element_size))
+        out.append((L.HF_LM_HEAD, (m.vocab_size, h)))
     return out
 
 
@@ -121,8 +122,10 @@ def export_to_hf(load: str, save: str, tokenizer_dir: str | None = None, dtype: 
             from hcx_megatron.convert.tokenizer_export import export_tokenizer
 
             tok_info = export_tokenizer(tokenizer_dir, tmp, m.vocab_size)
-        sizes = hf_tensor_sizes(m, torch.empty((), dtype=out_dtype).element_size())
-        plan = plan_shards(sizes, max_shard_size)
+        elem = torch.empty((), dtype=out_dtype).element_size()
+        shapes = dict(hf_tensor_shapes(m))
+        sizes = [(name, elem * math.prod(shp)) for name, shp in shapes.items()]
+        plan = [[(name, shapes[name], out_dtype) for name in names] for names in plan_shards(sizes, max_shard_size)]
         writer = ShardedSafetensorsWriter(tmp, plan)
 
         def put(name: str, t: torch.Tensor) -> None:
