@@ -193,3 +193,28 @@ def test_reader_rejects_incomplete_checkpoints(tmp_path):
     (d / "metadata.json").write_text(json.dumps({"sharded_backend": "zarr"}))
     with pytest.raises(ValueError, match="zarr"):
         DistCheckpointReader(str(d))
+
+
+@pytest.mark.timeout(30)
+def test_streaming_safetensors_writer(tmp_path):
+    from safetensors.torch import load_file
+
+    from hcx_megatron.convert.hf_writer import ShardedSafetensorsWriter
+
+    tensors = {"a": torch.randn(3, 5), "b": torch.arange(7, dtype=torch.float32), "c": torch.randn(4, 2).bfloat16()}
+    plan = [[("a", (3, 5), torch.float32), ("b", (7,), torch.float32)], [("c", (4, 2), torch.bfloat16)]]
+    w = ShardedSafetensorsWriter(str(tmp_path), plan)
+    with pytest.raises(RuntimeError, match="expected a"):
+        w.add("b", tensors["b"])  # out of plan order
+    for name in ("a", "b", "c"):
+        w.add(name, tensors[name])
+    w.close()
+    index = json.load(open(tmp_path / "model.safetensors.index.json"))
+    assert index["weight_map"] == {"a": "model-00001-of-00002.safetensors", "b": "model-00001-of-00002.safetensors",
+                                   "c": "model-00002-of-00002.safetensors"}
+    loaded = {**load_file(str(tmp_path / "model-00001-of-00002.safetensors")),
+              **load_file(str(tmp_path / "model-00002-of-00002.safetensors"))}
+    assert all(torch.equal(loaded[k], tensors[k]) for k in tensors)
+    w2 = ShardedSafetensorsWriter(str(tmp_path / "x"), plan)
+    with pytest.raises(RuntimeError, match="never added"):
+        w2.close()
