@@ -45,7 +45,7 @@ def test_dp1_and_dp2_train_identically(tiny_tokenizer_dir, tmp_path):
                "--num-layers", "2", "--hidden-size", "64", "--ffn-hidden-size", "128", "--num-attention-heads", "4",
                "--num-query-groups", "2", "--seq-length", "64", "--micro-batch-size", "1", "--global-batch-size", "4",
                "--sft-tokens-per-microbatch", "96", "--train-iters", "4", "--lr", "3e-3", "--log-interval", "100",
-               "--metrics-jsonl", str(metrics)]
+               "--metrics-jsonl", str(metrics), "--sft-data-report", str(tmp_path / f"report{nproc}.json")]
         env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
         proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=500)
         assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-4000:]}"
@@ -53,6 +53,8 @@ def test_dp1_and_dp2_train_identically(tiny_tokenizer_dir, tmp_path):
         losses[nproc] = [(r["lm_loss"], r["user_loss"], r["tokens_per_sec"] * r["step_time_s"])
                          for r in records if r["kind"] == "train"]
     assert len(losses[1]) == len(losses[2]) == 4
+    report = json.loads((tmp_path / "report2.json").read_text())
+    assert report["train"]["read"] == report["train"]["kept"] == report["num_train"] == 200
     for step, (a, b) in enumerate(zip(losses[1], losses[2])):
         assert a[2] == pytest.approx(b[2]), "both layouts must see the same global batch"
         # Measured: equal to ~1e-8 (only the order of the gradient sums differs).
