@@ -42,6 +42,10 @@ def load_model_weights(path: str, chunks, allow_missing: Sequence[str] = ()) -> 
     target = [c if prefixed and hasattr(c, "module") else unwrap(c) for c in chunks]
     for key, chunk in zip(model_keys(chunks), target):
         full = chunk.sharded_state_dict(metadata=SHARDING_METADATA)
+        if prefixed and not hasattr(chunk, "module"):  # a bare (frozen) model reading an old checkpoint
+            for item in full.values():
+                if isinstance(getattr(item, "key", None), str):
+                    item.key = "module." + item.key
         keep = {}
         for name, item in full.items():
             global_key = getattr(item, "key", None)

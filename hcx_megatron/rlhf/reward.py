@@ -197,13 +197,10 @@ class RewardModelTask:
 # inference
 # ---------------------------------------------------------------------------------------------------------
 class RewardScorer:
-    """Frozen reward model for PPO: normalised, clipped sequence rewards. Needs pipeline size 1 (its forward is
-    a direct call; TP ranks run it together)."""
+    """Frozen reward model for PPO: normalised, clipped sequence rewards (`calibration.normalise`)."""
 
     def __init__(self, chunks, calibration: Calibration, clip: float):
-        if len(chunks) != 1 or ps.get_pipeline_model_parallel_world_size() != 1:
-            raise ValueError("RewardScorer needs --pipeline-model-parallel-size 1")
-        self.model, self.calibration, self.clip = chunks[0], calibration, clip
+        self.chunks, self.calibration, self.clip = list(chunks), calibration, clip
 
     @classmethod
     def load(cls, path: str, cfg: Config, device: str, clip: float | None = None) -> "RewardScorer":
@@ -223,8 +220,11 @@ class RewardScorer:
 
     @torch.no_grad()
     def raw(self, tokens: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """Direct forward (pipeline size 1); PPO runs the chunks through the forward-only schedule instead."""
+        if len(self.chunks) != 1 or ps.get_pipeline_model_parallel_world_size() != 1:
+            raise ValueError("RewardScorer.raw needs --pipeline-model-parallel-size 1")
         pos = torch.arange(tokens.shape[1], device=tokens.device).unsqueeze(0).expand_as(tokens)
-        return sequence_scores(self.model(tokens, pos, None), lengths).float()
+        return sequence_scores(self.chunks[0](tokens, pos, None), lengths).float()
 
     def __call__(self, tokens: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         return self.calibration.normalise(self.raw(tokens, lengths), self.clip)
