@@ -93,6 +93,13 @@ def _set_rng_state(state: dict[str, Any]) -> None:
     tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
 
 
+def _unwrap(chunk):
+    # Checkpoint keys are those of the bare GPTModel (no DDP "module." level), whatever wraps it here.
+    while hasattr(chunk, "module"):
+        chunk = chunk.module
+    return chunk
+
+
 def _model_keys(chunks) -> list[str]:
     return ["model"] if len(chunks) == 1 else [f"model{i}" for i in range(len(chunks))]
 
@@ -101,7 +108,7 @@ def build_sharded_state_dict(chunks, optimizer=None, scheduler=None, iteration: 
                              include_rng: bool = True, is_loading: bool = False) -> dict[str, Any]:
     sd: dict[str, Any] = {}
     for key, chunk in zip(_model_keys(chunks), chunks):
-        sd[key] = chunk.sharded_state_dict(metadata=SHARDING_METADATA)
+        sd[key] = _unwrap(chunk).sharded_state_dict(metadata=SHARDING_METADATA)
     if optimizer is not None:
         sd["optimizer"] = optimizer.sharded_state_dict(sd, is_loading=is_loading, metadata=SHARDING_METADATA)
     if scheduler is not None:
@@ -152,8 +159,40 @@ def _materialize_optimizer_state(optimizer) -> None:
     from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 
     for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
-        if isinstance(opt, DistributedOptimizer) and not opt.optimizer.state:
-            opt._init_optimizer_states_with_dummy_values()
+        if isinstance(opt, DistributedOptimizer):
+            if not opt.optimizer.state:
+                opt._init_optimizer_states_with_dummy_values()
+            _keep_torch_adam_step(opt)
+
+
+def _keep_torch_adam_step(opt) -> None:
+    """Second gap of the same path: with torch Adam, load_state_dict() first restores the shared `step` from
+    the param groups, then `_set_main_param_and_optimizer_states` copies every state key from the checkpoint's
+    per-parameter tensors, which (by design) carry no `step`, and raises KeyError('step'). On this optimizer
+    instance only, supply the already-restored step so that copy is a no-op for it."""
+    original = type(opt)._set_main_param_and_optimizer_states
+
+    def set_states(model_param, tensors):
+        if "step" not in tensors:
+            group_index, group_order = opt.model_param_group_index_map[model_param]
+            main_param = opt.optimizer.param_groups[group_index]["params"][group_order]
+            step = opt.optimizer.state.get(main_param, {}).get("step")
+            if step is not None:
+                tensors = {**tensors, "step": step}
+        return original(opt, model_param, tensors)
+
+    opt._set_main_param_and_optimizer_states = set_states
+
+
+def _unshare_torch_adam_steps(optimizer) -> None:
+    """Third gap: DistributedOptimizer.load_state_dict gives every parameter the SAME `step` tensor; torch Adam
+    increments each parameter's step in place, so one step would advance it once per parameter (seen here: 2
+    -> 29 after one step, breaking bias correction and exact resume). Give each parameter its own copy."""
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        inner = getattr(opt, "optimizer", None)
+        for state in (inner.state.values() if inner is not None else []):
+            if torch.is_tensor(state.get("step")):
+                state["step"] = state["step"].clone()
 
 
 def load_checkpoint(path: str, chunks, optimizer=None, scheduler=None, load_optim: bool = True,
@@ -175,9 +214,10 @@ def load_checkpoint(path: str, chunks, optimizer=None, scheduler=None, load_opti
                                   include_rng=include_rng, is_loading=True)
     loaded = dist_checkpointing.load(sd, ckpt)
     for key, chunk in zip(_model_keys(chunks), chunks):
-        chunk.load_state_dict(loaded[key], strict=strict)
+        _unwrap(chunk).load_state_dict(loaded[key], strict=strict)
     if load_optim and optimizer is not None:
         optimizer.load_state_dict(loaded["optimizer"])
+        _unshare_torch_adam_steps(optimizer)
         if scheduler is not None:
             scheduler.load_state_dict(loaded["opt_param_scheduler"])
     elif optimizer is not None:
