@@ -144,3 +144,25 @@ def test_unlikelihood_lowers_repetition(tmp_path, tiny_tokenizer_dir):
     assert off[0] > 0.5 and off[0] == on[0]  # repetition-prone start, same first rollout
     # The last two PPO iterations: unlikelihood lowers the share of repeated bigrams by >= 0.05.
     assert sum(on[-2:]) / 2 <= sum(off[-2:]) / 2 - 0.05, (off, on)
+
+
+@pytest.mark.timeout(300)
+def test_ppo_same_result_under_tp_and_pp(small_vocab):
+    """Rollout sampling is seeded per prompt position and the teacher-forced passes run through megatron's
+    schedule with vocabulary-parallel log-probs, so TP2 (+SP) and PP2 give the same PPO run."""
+    root, sft, prompts = small_vocab
+    out = {}
+    for name, layout in (("tp2", ["--tensor-model-parallel-size", "2", "--sequence-parallel"]),
+                         ("pp2", ["--pipeline-model-parallel-size", "2"])):
+        metrics = str(root / f"{name}.jsonl")
+        args = _ppo_args(sft, prompts, [*layout, "--metrics-jsonl", metrics])
+        for flag, value in (("--ppo-rollouts", "2"), ("--rollout-batch-size", "8"), ("--global-batch-size", "8"),
+                            ("--micro-batch-size", "4"), ("--max-new-tokens", "8")):
+            args[args.index(flag) + 1] = value
+        _check(torchrun("hcx_megatron.rlhf.ppo", 2, args, timeout=240))
+        out[name] = _records(metrics, "ppo")
+    assert len(out["tp2"]) == len(out["pp2"]) == 2
+    for a, b in zip(out["tp2"], out["pp2"]):
+        assert a["reward_mean"] == b["reward_mean"] and a["response_length"] == b["response_length"]
+        for key in ("kl", "entropy", "value_loss", "pg_loss"):
+            assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-6), key
