@@ -317,7 +317,7 @@ def test_imported_checkpoint_continues_pretraining(gqa_hf, tmp_path):
     pretrain(["--mock-data", "--model-config", os.path.join(ckpt, "model.yaml"), "--tensor-model-parallel-size", "2",
               "--seq-length", "32", "--micro-batch-size", "1", "--global-batch-size", "2", "--train-iters", "2",
               "--lr", "1e-4", "--load", ckpt, "--finetune", "--metrics-jsonl", metrics], nproc=2)
-    records = read_metrics(metrics)
+    records = read_metrics(metrics, kind=None)
     loads = [r for r in records if r.get("event") == "load"]
     assert loads and loads[0]["finetune"] is True and loads[0]["iteration"] == 0
     train = [r for r in records if r["kind"] == "train"]
