@@ -119,7 +119,8 @@ def main(argv=None) -> int:
     if not a.reuse:
         shutil.rmtree(ckpt, ignore_errors=True)
     print(f"model: {count_parameters(m) / 1e9:.2f}B parameters ({m.num_layers} layers, hidden {m.hidden_size}, "
-          f"ffn {m.ffn_hidden_size}, {m.num_attention_heads} heads / {m.num_query_groups} groups, vocab {m.vocab_size})",
+          f"ffn {m.ffn_hidden_size}, {m.num_attention_heads} heads / {m.num_query_groups} groups, "
+          f"vocab {m.vocab_size})",
           flush=True)
     t = time.time()
     from dataclasses import asdict

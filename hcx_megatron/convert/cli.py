@@ -90,9 +90,10 @@ def main(argv=None) -> int:
 
             r = export_to_hf(a.load, a.save, tokenizer_dir=a.tokenizer_model, dtype=a.dtype,
                              max_shard_size=parse_size(a.max_shard_size), progress=not a.quiet)
+            tok = (f"; tokenizer ({r.tokenizer['vocab_size']} tokens, chat template from "
+                   f"{r.tokenizer['chat_template_source']})") if r.tokenizer else ""
             print(f"[convert] wrote {r.out_dir}: {r.num_shards} safetensors shard(s), {r.weight_bytes / 1e6:.1f} MB "
-                  f"in {r.seconds:.1f}s" + (f"; tokenizer ({r.tokenizer['vocab_size']} tokens, chat template from "
-                                            f"{r.tokenizer['chat_template_source']})" if r.tokenizer else ""), flush=True)
+                  f"in {r.seconds:.1f}s{tok}", flush=True)
             if a.verify:
                 return _verify(a.load, a.save, a, a.tokenizer_model)
             return 0

@@ -101,7 +101,8 @@ def check_hf_weights(weights: HFWeights, m: ModelConfig) -> None:
     unexpected = sorted(n for n in names - set(expected) - ignorable if not n.endswith("rotary_emb.inv_freq"))
     if unexpected:
         biases = [n for n in unexpected if n.endswith(".bias")]
-        what = "bias tensors (HCX decoders have no linear biases)" if biases else "tensors the Llama mapping has no place for"
+        what = ("bias tensors (HCX decoders have no linear biases)" if biases
+                else "tensors the Llama mapping has no place for")
         raise UnsupportedModelError(f"{weights.hf_dir}: unexpected {what}: {unexpected[:8]}"
                                     + (f" and {len(unexpected) - 8} more" if len(unexpected) > 8 else ""))
     missing = sorted(set(expected) - names)

@@ -77,14 +77,16 @@ class CheckpointWrapper(MegatronModule):
         return self.module(*args, **kwargs)
 
 
-def build_chunks(cfg: Config, padded_vocab_size: int | None = None, initialize: bool = False) -> list[CheckpointWrapper]:
+def build_chunks(cfg: Config, padded_vocab_size: int | None = None,
+                 initialize: bool = False) -> list[CheckpointWrapper]:
     """This rank's model chunks via hcx_megatron.model.builder. `padded_vocab_size` overrides the vocabulary
     rows (the importer builds at TP1 with the padding of the target TP)."""
     build_cfg = cfg
     if padded_vocab_size is not None and padded_vocab_size != cfg.padded_vocab_size:
         tp = cfg.parallel.tensor_model_parallel_size
         multiple = padded_vocab_size // tp
-        build_cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, make_vocab_size_divisible_by=multiple))
+        model = dataclasses.replace(cfg.model, make_vocab_size_divisible_by=multiple)
+        build_cfg = dataclasses.replace(cfg, model=model)
         if build_cfg.padded_vocab_size != padded_vocab_size:
             raise ValueError(f"cannot build a model with {padded_vocab_size} vocabulary rows at TP{tp}")
     built = build_model(build_cfg, "cpu", wrap_ddp=False, initialize=initialize)
