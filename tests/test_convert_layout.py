@@ -218,3 +218,18 @@ def test_streaming_safetensors_writer(tmp_path):
     w2 = ShardedSafetensorsWriter(str(tmp_path / "x"), plan)
     with pytest.raises(RuntimeError, match="never added"):
         w2.close()
+
+
+@pytest.mark.timeout(60)
+def test_import_rejects_a_layout_the_model_cannot_take(tmp_path):
+    """Validated before any process group exists, with this tool's flag names."""
+    from hcx_megatron.config.args import ConfigError
+    from hcx_megatron.convert.importer import import_from_hf
+
+    cfg = _llama_cfg()
+    hf = _write_hf(tmp_path, cfg, _llama_tensors(model_config_from_hf(cfg)))
+    with pytest.raises(ConfigError, match=r"--num-query-groups \(2\) must be divisible by --target-tensor-parallel-size \(4\)"):
+        import_from_hf(hf, str(tmp_path / "out"), tp=4)
+    with pytest.raises(ConfigError, match=r"--target-pipeline-parallel-size \(3\)"):
+        import_from_hf(hf, str(tmp_path / "out"), pp=3)
+    assert not os.path.exists(tmp_path / "out")

@@ -154,12 +154,19 @@ def import_from_hf(hf_dir: str, save: str, tp: int = 1, pp: int = 1, vpp: int | 
     check_tokenizer_fits(hf_dir, m.vocab_size)
 
     # The layout the user asked for, validated with the driver's rules (raises ConfigError naming the flag).
-    target = rt.cpu_config(m, tp=tp, pp=pp, bf16=dtype == "bf16")
-    if vpp is not None:
-        target.parallel.virtual_pipeline_model_parallel_size = vpp
-        from hcx_megatron.config.args import validate_config
+    from hcx_megatron.config.args import ConfigError, validate_config
 
-        validate_config(target)
+    try:
+        target = rt.cpu_config(m, tp=tp, pp=pp, bf16=dtype == "bf16")
+        if vpp is not None:
+            target.parallel.virtual_pipeline_model_parallel_size = vpp
+            validate_config(target)
+    except ConfigError as exc:  # the driver's message, with this tool's flag names
+        msg = str(exc)
+        for flag in ("tensor-model-parallel-size", "pipeline-model-parallel-size",
+                     "virtual-pipeline-model-parallel-size"):
+            msg = msg.replace(f"--{flag}", f"--target-{flag.replace('-model-', '-')}")
+        raise ConfigError(f"{os.path.join(hf_dir, 'config.json')}: {msg}") from None
     padded = target.padded_vocab_size
 
     build = rt.cpu_config(m, tp=1, pp=1, bf16=dtype == "bf16")
