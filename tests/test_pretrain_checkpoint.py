@@ -6,6 +6,7 @@ import subprocess
 import sys
 import time
 
+import psutil
 import pytest
 
 from hcx_megatron.training.checkpoint import TRACKER_FILE, read_latest_iteration
@@ -70,6 +71,19 @@ def test_reshard_tp2pp2_to_tp1pp1_and_tp1pp2(tmp_path):
         assert got[0]["lr"] == pytest.approx(ref[0]["lr"], rel=1e-9)
 
 
+def kill_tree(pid: int) -> None:
+    """SIGKILL torchrun and every worker (torchrun starts workers in their own sessions, so killing its process
+    group alone would leave them running)."""
+    root = psutil.Process(pid)
+    procs = root.children(recursive=True) + [root]
+    for p in procs:
+        try:
+            p.send_signal(signal.SIGKILL)
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(procs, timeout=30)
+
+
 @pytest.mark.timeout(900)
 def test_sigkill_while_saving_keeps_previous_checkpoint(tmp_path):
     ckpt = tmp_path / "ckpt"
@@ -86,24 +100,24 @@ def test_sigkill_while_saving_keeps_previous_checkpoint(tmp_path):
             tmps = [d for d in os.listdir(ckpt)] if ckpt.exists() else []
             pending = [d for d in tmps if d.endswith(".tmp")]
             if latest is not None and latest >= 2 and pending:
-                os.killpg(proc.pid, signal.SIGKILL)
+                kill_tree(proc.pid)
                 killed_during = pending[0]
                 break
             time.sleep(0.005)
     finally:
         if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
+            kill_tree(proc.pid)
         proc.wait()
     assert killed_during, "never caught the run while a save was in progress"
     latest = read_latest_iteration(str(ckpt))
     # The tracker names a complete checkpoint, never the one being written: whatever the kill interrupted is
     # iteration latest+1 (a half-written .tmp, or at most a renamed directory whose tracker update never came).
     assert (ckpt / f"iter_{latest:07d}" / "metadata.json").exists()
-    leftovers = sorted(d for d in os.listdir(ckpt) if d.startswith("iter_") and d != f"iter_{latest:07d}")
+    leftovers = sorted(d for d in os.listdir(ckpt) if d.startswith("iter_") and int(d[5:12]) > latest)
     assert leftovers and all(d.startswith(f"iter_{latest + 1:07d}") for d in leftovers), (latest, leftovers)
     out = tmp_path / "resume.jsonl"
-    pretrain(["--mock-data", *BASE, "--train-iters", str(latest + 1), "--tensor-model-parallel-size", "2",
+    proc = pretrain(["--mock-data", *BASE, "--train-iters", str(latest + 1), "--tensor-model-parallel-size", "2",
               "--save", str(ckpt), "--load", str(ckpt), "--metrics-jsonl", str(out)], nproc=2)
-    assert [r["iteration"] for r in read_metrics(str(out))] == [latest + 1]
+    assert [r["iteration"] for r in read_metrics(str(out))] == [latest + 1], (latest, leftovers, proc.stdout[-3000:])
     assert read_latest_iteration(str(ckpt)) == latest + 1
     assert not any(d.endswith(".tmp") for d in os.listdir(ckpt)), "the stale temp dir was not cleared"

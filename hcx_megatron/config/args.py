@@ -388,8 +388,9 @@ def validate_config(cfg: Config) -> None:
             raise ConfigError("--fp8-format needs GPUs with Transformer Engine; not available in CPU mode")
         if cfg.runtime.transformer_impl == "transformer_engine":
             raise ConfigError("--transformer-impl transformer_engine is not available in CPU mode")
-        if d.dataloader == "dali":
-            raise ConfigError("--dataloader dali needs a GPU and nvidia-dali")
+    if d.dataloader == "dali":
+        raise ConfigError("--dataloader dali is not implemented yet (planned: DALI external_source with GPU prefetch); "
+                          "use --dataloader torch")
     if cfg.runtime.fp8_format and cfg.runtime.transformer_impl == "local":
         raise ConfigError("--fp8-format needs --transformer-impl transformer_engine (or auto with TE installed)")
 
