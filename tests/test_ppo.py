@@ -120,8 +120,8 @@ def test_unlikelihood_lowers_repetition(tmp_path, tiny_tokenizer_dir):
     data = write_repetitive_indexed_dataset(str(tmp_path / "rep"), 400, 100, 163, 33, seed=0)
     sft = str(tmp_path / "sft")
     _check(torchrun("hcx_megatron.pretrain", 1, [
-        "--device", "cpu", "--tokenizer-model", tiny_tokenizer_dir, "--data-path", data, "--num-layers", "2",
-        "--seq-length", "16", "--micro-batch-size", "16", "--global-batch-size", "16", "--train-iters", "60",
+        "--device", "cpu", "--tokenizer-model", tiny_tokenizer_dir, "--data-path", data, "--num-layers", "1",
+        "--seq-length", "16", "--micro-batch-size", "16", "--global-batch-size", "16", "--train-iters", "40",
         "--lr", "5e-3", "--min-lr", "1e-3", "--lr-warmup-iters", "5", "--save", sft, "--log-interval", "100"],
         timeout=300))
     prompts = tmp_path / "prompts.jsonl"
@@ -141,7 +141,8 @@ def test_unlikelihood_lowers_repetition(tmp_path, tiny_tokenizer_dir):
             "--log-interval", "100", "--unlikelihood-weight", weight, "--metrics-jsonl", metrics], timeout=300))
         reps[weight] = [r["repetition"] for r in _records(metrics, "ppo")]
     off, on = reps["0"], reps["1.0"]
-    assert off[0] > 0.5 and off[0] == on[0]  # repetition-prone start, same first rollout
+    # Repetition-prone start (> 40% of response bigrams repeat; ~0 for a uniform policy), same first rollout.
+    assert off[0] > 0.4 and off[0] == on[0]
     # The last two PPO iterations: unlikelihood lowers the share of repeated bigrams by >= 0.05.
     assert sum(on[-2:]) / 2 <= sum(off[-2:]) / 2 - 0.05, (off, on)
 
