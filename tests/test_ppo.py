@@ -3,7 +3,7 @@
 - reward rises by a stated margin within a bounded number of PPO iterations while KL to the reference stays
   below a stated bound (rule reward: share of response tokens with ids 10..19, ~0.16 for the start policy);
 - a run preempted in the middle of a PPO iteration and resumed reproduces the uninterrupted run exactly;
-- the actor checkpoint holds exactly the tensors of a pretraining checkpoint (exportable the same way);
+- the actor checkpoint holds exactly the tensors of a pretraining checkpoint and the conversion tool exports it;
 - unlikelihood on lowers the repetition metric versus off, from an actor pretrained to repeat its last token;
 - async rollouts run with the stated staleness bound.
 """
@@ -80,6 +80,15 @@ def test_ppo_reward_rises_kl_bounded_and_resumes_exactly(small_vocab):
     model_keys = lambda ks: {k for k in ks if not k.startswith("optimizer")}  # noqa: E731
     assert model_keys(actor_keys) == model_keys(sft_keys)
     assert os.path.isfile(os.path.join(full, "critic", "iter_0000040", "metadata.json"))
+    # ... and the conversion tool exports it.
+    import subprocess
+    import sys
+
+    hf = str(root / "actor_hf")
+    proc = subprocess.run([sys.executable, "-m", "hcx_megatron.convert.cli", "to-hf", "--load", full, "--save", hf],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert os.path.isfile(os.path.join(hf, "config.json"))
 
     # Preempted in the middle of PPO iteration 2 (4 steps per iteration), resumed, stopped at its end:
     # every step and every rollout record equals the uninterrupted run's.
