@@ -85,7 +85,8 @@ def test_preference_parsing_and_batching(tmp_path):
     (_, (msgs, responses, ranking)), = read_preference_jsonl(str(pairs))
     assert msgs == [{"role": "user", "content": "hi"}] and responses == ["a", "b"] and ranking == [0, 1]
 
-    ex = [PreferenceExample([[1, 2, 3], [1, 2]], [(0, 1)]), PreferenceExample([[4], [5, 6], [7]], [(2, 0), (2, 1), (0, 1)])]
+    ex = [PreferenceExample([[1, 2, 3], [1, 2]], [(0, 1)]),
+          PreferenceExample([[4], [5, 6], [7]], [(2, 0), (2, 1), (0, 1)])]
     b = collate(ex, pad_id=9, multiple_of=4)
     assert b["tokens"].tolist() == [[1, 2, 3, 9], [1, 2, 9, 9], [4, 9, 9, 9], [5, 6, 9, 9], [7, 9, 9, 9]]
     assert b["lengths"].tolist() == [3, 2, 1, 2, 1]

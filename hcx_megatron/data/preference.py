@@ -222,7 +222,8 @@ class PreferenceBatcher:
                 for i in range(0, len(examples), self.micro_batch)]
 
 
-def eval_shards(examples: list[PreferenceExample], micro_batch: int, dp_rank: int, dp_size: int) -> list[PreferenceExample]:
+def eval_shards(examples: list[PreferenceExample], micro_batch: int, dp_rank: int,
+                dp_size: int) -> list[PreferenceExample]:
     """This rank's share of a validation/calibration set; every rank gets the same number of micro-batches
     (the remainder of len % (micro_batch * dp_size) prompts is left out)."""
     usable = (len(examples) // (micro_batch * dp_size)) * micro_batch * dp_size

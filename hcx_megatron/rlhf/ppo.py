@@ -51,7 +51,8 @@ def add_ppo_args(parser) -> None:
                    help='JSONL of {"prompt": messages | "text"} (chat format) or {"prompt_ids": [...]}')
     g.add_argument("--sft-checkpoint", default=None, help="actor and reference initialisation")
     g.add_argument("--rm-checkpoint", default=None, help="reward model (frozen) and critic initialisation")
-    g.add_argument("--rule-reward", default=None, help="synthetic rule reward instead of a reward model, e.g. share:7-7")
+    g.add_argument("--rule-reward", default=None,
+                   help="synthetic rule reward instead of a reward model, e.g. share:7-7")
     g.add_argument("--reward-clip", type=float, default=None, help="override the reward model's stored clip")
     g.add_argument("--rollout-batch-size", type=int, default=16, help="prompts per PPO iteration (all DP ranks)")
     g.add_argument("--ppo-epochs", type=int, default=2, help="passes over each rollout batch")
@@ -390,7 +391,8 @@ def main(argv=None) -> int:
         raise SystemExit(f"hcx-ppo: --rollout-batch-size {args.rollout_batch_size} must be a multiple of "
                          f"--global-batch-size {t.global_batch_size}, itself a multiple of data-parallel size {dp} "
                          f"x --micro-batch-size {t.micro_batch_size}")
-    if args.async_rollouts and (cfg.parallel.tensor_model_parallel_size > 1 or cfg.parallel.pipeline_model_parallel_size > 1):
+    p = cfg.parallel
+    if args.async_rollouts and (p.tensor_model_parallel_size > 1 or p.pipeline_model_parallel_size > 1):
         raise SystemExit("hcx-ppo: --async-rollouts needs --tensor-model-parallel-size 1 and "
                          "--pipeline-model-parallel-size 1 (the producer thread runs no collectives)")
     mpe = args.rollout_batch_size // t.global_batch_size
@@ -453,7 +455,7 @@ def main(argv=None) -> int:
         print(f"[ppo] placement: actor, critic, reference and reward on the same {dist.get_world_size()} ranks "
               f"(TP {cfg.parallel.tensor_model_parallel_size}, PP {cfg.parallel.pipeline_model_parallel_size}, "
               f"DP {dp}); {spr} optimizer steps per PPO iteration; "
-              f"{'async rollouts, max staleness ' + str(args.max_staleness) if args.async_rollouts else 'sync rollouts'}",
+              + (f"async rollouts, max staleness {args.max_staleness}" if args.async_rollouts else "sync rollouts"),
               flush=True)
     start = time.time()
     try:

@@ -30,7 +30,7 @@ from megatron.core import parallel_state as ps
 
 from hcx_megatron.config.args import Config, parse_config
 from hcx_megatron.data.preference import (LoadStats, PreferenceBatcher, build_example, chat_renderer,
-                                          collate, eval_shards, read_preference_jsonl, split_indices)
+                                          eval_shards, read_preference_jsonl, split_indices)
 from hcx_megatron.model.heads import scalar_head_factory, sequence_scores
 from hcx_megatron.pretrain import load_run_tokenizer, to_device
 from hcx_megatron.rlhf.common import (apply_checkpoint_model_shape, flag_given, load_model_weights, rank0,
@@ -43,8 +43,10 @@ CALIBRATION_KEY = "reward_calibration"
 
 def add_reward_args(parser) -> None:
     g = parser.add_argument_group("reward model")
-    g.add_argument("--preference-data", required=True, help="JSONL {prompt, responses, ranking} (see data/preference.py)")
-    g.add_argument("--preference-valid-data", default=None, help="validation JSONL; default: --valid-fraction of the data")
+    g.add_argument("--preference-data", required=True,
+                   help="JSONL {prompt, responses, ranking} (see data/preference.py)")
+    g.add_argument("--preference-valid-data", default=None,
+                   help="validation JSONL; default: --valid-fraction of the data")
     g.add_argument("--valid-fraction", type=float, default=0.05)
     g.add_argument("--calibration-data", default=None,
                    help="JSONL whose responses calibrate reward mean/std; default: the validation split")
