@@ -73,7 +73,8 @@ def build_gpt_datasets(cfg: Config, tokenizer, seq_length: int, num_samples: tup
         cls = FIMGPTDataset
     else:
         cls = GPTDataset
-    sizes = [n if n > 0 else None for n in num_samples]
+    # Megatron wants a sample count for every split of a weighted blend (0 when the split is unused).
+    sizes = list(num_samples)
     return BlendedMegatronDatasetBuilder(cls, sizes, lambda: True, config).build()
 
 

@@ -69,8 +69,8 @@ class MetricsWriter:
         print(
             f"iter {it:>6}/{self.train_iters} | lm loss {record['lm_loss']:.4f} | lr {record['lr']:.3e} | "
             f"grad norm {record['grad_norm']:.3f} | {record['step_time_s'] * 1000:.0f} ms/step | "
-            f"{record['tokens_per_sec']:.0f} tok/s | {record['tflops_per_gpu']:.2f} TFLOP/s/GPU | "
-            f"MFU {100 * record['mfu']:.2f}% | mem {record['mem_gb']:.2f} GB | ETA {eta:.0f}s",
+            f"{record['tokens_per_sec']:.0f} tok/s | {record['tflops_per_gpu']:.3g} TFLOP/s/GPU | "
+            f"MFU {100 * record['mfu']:.3g}% | mem {record['mem_gb']:.2f} GB | ETA {eta:.0f}s",
             flush=True,
         )
 

@@ -1,0 +1,28 @@
+"""The real data path of the pretraining driver: weighted Megatron blends, FIM, the HCX long-context switch."""
+
+import pytest
+
+from hcx_megatron.data.gpt_datasets import validate_blend_paths
+from torchrun_utils import pretrain, read_metrics
+
+
+@pytest.mark.timeout(600)
+def test_weighted_blend_fim_and_long_context_switch(tmp_path, tiny_tokenizer_dir, tiny_indexed_dataset):
+    metrics = tmp_path / "m.jsonl"
+    pretrain(["--model-preset", "hcx-tiny", "--tokenizer-model", tiny_tokenizer_dir,
+              "--data-path", "0.7", tiny_indexed_dataset, "0.3", tiny_indexed_dataset, "--split", "90,10,0",
+              "--fim-rate", "0.5", "--fim-spm-rate", "0.5",
+              "--seq-length", "64", "--long-context-seq-length", "128", "--long-context-start-fraction", "0.5",
+              "--micro-batch-size", "2", "--global-batch-size", "4", "--train-iters", "4",
+              "--eval-interval", "2", "--eval-iters", "1", "--metrics-jsonl", str(metrics),
+              "--tensor-model-parallel-size", "2"], nproc=2)
+    train = read_metrics(str(metrics))
+    # HCX context schedule: the first half at 64 tokens, the rest at 128.
+    assert [r["seq_length"] for r in train] == [64, 64, 128, 128]
+    assert all(r["lm_loss"] > 0 and r["tokens_per_sec"] > 0 for r in train)
+    assert len(read_metrics(str(metrics), kind="eval")) == 2
+
+
+def test_missing_prefix_is_named():
+    with pytest.raises(FileNotFoundError, match="--data-path: dataset prefix 'nope/ko_text_document'"):
+        validate_blend_paths(["0.5", "nope/ko_text_document"])
