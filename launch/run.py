@@ -142,8 +142,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         runpy.run_module(module, run_name="__main__", alter_sys=True)
     except SystemExit as exc:
-        if exc.code == EXIT_CODE_PREEMPTED:
-            mark_preempted(env.get("HCX_PREEMPT_MARKER"), dist.rank)
+        if exc.code == EXIT_CODE_PREEMPTED and mark_preempted(env.get("HCX_PREEMPT_MARKER"), dist.rank):
+            # The job script reads the marker. Exiting 0 keeps srun's --kill-on-bad-exit from killing the
+            # ranks that are still finishing their own exit (their helper processes would be orphaned).
+            raise SystemExit(0) from None
         raise
     return 0
 
@@ -152,17 +154,22 @@ def main(argv: Sequence[str] | None = None) -> int:
 EXIT_CODE_PREEMPTED = 17
 
 
-def mark_preempted(path: str | None, rank: int) -> None:
-    """Leave evidence that the driver saved and exited for preemption. With --kill-on-bad-exit, srun
-    kills the other ranks as soon as the first exits 17, so srun's own exit code may read 143 or 137;
-    the job script trusts this file instead (slurm/common.sh)."""
+def mark_preempted(path: str | None, rank: int) -> bool:
+    """Leave evidence that the driver saved and exited for preemption; True when written.
+
+    Under slurm/*.sh (HCX_PREEMPT_MARKER set) the task then exits 0 and the script reads the marker: with
+    --kill-on-bad-exit, the first rank to exit 17 would make srun kill the others mid-exit, and srun's own
+    code would read 143. Without a marker path, or when it cannot be written, the task keeps exit code 17."""
     if not path:
-        return
+        return False
     try:
         with open(path, "a", encoding="utf-8") as f:
             f.write(f"{rank}\n")
-    except OSError as exc:  # never turn a clean preemption into a crash
-        print(f"launch.run: cannot write preemption marker {path}: {exc}", file=sys.stderr)
+        return True
+    except OSError as exc:  # never turn a clean preemption into a crash, nor into a silent "done"
+        print(f"launch.run: cannot write preemption marker {path}: {exc}; exiting {EXIT_CODE_PREEMPTED}",
+              file=sys.stderr)
+        return False
 
 
 if __name__ == "__main__":

@@ -332,7 +332,7 @@ hcx_launch() {
     hcx_log "job $SLURM_JOB_ID restart $restarts on ${SLURM_JOB_NODELIST:-?}: $module, run dir $RUN_DIR, checkpoint iteration $ckpt_before"
     hcx_log "step log: $LOG_DIR/train-$SLURM_JOB_ID.log"
 
-    # launch.run appends the rank to this file when the driver exits 17 (see hcx_launch's rc handling).
+    # launch.run appends its rank here when the driver exits 17, and then exits 0 (see below).
     export HCX_PREEMPT_MARKER="$RUN_DIR/.preempted-${SLURM_JOB_ID}-${restarts}"
     rm -f "$HCX_PREEMPT_MARKER"
     trap _hcx_on_usr1 USR1
@@ -356,10 +356,10 @@ hcx_launch() {
         prev=$rc
     done
     trap - USR1 TERM
-    if ((rc != 0 && rc != HCX_EXIT_PREEMPTED)) && [[ -s "$HCX_PREEMPT_MARKER" ]]; then
-        # srun reports the first non-zero task or the signal that killed the rest; the marker says the
-        # driver itself saved and exited 17.
-        hcx_log "step exited $rc but ranks $(tr '\n' ' ' <"$HCX_PREEMPT_MARKER")exited $HCX_EXIT_PREEMPTED (preempted, saved)"
+    if ((rc != HCX_EXIT_PREEMPTED)) && [[ -s "$HCX_PREEMPT_MARKER" ]]; then
+        # launch.run turns the driver's 17 into task exit 0 plus this marker (so srun's --kill-on-bad-exit
+        # does not kill ranks still exiting); a non-zero rc here is a rank that failed after the save.
+        hcx_log "step exited $rc; ranks $(tr '\n' ' ' <"$HCX_PREEMPT_MARKER")saved and exited $HCX_EXIT_PREEMPTED (preempted)"
         rc=$HCX_EXIT_PREEMPTED
     fi
     rm -f "$HCX_PREEMPT_MARKER"

@@ -135,6 +135,7 @@ class SlurmCluster:
     env: dict[str, str]
     node: str
     procs: dict[str, subprocess.Popen] = field(default_factory=dict)
+    jobs: list[int] = field(default_factory=list)  # ids we submitted, to clean up after
 
     # ------------------------------------------------------------------ start / stop
     @classmethod
@@ -230,6 +231,14 @@ class SlurmCluster:
             except (ProcessLookupError, PermissionError):
                 pass
         self.procs.clear()
+        # Whatever is left of our jobs (orphaned helpers) goes too; ids are only ours while this cluster
+        # existed, so match them by the private SLURM_CONF as well.
+        for jobid in self.jobs:
+            for pid in job_processes(jobid, slurm_conf=self.env["SLURM_CONF"]):
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except OSError:
+                    pass
 
     # ------------------------------------------------------------------ client helpers
     def run(self, argv: list[str], check: bool = True, timeout: float = 60, env: Mapping[str, str] | None = None,
@@ -247,6 +256,7 @@ class SlurmCluster:
         m = re.search(r"^(\d+)", out.strip())
         if not m:
             raise SlurmError(f"sbatch printed no job id: {out}")
+        self.jobs.append(int(m.group(1)))
         return int(m.group(1))
 
     def job(self, jobid: int) -> dict[str, str]:
@@ -267,6 +277,54 @@ class SlurmCluster:
         raise SlurmError(f"job {jobid} not in {states} after {timeout}s; last record {info}\n{self.logs()}")
 
     def release_requeued(self, info: dict[str, str]) -> None:
-        """A requeued job waits out Slurm's requeue delay (BeginTime ~2 min); tests start it at once."""
-        if info.get("JobState") == "PENDING" and info.get("Reason") == "BeginTime":
-            self.run(["scontrol", "update", f"jobid={info['JobId']}", "StartTime=now"], check=False)
+        """A requeued job waits out Slurm's requeue delay (BeginTime ~2 min); tests start it as soon as the
+        previous incarnation is gone. Releasing it earlier (node still COMPLETING the old one) let the late
+        termination of job J hit the new run's processes, which carry the same job id."""
+        if info.get("JobState") != "PENDING" or info.get("Reason") != "BeginTime":
+            return
+        jobid = int(info["JobId"])
+        kill_orphans(jobid)
+        if job_processes(jobid) or "completing" in self.run(["sinfo", "-h", "-o", "%T"], check=False).lower():
+            return
+        self.run(["scontrol", "update", f"jobid={info['JobId']}", "StartTime=now"], check=False)
+
+
+def kill_orphans(jobid: int) -> list[int]:
+    """SIGKILL processes of our job `jobid` whose parent is not in the job (helpers of a killed rank, e.g.
+    dist_checkpointing's multiprocessing Manager): proctrack/linuxproc cannot find them any more, so they
+    would outlive the job. Only processes carrying this cluster's job id are touched."""
+    killed = []
+    members = set(job_processes(jobid))
+    for pid in members:
+        try:
+            if Path(f"/proc/{pid}/cmdline").read_bytes().startswith(b"slurmstepd"):
+                continue
+            ppid = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+            if ppid not in members:  # reparented to init (or a subreaper): no longer in the job's tree
+                os.kill(pid, signal.SIGKILL)
+                killed.append(pid)
+        except (OSError, ValueError, IndexError):
+            continue
+    return killed
+
+
+def job_processes(jobid: int, slurm_conf: str | None = None) -> list[int]:
+    """Pids of processes that belong to Slurm job `jobid` on this machine: its slurmstepd daemons and every
+    process whose environment carries SLURM_JOB_ID=jobid (and SLURM_CONF=slurm_conf when given)."""
+    pids = []
+    want = f"SLURM_JOB_ID={jobid}".encode()
+    conf = f"SLURM_CONF={slurm_conf}".encode() if slurm_conf else None
+    stepd = f"slurmstepd: [{jobid}.".encode()
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit() or int(d.name) == os.getpid():
+            continue
+        try:
+            if (d / "cmdline").read_bytes().startswith(stepd) and conf is None:
+                pids.append(int(d.name))
+                continue
+            env = (d / "environ").read_bytes().split(b"\0")
+            if want in env and (conf is None or conf in env):
+                pids.append(int(d.name))
+        except OSError:
+            continue
+    return pids
