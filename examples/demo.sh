@@ -6,6 +6,8 @@
 #   4. export the checkpoint to a Hugging Face Llama directory and verify logits against transformers
 # Everything lands under $RUN_DIR (default runs/demo). Override STEPS / NPROC / TP / PP from the environment.
 set -euo pipefail
+# megatron-core warns at import about missing apex/TE and CUDA settings; keep the demo log readable.
+export PYTHONWARNINGS=${PYTHONWARNINGS:-ignore}
 cd "$(dirname "$0")/.."
 RUN_DIR=${RUN_DIR:-runs/demo}
 STEPS=${STEPS:-60}
