@@ -2,14 +2,16 @@
 PYTHON ?= python3
 PIP := $(PYTHON) -m pip
 
-.PHONY: install demo test
+.PHONY: install install-python demo test
 
-install:
+install-python:
 	$(PIP) install -q -r requirements-dev.txt
+
+install: install-python
 	bash tools/install_system_deps.sh
 
-demo: install
+demo: install-python
 	bash examples/demo.sh
 
 test: install
-	$(PYTHON) -m pytest -q -p no:cacheprovider tests
+	$(PYTHON) -m pytest -q -p no:cacheprovider --durations=25 tests
