@@ -151,3 +151,24 @@ def test_sigusr1_reaches_driver_but_not_its_spawned_helpers(tmp_path, mode):
     else:
         # Without routing the helper dies of the signal: the failure launch/signals.py prevents.
         assert rec["child_exitcode"] == -signal.SIGUSR1
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("marker", ["writable", "unset", "unwritable"])
+def test_preempted_exit_is_reported_through_the_marker(tmp_path, marker):
+    """Driver exits 17 -> under the job scripts (marker path set and writable) the task exits 0 and the
+    marker holds its rank; otherwise the 17 is kept, so a preemption is never mistaken for 'done'."""
+    (tmp_path / "fake_driver.py").write_text("import sys\nsys.exit(17)\n")
+    env = _clean_env(PYTHONPATH=f"{tmp_path}{os.pathsep}{REPO}", RANK="3", WORLD_SIZE="4")
+    path = tmp_path / "marker"
+    if marker == "writable":
+        env["HCX_PREEMPT_MARKER"] = str(path)
+    elif marker == "unwritable":
+        env["HCX_PREEMPT_MARKER"] = str(tmp_path / "no" / "such" / "dir" / "marker")
+    proc = subprocess.run([sys.executable, "-m", "launch.run", "--", "fake_driver"], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=100)
+    if marker == "writable":
+        assert proc.returncode == 0, proc.stderr
+        assert path.read_text() == "3\n"
+    else:
+        assert proc.returncode == 17, proc.stderr
