@@ -29,6 +29,8 @@ from typing import Callable, Iterable, Mapping
 REPO = Path(__file__).resolve().parents[1]
 DAEMONS = ("munged", "slurmctld", "slurmd")
 CLIENTS = ("sbatch", "scontrol", "squeue", "scancel", "srun", "sinfo")
+KILL_WAIT_S = 5
+REQUEUE_SETTLE_S = KILL_WAIT_S + 15
 TERMINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "PREEMPTED",
                    "BOOT_FAIL", "DEADLINE"}
 
@@ -119,7 +121,7 @@ def slurm_conf_text(root: Path, node: str, cpus: int, ctld_port: int, slurmd_por
         "SchedulerType=sched/builtin",
         # Keep finished jobs visible to `scontrol show job` long enough for the test to read them.
         "MinJobAge=900",
-        "KillWait=15",
+        f"KillWait={KILL_WAIT_S}",
         "InactiveLimit=0",
         "SlurmdTimeout=300",
         "JobRequeue=1",
@@ -136,6 +138,7 @@ class SlurmCluster:
     node: str
     procs: dict[str, subprocess.Popen] = field(default_factory=dict)
     jobs: list[int] = field(default_factory=list)  # ids we submitted, to clean up after
+    _pending_since: dict = field(default_factory=dict)
 
     # ------------------------------------------------------------------ start / stop
     @classmethod
@@ -284,6 +287,12 @@ class SlurmCluster:
             return
         jobid = int(info["JobId"])
         kill_orphans(jobid)
+        # Slurm's termination of the previous incarnation can still reach the node a few seconds after the
+        # job shows PENDING (seen: SIGTERM to the new run's tasks ~10 s after a crash requeue), so let it
+        # settle for KillWait plus a margin. Still far shorter than the ~2 min requeue delay.
+        first_seen = self._pending_since.setdefault((jobid, info.get("Restarts")), time.monotonic())
+        if time.monotonic() - first_seen < REQUEUE_SETTLE_S:
+            return
         if job_processes(jobid) or "completing" in self.run(["sinfo", "-h", "-o", "%T"], check=False).lower():
             return
         self.run(["scontrol", "update", f"jobid={info['JobId']}", "StartTime=now"], check=False)
