@@ -27,6 +27,10 @@ LAYOUTS = {
     "pp2dp2": (1, 2, 2, ["--use-distributed-optimizer"]),
     "pp2vpp2": (1, 2, 1, ["--virtual-pipeline-model-parallel-size", "2"]),
     "tp2sp": (2, 1, 1, ["--sequence-parallel"]),
+    # Activation recomputation changes memory, never the numbers.
+    "recompute_selective": (1, 1, 1, ["--recompute-granularity", "selective"]),
+    "tp2pp2_recompute_full": (2, 2, 1, ["--recompute-granularity", "full", "--recompute-method", "uniform",
+                                        "--recompute-num-layers", "1"]),
 }
 
 # Losses: fp32 on CPU, TP splits matmuls and all-reduces partial sums, DP sums gradients in another order;
