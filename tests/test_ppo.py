@@ -129,7 +129,7 @@ def test_unlikelihood_lowers_repetition(tmp_path, tiny_tokenizer_dir):
     data = write_repetitive_indexed_dataset(str(tmp_path / "rep"), 400, 100, 163, 33, seed=0)
     sft = str(tmp_path / "sft")
     _check(torchrun("hcx_megatron.pretrain", 1, [
-        "--device", "cpu", "--tokenizer-model", tiny_tokenizer_dir, "--data-path", data, "--num-layers", "1",
+        "--device", "cpu", "--tokenizer-model", tiny_tokenizer_dir, "--data-path", data, "--split", "100,0,0", "--num-layers", "1",
         "--seq-length", "16", "--micro-batch-size", "16", "--global-batch-size", "16", "--train-iters", "40",
         "--lr", "5e-3", "--min-lr", "1e-3", "--lr-warmup-iters", "5", "--save", sft, "--log-interval", "100"],
         timeout=300))

@@ -21,7 +21,7 @@ def test_reward_model_learns_hidden_rule(tmp_path, tiny_tokenizer_dir, tiny_inde
     sft = str(tmp_path / "sft")
     proc = torchrun("hcx_megatron.pretrain", 1, [
         "--device", "cpu", "--model-preset", "hcx-tiny", "--tokenizer-model", tiny_tokenizer_dir,
-        "--data-path", tiny_indexed_dataset, "--seq-length", "64", "--micro-batch-size", "2",
+        "--data-path", tiny_indexed_dataset, "--split", "100,0,0", "--seq-length", "64", "--micro-batch-size", "2",
         "--global-batch-size", "4", "--train-iters", "2", "--save", sft], timeout=180)
     assert proc.returncode == 0, _tail(proc)
 

@@ -45,6 +45,10 @@ def torchrun(module: str, nproc: int, args: list[str], timeout: float, cwd: str 
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
            "--master-port", str(free_port()), "-m", module, *args]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    # Run from the checkout this package was imported from, so `-m` picks up the same code.
+    import hcx_megatron
+
+    cwd = cwd or os.path.dirname(os.path.dirname(os.path.abspath(hcx_megatron.__file__)))
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=cwd, env=env)
 
 
