@@ -18,6 +18,11 @@ redirects exactly those touch points to the CPU:
 
 It is only ever activated when the run's device is "cpu" (see `initialize_distributed`), is idempotent,
 and `deactivate()` undoes every patch (tests use it). Nothing else in the project patches torch or megatron.
+
+The patches are process-wide while active: another library in the same process sees them too. One case was seen
+here: transformers' Llama rotary embeddings computed slightly different logits (2e-2 relative) in a process with
+CPU mode active, so code that runs transformers next to a megatron model (the conversion `--verify`) runs
+transformers first and calls `deactivate()` when the megatron side is done.
 """
 
 from __future__ import annotations
