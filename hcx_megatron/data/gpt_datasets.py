@@ -114,9 +114,13 @@ class GlobalBatchIterator:
 
 
 def sample_counts(cfg: Config, train_iters: int) -> tuple[int, int, int]:
-    gbs = cfg.training.global_batch_size
-    evals = (train_iters // cfg.training.eval_interval + 1) if cfg.training.eval_interval else 0
-    return train_iters * gbs, evals * cfg.training.eval_iters * gbs, 0
+    """Samples to draw per split, as Megatron-LM counts them. Never 0 for valid/test: megatron-core sizes a split
+    that has documents but is asked for 0 samples by looping over epochs forever; a split whose weight in
+    --split is 0 is simply not built."""
+    t = cfg.training
+    gbs = t.global_batch_size
+    evals = (train_iters // t.eval_interval + 1) if t.eval_interval else 1
+    return train_iters * gbs, max(1, evals * t.eval_iters) * gbs, max(1, t.eval_iters) * gbs
 
 
 def tokens_in(batch: dict[str, torch.Tensor]) -> int:
