@@ -43,3 +43,16 @@ def test_bf16_run_tracks_fp32(tmp_path):
 def test_missing_prefix_is_named():
     with pytest.raises(FileNotFoundError, match="--data-path: dataset prefix 'nope/ko_text_document'"):
         validate_blend_paths(["0.5", "nope/ko_text_document"])
+
+
+def test_empty_split_parts_fail_clearly_instead_of_hanging(tiny_indexed_dataset):
+    from hcx_megatron.data.gpt_datasets import check_split_coverage
+
+    # Megatron's default split leaves the test part of a small dataset empty: fine while nothing samples it...
+    check_split_coverage([tiny_indexed_dataset], "969,30,1", (True, False, False))
+    # ...but a weighted blend must size every part, and a needed validation part must exist.
+    with pytest.raises(ValueError, match="--split 969,30,1: the test part"):
+        check_split_coverage(["0.5", tiny_indexed_dataset, "0.5", tiny_indexed_dataset], "969,30,1",
+                             (True, False, False))
+    with pytest.raises(ValueError, match="the validation part"):
+        check_split_coverage([tiny_indexed_dataset], "9999,1,0", (True, True, False))

@@ -59,11 +59,42 @@ def dataset_config(cfg: Config, tokenizer, seq_length: int) -> GPTDatasetConfig:
     return GPTDatasetConfig(blend=blend, split=split, **common)
 
 
+def _weighted(data_path: list[str]) -> bool:
+    return get_blend_from_list(data_path)[1] is not None
+
+
+def check_split_coverage(data_path: list[str], split: str, needed: tuple[bool, bool, bool]) -> None:
+    """Fail clearly instead of hanging: megatron-core loops forever sizing a split that has no documents but is
+    asked for samples. Splits are cut by document count exactly as megatron does (rounded cumulative fractions)."""
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+    from megatron.core.datasets.blended_megatron_dataset_config import (
+        convert_split_vector_to_split_matrix,
+        parse_and_normalize_split,
+    )
+
+    matrix = convert_split_vector_to_split_matrix(parse_and_normalize_split(split))
+    prefixes = get_blend_from_list(data_path)[0]
+    weighted = _weighted(data_path)
+    for prefix in prefixes:
+        docs = len(IndexedDataset(prefix, mmap=True).sequence_lengths)
+        for name, bounds, need in zip(("train", "validation", "test"), matrix, needed):
+            if bounds is None:
+                continue
+            n = int(round(bounds[1] * docs)) - int(round(bounds[0] * docs))
+            if n == 0 and (need or weighted):
+                raise ValueError(
+                    f"--split {split}: the {name} part of {prefix} ({docs} documents) is empty; give that part weight "
+                    f"0 (e.g. --split 98,2,0) or use more data")
+
+
 def build_gpt_datasets(cfg: Config, tokenizer, seq_length: int, num_samples: tuple[int, int, int]):
-    """(train, valid, test) datasets, each None when its sample count is 0 or its split is empty."""
+    """(train, valid, test) datasets, each None when its split is not built."""
+    needed = (True, cfg.training.eval_interval > 0, False)
     if cfg.data.data_path:
         validate_blend_paths(cfg.data.data_path)
         validate_blend_paths(cfg.data.valid_data_path, "--valid-data-path")
+        if not cfg.data.valid_data_path:
+            check_split_coverage(cfg.data.data_path, cfg.data.split, needed)
     config = dataset_config(cfg, tokenizer, seq_length)
     if cfg.data.mock_data:
         cls = MockGPTDataset
@@ -73,8 +104,10 @@ def build_gpt_datasets(cfg: Config, tokenizer, seq_length: int, num_samples: tup
         cls = FIMGPTDataset
     else:
         cls = GPTDataset
-    # Megatron wants a sample count for every split of a weighted blend (0 when the split is unused).
-    sizes = list(num_samples)
+    # Unused splits: None (not sized) for plain prefixes; megatron insists on a count for weighted blends, where
+    # check_split_coverage has made sure no weighted split is empty.
+    weighted = bool(cfg.data.data_path) and _weighted(cfg.data.data_path)
+    sizes = [n if (need or weighted) else None for n, need in zip(num_samples, needed)]
     return BlendedMegatronDatasetBuilder(cls, sizes, lambda: True, config).build()
 
 
@@ -114,13 +147,11 @@ class GlobalBatchIterator:
 
 
 def sample_counts(cfg: Config, train_iters: int) -> tuple[int, int, int]:
-    """Samples to draw per split, as Megatron-LM counts them. Never 0 for valid/test: megatron-core sizes a split
-    that has documents but is asked for 0 samples by looping over epochs forever; a split whose weight in
-    --split is 0 is simply not built."""
+    """Samples to draw per split, as Megatron-LM counts them."""
     t = cfg.training
     gbs = t.global_batch_size
-    evals = (train_iters // t.eval_interval + 1) if t.eval_interval else 1
-    return train_iters * gbs, max(1, evals * t.eval_iters) * gbs, max(1, t.eval_iters) * gbs
+    evals = (train_iters // t.eval_interval + 1) if t.eval_interval else 0
+    return train_iters * gbs, evals * t.eval_iters * gbs, t.eval_iters * gbs
 
 
 def tokens_in(batch: dict[str, torch.Tensor]) -> int:
