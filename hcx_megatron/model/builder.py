@@ -109,12 +109,13 @@ class BuiltModel:
     impl: str  # "transformer_engine" | "local"
 
 
-def gpt_factory(cfg: Config, impl: str) -> ModelFactory:
-    """Default factory: a GPTModel for one (virtual) pipeline stage."""
+def gpt_factory(cfg: Config, impl: str, model_cls=GPTModel) -> ModelFactory:
+    """Default factory: a GPTModel (or a subclass with another head, e.g. model/heads.py) for one (virtual)
+    pipeline stage."""
 
     def build(tconfig: TransformerConfig, layer_spec, pre_process: bool, post_process: bool,
               vp_stage: Optional[int]) -> torch.nn.Module:
-        return GPTModel(
+        return model_cls(
             config=tconfig,
             transformer_layer_spec=block_spec(tconfig, layer_spec, impl, vp_stage),
             vocab_size=cfg.padded_vocab_size,

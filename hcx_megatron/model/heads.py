@@ -14,7 +14,6 @@ so it reshards across TP/PP like the rest of the model.
 
 from __future__ import annotations
 
-from typing import Optional
 
 import torch
 from megatron.core.models.gpt import GPTModel
@@ -24,7 +23,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.transformer.utils import ensure_metadata_has_dp_cp_group
 
 from hcx_megatron.config.args import Config
-from hcx_megatron.model.builder import ModelFactory, block_spec
+from hcx_megatron.model.builder import ModelFactory, gpt_factory
 
 HEAD_PREFIX = "value_head."
 
@@ -73,22 +72,7 @@ class ScalarHeadGPT(GPTModel):
 
 def scalar_head_factory(cfg: Config, impl: str) -> ModelFactory:
     """Factory for `build_model(cfg, device, factory=...)`; same decoder as `gpt_factory`."""
-
-    def build(tconfig: TransformerConfig, layer_spec, pre_process: bool, post_process: bool,
-              vp_stage: Optional[int]) -> torch.nn.Module:
-        return ScalarHeadGPT(
-            config=tconfig,
-            transformer_layer_spec=block_spec(tconfig, layer_spec, impl, vp_stage),
-            vocab_size=cfg.padded_vocab_size,
-            max_sequence_length=cfg.model.max_position_embeddings,
-            pre_process=pre_process,
-            post_process=post_process,
-            position_embedding_type="rope",
-            rotary_base=cfg.model.rotary_base,
-            vp_stage=vp_stage,
-        )
-
-    return build
+    return gpt_factory(cfg, impl, model_cls=ScalarHeadGPT)
 
 
 def sequence_scores(values: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
