@@ -14,7 +14,6 @@ so it reshards across TP/PP like the rest of the model.
 
 from __future__ import annotations
 
-
 import torch
 from megatron.core.models.gpt import GPTModel
 from megatron.core.tensor_parallel.mappings import gather_from_sequence_parallel_region
