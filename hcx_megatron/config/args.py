@@ -400,15 +400,18 @@ def parse_config(
     extra_args: Callable[[argparse.ArgumentParser], None] | None = None,
     description: str = "hcx_megatron training",
     world_size: int | None = None,
+    validate: bool = True,
 ) -> tuple[Config, argparse.Namespace]:
-    """Parse and validate. Returns the typed config and the raw namespace (for driver-specific flags)."""
+    """Parse and validate. Returns the typed config and the raw namespace (for driver-specific flags).
+    validate=False: the caller validates (PPO validates each rank partition's config once it has sized them)."""
     parser = build_parser(description)
     if extra_args is not None:
         extra_args(parser)
     a = parser.parse_args(argv)
     try:
         cfg = config_from_args(a, world_size)
-        validate_config(cfg)
+        if validate:
+            validate_config(cfg)
     except ConfigError as exc:
         parser.error(str(exc))
     return cfg, a

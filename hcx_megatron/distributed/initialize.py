@@ -20,8 +20,11 @@ from hcx_megatron.distributed.env import DistEnv, resolve_dist_env
 def initialize_distributed(cfg: Config) -> tuple[DistEnv, str]:
     """Start torch.distributed and megatron parallel_state. Returns (env, device). Idempotent."""
     env = resolve_dist_env()
-    if env.world_size != cfg.runtime.world_size:
-        raise RuntimeError(f"world size from the launcher ({env.world_size}) differs from the one the config was "
+    # A partitioned job (hcx_megatron.distributed.partition) has already made this process's block the
+    # default group: megatron then sees the block as its whole world.
+    world = dist.get_world_size() if dist.is_initialized() else env.world_size
+    if world != cfg.runtime.world_size:
+        raise RuntimeError(f"world size from the launcher ({world}) differs from the one the config was "
                            f"validated with ({cfg.runtime.world_size})")
     device = resolve_device(cfg.runtime.device)
     if device == "cpu":

@@ -33,12 +33,13 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
-from hcx_megatron.config.args import CheckpointConfig, Config, parse_config
+from hcx_megatron.config.args import CheckpointConfig, Config, ConfigError, parse_config, validate_config
 from hcx_megatron.model.heads import scalar_head_factory, sequence_scores
 from hcx_megatron.pretrain import load_run_tokenizer
 from hcx_megatron.rlhf import ppo_math as pm
 from hcx_megatron.rlhf.common import (apply_checkpoint_model_shape, freeze, load_model_weights,
                                       rank0, with_data_flag)
+from hcx_megatron.rlhf.placement import add_placement_args, plan_placement
 from hcx_megatron.rlhf.rollout import (AsyncRollouts, Rollout, RolloutProducer, RolloutSettings, finalize,
                                        forward_collect, scaled_logits, split_micro, token_logprobs)
 from hcx_megatron.training.checkpoint import checkpoint_dir, read_latest_iteration, save_checkpoint
@@ -81,6 +82,7 @@ def add_ppo_args(parser) -> None:
     g.add_argument("--max-staleness", type=int, default=1,
                    help="async: a rollout is sampled at most this many PPO iterations behind the learner")
     g.add_argument("--critic-save", default=None, help="default: SAVE/critic")
+    add_placement_args(parser)
 
 
 def read_prompts(path: str, tokenizer) -> list[list[int]]:
@@ -109,6 +111,29 @@ def read_prompts(path: str, tokenizer) -> list[list[int]]:
     return out
 
 
+def stop_and_pad_ids(args, tokenizer) -> tuple[tuple[int, ...], int]:
+    if args.stop_ids is not None:
+        stop = tuple(args.stop_ids)
+    elif hasattr(tokenizer, "endofturn_id"):
+        stop = (tokenizer.endofturn_id,)
+    else:
+        stop = (tokenizer.eod,)
+    return stop, (tokenizer.pad if tokenizer.pad >= 0 else tokenizer.eod)
+
+
+def rollout_settings(cfg: Config, args, tokenizer) -> RolloutSettings:
+    """Sampling and scoring settings of one model's layout (sequence parallelism pads to its TP size)."""
+    stop, pad = stop_and_pad_ids(args, tokenizer)
+    p = cfg.parallel
+    return RolloutSettings(
+        rollout_batch=args.rollout_batch_size, max_new_tokens=args.max_new_tokens,
+        temperature=args.rollout_temperature, top_p=args.rollout_top_p, stop_ids=stop,
+        vocab_size=cfg.model.vocab_size, pad_id=pad, micro_batch=cfg.training.micro_batch_size,
+        seq_multiple=p.tensor_model_parallel_size if p.sequence_parallel else 1,
+        kl_kind=args.kl_estimator, gamma=args.gamma, lam=args.lam, repetition_ngram=args.repetition_ngram,
+        seed=cfg.training.seed)
+
+
 def _global_means(pairs: dict[str, tuple[float, float]], device: str) -> dict[str, float]:
     """{name: (sum, count)} -> global sum/count. Callers contribute only on the last pipeline stage; TP replicas
     repeat both numbers, which leaves the ratio unchanged."""
@@ -117,6 +142,49 @@ def _global_means(pairs: dict[str, tuple[float, float]], device: str) -> dict[st
                      device="cuda" if device == "cuda" else "cpu")
     dist.all_reduce(t)
     return {k: (t[i, 0] / t[i, 1].clamp(min=1)).item() for i, k in enumerate(keys)}
+
+
+def minibatch(ro: Rollout, k: int, steps_per_rollout: int, minibatches_per_epoch: int, seed: int, mbs: int,
+              fields: dict[str, torch.Tensor]) -> StepBatches:
+    """Optimizer step k's share of this rank's rollout rows: PPO epoch (k mod spr) // mpe visits the rows in a
+    permutation seeded by (seed, rollout, epoch), minibatch m takes its m-th slice."""
+    epoch, m = divmod(k % steps_per_rollout, minibatches_per_epoch)
+    n = ro.tokens.shape[0]
+    g = torch.Generator().manual_seed(seed * 1_000_003 + ro.index * 101 + epoch)
+    per = n // minibatches_per_epoch
+    rows = torch.randperm(n, generator=g)[m * per: (m + 1) * per].to(ro.tokens.device)
+    batch = {name: t.index_select(0, rows) for name, t in fields.items()}
+    length = batch["tokens"].shape[1]
+    return StepBatches(split_micro(batch, mbs), length, mbs, rows.numel() * length * ps.get_data_parallel_world_size())
+
+
+def critic_fields(ro: Rollout) -> dict[str, torch.Tensor]:
+    return {"tokens": ro.tokens, "position_ids": ro.position_ids, "mask": ro.mask, "old_values": ro.values,
+            "returns": ro.returns}
+
+
+def rollout_file(root: str, iteration: int, role: str = "") -> str:
+    """Each rank's rollout buffer of a save in the middle of a PPO iteration (role-prefixed when partitioned)."""
+    name = f"{role + '_' if role else ''}rank_{dist.get_rank():05d}.pt"
+    return os.path.join(root, "ppo_rollouts", f"iter_{iteration:07d}", name)
+
+
+def save_mid_rollout(path: str, ro: Rollout, acc: dict) -> None:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    torch.save({"rollout": ro.to_state(), "acc": acc}, path)
+
+
+def load_mid_rollout(path: str, device: str) -> tuple[Rollout, dict]:
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: the checkpoint was saved in the middle of a PPO iteration but this "
+                                "rank's rollout buffer is missing (resume needs the same world size and placement)")
+    state = torch.load(path, weights_only=False)
+    ro = Rollout.from_state(state["rollout"])
+    if device == "cuda":
+        for k, v in ro.__dict__.items():
+            if torch.is_tensor(v):
+                setattr(ro, k, v.cuda())
+    return ro, state["acc"]
 
 
 class CriticTask:
@@ -171,6 +239,9 @@ class PPOActorTask:
         self._pending: dict[str, Any] = {}
         self._acc: dict[str, list[float]] = {}
         self.async_rollouts: AsyncRollouts | None = None
+        # Separate placement: the exchange with the critic/reference/reward (and rollout) partitions,
+        # hcx_megatron.rlhf.ppo_separate.ActorLink. None when all models share the ranks.
+        self.link = None
 
     # -- set-up ---------------------------------------------------------------------------------------
     def setup(self, cfg: Config, device: str) -> None:
@@ -181,13 +252,7 @@ class PPOActorTask:
         if bad:
             raise ValueError(f"{self.args.prompt_data}: prompt {bad[0] + 1} has ids >= vocabulary size "
                              f"{cfg.model.vocab_size}")
-        if self.args.stop_ids is not None:
-            self.stop_ids = tuple(self.args.stop_ids)
-        elif hasattr(self.tokenizer, "endofturn_id"):
-            self.stop_ids = (self.tokenizer.endofturn_id,)
-        else:
-            self.stop_ids = (self.tokenizer.eod,)
-        self.pad_id = self.tokenizer.pad if self.tokenizer.pad >= 0 else self.tokenizer.eod
+        self.stop_ids, self.pad_id = stop_and_pad_ids(self.args, self.tokenizer)
 
     def model_factory(self, cfg, impl):
         return None  # the actor is a plain GPTModel: its checkpoints export like pretraining ones
@@ -197,14 +262,7 @@ class PPOActorTask:
         self.ctx, self.critic_ctx, self.critic_task, self.producer = ctx, critic_ctx, critic_task, producer
         if self._pending.get("kl"):
             self.kl.load_state_dict(self._pending["kl"])
-        if self._pending.get("mid_rollout"):
-            path = self._rollout_file(self.cfg.checkpoint.load, ctx.iteration)
-            state = torch.load(path, weights_only=False)
-            self.rollout, self._acc = Rollout.from_state(state["rollout"]), state["acc"]
-            if self.device == "cuda":
-                for k, v in self.rollout.__dict__.items():
-                    if torch.is_tensor(v):
-                        setattr(self.rollout, k, v.cuda())
+        self._restore_mid_rollout(ctx)
         if snapshot_chunks is not None:
             first = ctx.iteration // self.spr + (1 if self.rollout is not None else 0)
             total = self.cfg.training.train_iters // self.spr
@@ -212,9 +270,25 @@ class PPOActorTask:
             self.async_rollouts.publish(ctx.chunks, first)
             self.async_rollouts.start()
 
+    def attach_separate(self, ctx: TrainContext, link) -> None:
+        """Separate placement: the critic, reference and reward run on other partitions behind `link`."""
+        self.ctx, self.link = ctx, link
+        if self._pending.get("kl"):
+            self.kl.load_state_dict(self._pending["kl"])
+        self._restore_mid_rollout(ctx)
+        link.start(ctx, mid_rollout=self.rollout is not None)
+
+    def _restore_mid_rollout(self, ctx: TrainContext) -> None:
+        if self._pending.get("mid_rollout"):
+            path = rollout_file(self.cfg.checkpoint.load, ctx.iteration, "actor" if self.link else "")
+            self.rollout, self._acc = load_mid_rollout(path, self.device)
+
     # -- rollouts -------------------------------------------------------------------------------------
     def _ensure_rollout(self, r: int) -> None:
         if self.rollout is not None and self.rollout.index == r:
+            return
+        if self.link is not None:
+            self.rollout, self._acc = self.link.rollout(r, self.kl.value), {}
             return
         if self.async_rollouts is not None:
             raw = self.async_rollouts.get(r)
@@ -225,22 +299,9 @@ class PPOActorTask:
                                 a.gamma, a.lam, a.kl_estimator)
         self._acc = {}
 
-    def _minibatch_rows(self, k: int) -> torch.Tensor:
-        j = k % self.spr
-        epoch, m = divmod(j, self.mpe)
-        n = self.rollout.tokens.shape[0]
-        g = torch.Generator().manual_seed(self.cfg.training.seed * 1_000_003 + self.rollout.index * 101 + epoch)
-        perm = torch.randperm(n, generator=g)
-        per = n // self.mpe
-        return perm[m * per: (m + 1) * per]
-
     def _batches(self, k: int, fields: dict[str, torch.Tensor]) -> StepBatches:
-        rows = self._minibatch_rows(k).to(self.rollout.tokens.device)
-        batch = {name: t.index_select(0, rows) for name, t in fields.items()}
-        mbs = self.cfg.training.micro_batch_size
-        micro = split_micro(batch, mbs)
-        length = batch["tokens"].shape[1]
-        return StepBatches(micro, length, mbs, rows.numel() * length * ps.get_data_parallel_world_size())
+        t = self.cfg.training
+        return minibatch(self.rollout, k, self.spr, self.mpe, t.seed, t.micro_batch_size, fields)
 
     def train_batches(self, iteration: int) -> StepBatches:
         self._ensure_rollout(iteration // self.spr)
@@ -250,9 +311,7 @@ class PPOActorTask:
                                          "ul_negative": ro.ul_negative})
 
     def critic_batches(self, iteration: int) -> StepBatches:
-        ro = self.rollout
-        return self._batches(iteration, {"tokens": ro.tokens, "position_ids": ro.position_ids, "mask": ro.mask,
-                                         "old_values": ro.values, "returns": ro.returns})
+        return self._batches(iteration, critic_fields(self.rollout))
 
     def eval_batches(self, eval_index: int):
         return []
@@ -283,13 +342,22 @@ class PPOActorTask:
     # -- per step: critic update, per-rollout logging -------------------------------------------------
     def on_step(self, ctx: TrainContext, record: dict) -> None:
         k = ctx.iteration - 1  # the step just taken
-        stats, _, _ = train_step(self.critic_ctx, self.critic_task, self.critic_batches(k))
         for key in ("pg_loss", "clip_frac", "approx_kl", "ul_loss", "tokens_per_sec"):
             self._acc.setdefault(key, []).append(record[key])
-        for key in ("value_loss", "value_clip_frac"):
-            self._acc.setdefault(key, []).append(stats[key])
+        if self.link is None:
+            stats, _, _ = train_step(self.critic_ctx, self.critic_task, self.critic_batches(k))
+            for key in ("value_loss", "value_clip_frac"):
+                self._acc.setdefault(key, []).append(stats[key])
         if ctx.iteration % self.spr == 0:
+            if self.link is not None:  # the critic trained on its own partition, step for step
+                for key, value in self.link.critic_stats(self.rollout.index).items():
+                    self._acc[key] = [value]
             self._log_rollout(ctx)
+            if self.link is not None:
+                self.link.rollout_done(ctx, self.rollout.index)
+
+    def agree_stop(self, preempted: bool) -> bool:
+        return preempted if self.link is None else self.link.agree_stop(preempted)
 
     def _log_rollout(self, ctx: TrainContext) -> None:
         ro = self.rollout
@@ -316,6 +384,8 @@ class PPOActorTask:
                   "rollout_tokens_per_sec": gen_tokens / max(ro.gen_seconds, 1e-9),
                   **{k: sum(v) / len(v) for k, v in self._acc.items()}}
         record["train_tokens_per_sec"] = record.pop("tokens_per_sec", 0.0)
+        if self.link is not None:
+            record["exchange_seconds"] = ro.exchange_seconds
         ctx.writer.write(record)
         if rank0():
             print(f"[ppo] rollout {ro.index + 1} | reward {g['reward_mean']:.4f} | kl {g['kl']:.4f} "
@@ -328,23 +398,20 @@ class PPOActorTask:
             self.async_rollouts.publish(ctx.chunks, ro.index + 1)
 
     # -- checkpoint -----------------------------------------------------------------------------------
-    @staticmethod
-    def _rollout_file(root: str, iteration: int) -> str:
-        rank = dist.get_rank()
-        return os.path.join(root, "ppo_rollouts", f"iter_{iteration:07d}", f"rank_{rank:05d}.pt")
-
     def state_dict(self) -> dict[str, Any]:
         """Called by the loop right before it saves the actor: save the critic and, mid-iteration, the rollout
-        buffer first (the actor's tracker is written last, so a complete actor checkpoint implies both)."""
+        buffer first (the actor's tracker is written last, so a complete actor checkpoint implies both). With
+        separate placement the critic saves on its own partition at the same iteration; wait for it."""
         k = self.ctx.iteration
-        c = self.critic_ctx
-        if self.critic_root:
+        if self.link is not None:
+            self.link.wait_critic_saved(k)
+        elif self.critic_root:
+            c = self.critic_ctx
             save_checkpoint(self.critic_root, k, c.chunks, c.optimizer, c.scheduler, c.cfg.to_dict())
         mid = k % self.spr != 0 and self.rollout is not None
         if mid:
-            path = self._rollout_file(self.cfg.checkpoint.save, k)
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-            torch.save({"rollout": self.rollout.to_state(), "acc": self._acc}, path)
+            save_mid_rollout(rollout_file(self.cfg.checkpoint.save, k, "actor" if self.link else ""),
+                             self.rollout, self._acc)
             dist.barrier()
         return {"ppo": {"kl": self.kl.state_dict(), "mid_rollout": mid, "steps_per_rollout": self.spr}}
 
@@ -380,21 +447,34 @@ def main(argv=None) -> int:
     from hcx_megatron.rlhf.reward import RewardScorer
 
     argv = with_data_flag(argv)
-    cfg, args = parse_config(argv, extra_args=add_ppo_args, description="HCX PPO (RLHF)")
+    # Validated below, per rank partition when the models get their own (the actor's world is then its own).
+    cfg, args = parse_config(argv, extra_args=add_ppo_args, description="HCX PPO (RLHF)", validate=False)
     if bool(args.rm_checkpoint) == bool(args.rule_reward):
         raise SystemExit("hcx-ppo: give exactly one of --rm-checkpoint or --rule-reward")
     if args.sft_checkpoint or args.rm_checkpoint:
         apply_checkpoint_model_shape(cfg, args.sft_checkpoint or args.rm_checkpoint)
     t = cfg.training
-    dp = cfg.data_parallel_size
-    if (args.rollout_batch_size % t.global_batch_size or t.global_batch_size % (dp * t.micro_batch_size)):
+    if args.rollout_batch_size % t.global_batch_size:
         raise SystemExit(f"hcx-ppo: --rollout-batch-size {args.rollout_batch_size} must be a multiple of "
-                         f"--global-batch-size {t.global_batch_size}, itself a multiple of data-parallel size {dp} "
-                         f"x --micro-batch-size {t.micro_batch_size}")
+                         f"--global-batch-size {t.global_batch_size}")
+    try:
+        placement = plan_placement(args, cfg, cfg.runtime.world_size)
+        if placement.mode == "colocated":
+            validate_config(cfg)
+    except ConfigError as exc:
+        raise SystemExit(f"hcx-ppo: {exc}") from None
+    dp = cfg.data_parallel_size
+    if placement.mode == "colocated" and args.rollout_batch_size % (dp * t.micro_batch_size):
+        raise SystemExit(f"hcx-ppo: --rollout-batch-size {args.rollout_batch_size} must be a multiple of "
+                         f"data-parallel size {dp} x --micro-batch-size {t.micro_batch_size}")
     p = cfg.parallel
-    if args.async_rollouts and (p.tensor_model_parallel_size > 1 or p.pipeline_model_parallel_size > 1):
-        raise SystemExit("hcx-ppo: --async-rollouts needs --tensor-model-parallel-size 1 and "
-                         "--pipeline-model-parallel-size 1 (the producer thread runs no collectives)")
+    if (placement.mode == "colocated" and args.async_rollouts
+            and (p.tensor_model_parallel_size > 1 or p.pipeline_model_parallel_size > 1)):
+        raise SystemExit("hcx-ppo: --async-rollouts with colocated models needs --tensor-model-parallel-size 1 "
+                         "and --pipeline-model-parallel-size 1 (the producer thread runs no collectives); "
+                         "with --placement separate a rollout partition samples under any layout")
+    if args.async_rollouts and args.max_staleness < 1:
+        raise SystemExit("hcx-ppo: --max-staleness must be >= 1 with --async-rollouts")
     mpe = args.rollout_batch_size // t.global_batch_size
     spr = args.ppo_epochs * mpe
     if args.ppo_rollouts:
@@ -404,6 +484,12 @@ def main(argv=None) -> int:
                          f"({spr} steps each); use --ppo-rollouts")
     resume = read_latest_iteration(cfg.checkpoint.load) if cfg.checkpoint.load else None
     critic_root = args.critic_save or (os.path.join(cfg.checkpoint.save, "critic") if cfg.checkpoint.save else None)
+    if placement.mode == "separate":
+        from hcx_megatron.rlhf.ppo_separate import run_separate
+
+        if args.critic_save and not cfg.checkpoint.save:
+            raise SystemExit("hcx-ppo: --critic-save needs --save (actor and critic are saved together)")
+        return run_separate(cfg, args, placement, spr, mpe, resume, critic_root)
 
     # Critic first: set-up re-seeds the global RNGs, the actor's set-up then restores its checkpointed ones.
     critic_cfg = copy.deepcopy(cfg)
@@ -437,14 +523,7 @@ def main(argv=None) -> int:
         load_model_weights(args.sft_checkpoint, ref_chunks)
     freeze(ref_chunks)  # without an SFT checkpoint: the actor's own seeded initialisation
     scorer = RewardScorer.load(args.rm_checkpoint, cfg, device, args.reward_clip) if args.rm_checkpoint else None
-    vocab = cfg.model.vocab_size
-    settings = RolloutSettings(
-        rollout_batch=args.rollout_batch_size, max_new_tokens=args.max_new_tokens,
-        temperature=args.rollout_temperature, top_p=args.rollout_top_p, stop_ids=actor_task.stop_ids,
-        vocab_size=vocab, pad_id=actor_task.pad_id, micro_batch=t.micro_batch_size,
-        seq_multiple=cfg.parallel.tensor_model_parallel_size if cfg.parallel.sequence_parallel else 1,
-        kl_kind=args.kl_estimator, gamma=args.gamma, lam=args.lam, repetition_ngram=args.repetition_ngram,
-        seed=t.seed)
+    settings = rollout_settings(cfg, args, actor_task.tokenizer)
     producer = RolloutProducer(settings, actor_task.prompts, ref_chunks, _score_fn(args, scorer, device), device,
                                ps.get_data_parallel_rank(), ps.get_data_parallel_world_size())
     snapshot = build_model(cfg, device, wrap_ddp=False).chunks if args.async_rollouts else None
@@ -453,6 +532,7 @@ def main(argv=None) -> int:
     actor_task.attach(ctx, critic_ctx, critic_task, producer, snapshot)
     if rank0():
         print(f"[ppo] placement: actor, critic, reference and reward on the same {dist.get_world_size()} ranks "
+              f"({placement.reason}) "
               f"(TP {cfg.parallel.tensor_model_parallel_size}, PP {cfg.parallel.pipeline_model_parallel_size}, "
               f"DP {dp}); {spr} optimizer steps per PPO iteration; "
               + (f"async rollouts, max staleness {args.max_staleness}" if args.async_rollouts else "sync rollouts"),

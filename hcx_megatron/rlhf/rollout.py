@@ -150,6 +150,8 @@ class Rollout:
     response_length: torch.Tensor  # [N]
     repetition: torch.Tensor  # [N] share of repeated n-grams in each response
     gen_seconds: float = 0.0
+    lengths: torch.Tensor | None = None  # [N] prompt + response tokens
+    exchange_seconds: float = 0.0  # separate placement: the actor's wait for the other partitions' results
     # filled by finalize():
     values: torch.Tensor | None = None
     advantages: torch.Tensor | None = None
@@ -194,6 +196,62 @@ def build_sequences(prompts: Sequence[Sequence[int]], responses: Sequence[Sequen
     return {"tokens": tokens, "labels": labels, "mask": mask, "ul_negative": ul, "repetition": rep,
             "response_length": torch.tensor([float(len(r)) for r in responses]),
             "lengths": torch.tensor([len(s) for s in rows], dtype=torch.long)}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# whole rollout batches (separate placement: partitions with different data-parallel sizes exchange them)
+# ---------------------------------------------------------------------------------------------------------
+def dp_rows(n: int, dp_rank: int, dp_size: int) -> list[int]:
+    """Rows of a rollout batch that data-parallel rank `dp_rank` owns (RolloutProducer's split)."""
+    return list(range(dp_rank, n, dp_size))
+
+
+def assemble_rows(parts: Sequence[tuple[Sequence[int], dict[str, torch.Tensor]]], n: int,
+                  pad: dict[str, float] | None = None) -> dict[str, torch.Tensor]:
+    """Rows from several data-parallel ranks -> one batch of n rows; [rows, L_i] fields are right-padded to the
+    longest L (with pad[name], default 0)."""
+    pad = pad or {}
+    names = parts[0][1].keys()
+    out = {}
+    for name in names:
+        ts = [fields[name] for _, fields in parts]
+        if ts[0].dim() == 2:
+            width = max(t.shape[1] for t in ts)
+            full = torch.full((n, width), pad.get(name, 0), dtype=ts[0].dtype)
+        else:
+            full = torch.zeros((n, *ts[0].shape[1:]), dtype=ts[0].dtype)
+        seen = torch.zeros(n, dtype=torch.bool)
+        for (rows, fields), t in zip(parts, ts):
+            idx = torch.as_tensor(list(rows), dtype=torch.long)
+            if t.dim() == 2:
+                full[idx, : t.shape[1]] = t.cpu()
+            else:
+                full[idx] = t.cpu()
+            seen[idx] = True
+        if not bool(seen.all()):
+            raise RuntimeError(f"assemble_rows: rows {torch.nonzero(~seen).flatten().tolist()[:8]} of {name!r} "
+                               "came from no rank")
+        out[name] = full
+    return out
+
+
+def take_rows(batch: dict[str, torch.Tensor], rows: Sequence[int], multiple: int = 1) -> dict[str, torch.Tensor]:
+    """These rows of a whole batch, [rows, L] fields trimmed to the longest of them (+1 label slot, rounded up to
+    `multiple`) exactly as build_sequences pads a rank's own rows. Needs batch["lengths"]."""
+    idx = torch.as_tensor(list(rows), dtype=torch.long)
+    length = int(batch["lengths"][idx].max()) + 1
+    length = -(-length // multiple) * multiple
+    out = {}
+    for name, t in batch.items():
+        t = t.index_select(0, idx)
+        if t.dim() == 2:
+            if t.shape[1] < length:
+                # a wider TP multiple than the sender's: the extra columns are masked out, and causal attention
+                # keeps them from touching real positions, so their values do not matter
+                t = torch.nn.functional.pad(t, (0, length - t.shape[1]))
+            t = t[:, :length]
+        out[name] = t
+    return out
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -249,9 +307,10 @@ class RolloutProducer:
             return torch.stack([token_logprobs(x, b["labels"]), vocab_parallel_entropy(x)], dim=0).transpose(0, 1)
 
         pol = forward_collect(policy_chunks, micro, logp_and_entropy)  # [N, 2, L]
-        ref = forward_collect(self.ref, micro, lambda out, b: token_logprobs(
+        # Separate placement: the reference (and a reward model) live on their own partitions -> None here.
+        ref = None if self.ref is None else forward_collect(self.ref, micro, lambda out, b: token_logprobs(
             scaled_logits(out, s.temperature, s.vocab_size), b["labels"]))
-        score = self.score_fn(batch, gen.tokens, micro)
+        score = None if self.score_fn is None else self.score_fn(batch, gen.tokens, micro)
         n, length = batch["tokens"].shape
         zeros = torch.zeros(n, length, device=dev)
         m = batch["mask"]
@@ -262,7 +321,7 @@ class RolloutProducer:
             entropy=pol[:, 1] * m if pol is not None else zeros,
             score=score if score is not None else torch.zeros(n, device=dev),
             ul_negative=batch["ul_negative"], response_length=batch["response_length"],
-            repetition=batch["repetition"], gen_seconds=time.time() - start)
+            repetition=batch["repetition"], gen_seconds=time.time() - start, lengths=batch["lengths"])
 
 
 def finalize(ro: Rollout, critic_chunks, micro_batch: int, kl_coef: float, gamma: float, lam: float,
@@ -366,4 +425,5 @@ class AsyncRollouts:
 
 
 __all__ = ["RolloutSettings", "Rollout", "RolloutProducer", "AsyncRollouts", "finalize", "forward_collect",
+           "dp_rows", "assemble_rows", "take_rows",
            "scaled_logits", "token_logprobs", "vocab_parallel_entropy", "build_sequences", "split_micro"]

@@ -65,6 +65,10 @@ class Task(Protocol):
 
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
+    # Optional hooks (looked up with getattr; PPO on separate rank partitions uses them):
+    #   agree_stop(preempted: bool) -> bool   after each step: the preemption decision of all partitions
+    #   after_save(ctx) -> None               after each checkpoint save
+
 
 @dataclass
 class TrainContext:
@@ -153,6 +157,9 @@ def _save(ctx: TrainContext, task: Task) -> None:
     save_checkpoint(c.save, ctx.iteration, ctx.chunks, ctx.optimizer, ctx.scheduler, ctx.cfg.to_dict(),
                     extra=task.state_dict(), save_optim=not c.no_save_optim)
     ctx.writer.write({"kind": "event", "event": "save", "iteration": ctx.iteration, "path": c.save})
+    after_save = getattr(task, "after_save", None)  # optional: partitioned PPO tells the actor its critic is saved
+    if after_save is not None:
+        after_save(ctx)
 
 
 def setup(cfg: Config, task: Task) -> TrainContext:
@@ -242,6 +249,9 @@ def train(ctx: TrainContext, task: Task, on_step: Callable[[TrainContext, dict],
                     print(f"[eval] iter {ctx.iteration} | " + " | ".join(f"{k} {v:.4f}" for k, v in ev.items()),
                           flush=True)
         preempted = signals.any_rank_received(ctx.device)
+        agree_stop = getattr(task, "agree_stop", None)  # optional: jobs of several partitions stop together
+        if agree_stop is not None:
+            preempted = agree_stop(preempted)
         exiting = bool(t.exit_interval and ctx.iteration % t.exit_interval == 0)
         periodic = bool(cfg.checkpoint.save_interval and ctx.iteration % cfg.checkpoint.save_interval == 0)
         if cfg.checkpoint.save and (periodic or preempted or exiting):

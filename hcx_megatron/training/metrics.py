@@ -33,6 +33,7 @@ class MetricsWriter:
         self._tb = None
         self._start = time.time()
         self._start_iter: int | None = None
+        self.label = ""  # console prefix, e.g. "[critic] " for a second model's loop in the same job
         if not enabled:
             return
         if jsonl_path:
@@ -67,7 +68,7 @@ class MetricsWriter:
         rate = done / max(time.time() - self._start, 1e-9)
         eta = (self.train_iters - it) / rate if rate > 0 else float("inf")
         print(
-            f"iter {it:>6}/{self.train_iters} | lm loss {record['lm_loss']:.4f} | lr {record['lr']:.3e} | "
+            f"{self.label}iter {it:>6}/{self.train_iters} | lm loss {record['lm_loss']:.4f} | lr {record['lr']:.3e} | "
             f"grad norm {record['grad_norm']:.3f} | {record['step_time_s'] * 1000:.0f} ms/step | "
             f"{record['tokens_per_sec']:.0f} tok/s | {record['tflops_per_gpu']:.3g} TFLOP/s/GPU | "
             f"MFU {100 * record['mfu']:.3g}% | mem {record['mem_gb']:.2f} GB | ETA {eta:.0f}s",

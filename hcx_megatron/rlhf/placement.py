@@ -1,0 +1,153 @@
+"""Where PPO's models run: all on the same ranks (colocated) or each on its own rank partition (separate).
+
+Pure planning, called before any process group exists, so a bad layout fails with the flags it involves.
+
+    separate:  [ actor | rollout (async only) | critic | reference | reward (not with --rule-reward) ]
+
+Each partition is a megatron world of its own (hcx_megatron/distributed/partition.py) with its own TP x PP and
+the data parallelism its rank count leaves:
+- actor: the run's --tensor-model-parallel-size / --pipeline-model-parallel-size (/ virtual); trains the policy;
+  in synchronous mode it also samples the rollouts.
+- rollout (--async-rollouts only): a copy of the actor, same layout and size, that samples rollout r+1.. while
+  the actor trains on rollout r; it receives the actor's weights shard to shard.
+- critic, reference, reward: --{role}-ranks, --{role}-tensor-model-parallel-size,
+  --{role}-pipeline-model-parallel-size (defaults: one model-parallel group of the actor's TP x PP).
+
+--placement auto (the default) uses separate partitions when the world holds them with their default sizes
+and the layouts validate, colocated otherwise; the run's first line says which, and why.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+from hcx_megatron.config.args import Config, ConfigError, validate_config
+
+FROZEN_AND_CRITIC = ("critic", "reference", "reward")
+ORDER = ("actor", "rollout", "critic", "reference", "reward")
+
+
+@dataclass(frozen=True)
+class RoleLayout:
+    ranks: int
+    tp: int
+    pp: int
+
+    @property
+    def dp(self) -> int:
+        return self.ranks // (self.tp * self.pp)
+
+
+@dataclass
+class Placement:
+    mode: str  # "colocated" | "separate"
+    roles: dict[str, RoleLayout]  # separate only, in ORDER
+    reason: str = ""
+
+    def describe(self) -> str:
+        if self.mode == "colocated":
+            return f"colocated: actor, critic, reference and reward on the same ranks ({self.reason})"
+        parts, start = [], 0
+        for name, r in self.roles.items():
+            span = f"rank {start}" if r.ranks == 1 else f"ranks {start}-{start + r.ranks - 1}"
+            parts.append(f"{name} {span} (TP {r.tp}, PP {r.pp}, DP {r.dp})")
+            start += r.ranks
+        return "separate partitions: " + ", ".join(parts)
+
+
+def add_placement_args(parser) -> None:
+    g = parser.add_argument_group("ppo placement")
+    g.add_argument("--placement", choices=["auto", "colocated", "separate"], default="auto",
+                   help="separate: each model on its own rank partition with its own TP/PP")
+    g.add_argument("--actor-ranks", type=int, default=None, help="separate: default, the ranks left over")
+    for role in FROZEN_AND_CRITIC:
+        g.add_argument(f"--{role}-ranks", type=int, default=None,
+                       help=f"separate: ranks of the {role} partition (default: one TP x PP group)")
+        g.add_argument(f"--{role}-tensor-model-parallel-size", type=int, default=None,
+                       help="default: the actor's --tensor-model-parallel-size")
+        g.add_argument(f"--{role}-pipeline-model-parallel-size", type=int, default=None,
+                       help="default: the actor's --pipeline-model-parallel-size")
+
+
+def _flag(role: str, what: str) -> str:
+    return f"--{role}-{what}"
+
+
+def role_config(cfg: Config, role: str, layout: RoleLayout, rollout_batch: int) -> Config:
+    """The actor's config with this role's layout and world size. Frozen roles only run forward passes over
+    their share of a rollout batch, so their 'global batch' is the rollout batch."""
+    c = copy.deepcopy(cfg)
+    c.runtime.world_size = layout.ranks
+    if role in ("actor", "rollout"):
+        return c
+    p = c.parallel
+    p.tensor_model_parallel_size, p.pipeline_model_parallel_size = layout.tp, layout.pp
+    p.virtual_pipeline_model_parallel_size = None
+    p.sequence_parallel = cfg.parallel.sequence_parallel and layout.tp > 1
+    if role != "critic":
+        c.training.global_batch_size = rollout_batch
+        p.use_distributed_optimizer = False
+    return c
+
+
+def _validate(cfg: Config, role: str, layout: RoleLayout, rollout_batch: int) -> None:
+    if layout.ranks % (layout.tp * layout.pp):
+        raise ConfigError(f"{role} partition: {layout.ranks} ranks are not a multiple of TP {layout.tp} x "
+                          f"PP {layout.pp} ({_flag(role, 'ranks')}, {_flag(role, 'tensor-model-parallel-size')}, "
+                          f"{_flag(role, 'pipeline-model-parallel-size')})")
+    mbs = cfg.training.micro_batch_size
+    if rollout_batch % (layout.dp * mbs):
+        raise ConfigError(f"{role} partition: --rollout-batch-size {rollout_batch} must split into its "
+                          f"data-parallel size {layout.dp} x --micro-batch-size {mbs}")
+    try:
+        validate_config(role_config(cfg, role, layout, rollout_batch))
+    except ConfigError as exc:
+        names = ("the actor's flags" if role in ("actor", "rollout") else
+                 f"{_flag(role, 'ranks')} {layout.ranks}, {_flag(role, 'tensor-model-parallel-size')} {layout.tp}, "
+                 f"{_flag(role, 'pipeline-model-parallel-size')} {layout.pp}")
+        raise ConfigError(f"{role} partition ({names}): {exc}") from None
+
+
+def plan_placement(args, cfg: Config, world_size: int) -> Placement:
+    """Decide colocated vs separate and size the partitions. `args` carries the placement flags and
+    --rule-reward / --async-rollouts / --rollout-batch-size."""
+    p = cfg.parallel
+    actor_mp = p.tensor_model_parallel_size * p.pipeline_model_parallel_size
+    if args.placement == "colocated":
+        return Placement("colocated", {}, "--placement colocated")
+    roles = ["critic", "reference"] + ([] if args.rule_reward else ["reward"])
+    layouts: dict[str, RoleLayout] = {}
+    for role in roles:
+        tp = getattr(args, f"{role}_tensor_model_parallel_size") or p.tensor_model_parallel_size
+        pp = getattr(args, f"{role}_pipeline_model_parallel_size") or p.pipeline_model_parallel_size
+        layouts[role] = RoleLayout(getattr(args, f"{role}_ranks") or tp * pp, tp, pp)
+    copies = 2 if args.async_rollouts else 1  # the rollout partition mirrors the actor
+    others = sum(r.ranks for r in layouts.values())
+    actor_ranks = args.actor_ranks or (world_size - others) // copies
+    try:
+        if actor_ranks < actor_mp:
+            raise ConfigError(f"world size {world_size} leaves {max(actor_ranks, 0)} actor ranks after critic, "
+                              f"reference{', reward' if 'reward' in layouts else ''}"
+                              f"{' and rollout' if copies == 2 else ''} partitions ({others} ranks); the actor needs "
+                              f"TP x PP = {actor_mp} (--actor-ranks)")
+        if copies * actor_ranks + others != world_size:
+            raise ConfigError(f"partitions take {copies * actor_ranks + others} ranks (actor {actor_ranks}"
+                              f"{f', rollout {actor_ranks}' if copies == 2 else ''}, "
+                              + ", ".join(f"{k} {v.ranks}" for k, v in layouts.items())
+                              + f"), the world has {world_size} (--actor-ranks, --*-ranks)")
+        actor = RoleLayout(actor_ranks, p.tensor_model_parallel_size, p.pipeline_model_parallel_size)
+        out = {"actor": actor}
+        if copies == 2:
+            out["rollout"] = actor
+        out.update(layouts)
+        for role, layout in out.items():
+            _validate(cfg, role, layout, args.rollout_batch_size)
+    except ConfigError as exc:
+        if args.placement == "separate":
+            raise
+        return Placement("colocated", {}, f"--placement auto: no separate layout ({exc})")
+    return Placement("separate", out)
+
+
+__all__ = ["Placement", "RoleLayout", "add_placement_args", "plan_placement", "role_config", "ORDER"]

@@ -1,0 +1,586 @@
+"""PPO with every model on its own rank partition, each with its own TP/PP (`--placement separate`).
+
+Partitions (hcx_megatron/rlhf/placement.py sizes them; hcx_megatron/distributed/partition.py builds them) are
+independent megatron worlds. Their leaders exchange whole rollout batches; inside a partition each
+data-parallel rank takes its rows (rollout.dp_rows / take_rows), so partitions may differ in DP size.
+
+One PPO iteration r (sync mode; the sampler is the actor):
+
+    sampler   generate rollout r, old log-probs + entropy (+ rule score)  --seq-->  reference, reward, critic
+    reference ref log-probs                                               --ref-->  critic
+    reward    normalised, clipped RM scores                               --score-> critic
+    actor     KL coefficient                                              --kl-->   critic
+    critic    values, per-token rewards, GAE, whitening                   --adv-->  actor
+    actor, critic  train their --ppo-epochs x minibatches concurrently, agreeing on preemption every step;
+    critic    value-loss statistics                                       --stats-> actor (logs the iteration)
+
+--async-rollouts adds a `rollout` partition (a copy of the actor: same layout and size) as the sampler. It
+samples rollout r with the weights of version max(v0, r - s) (s = --max-staleness, v = rollouts trained on,
+v0 = the version it started from), received shard to shard from the actor (rank j -> rank j) after the actor
+finishes rollout v - 1. So the sampler works on rollouts r+1..r+s while the actor and critic train on r, and
+every rollout is exactly min(r - v0, s) versions old (logged as `staleness`). The schedule is a pure function
+of (v0, s, rollouts), which is what lets both sides know which messages are still in flight at a stop
+(`async_in_flight`).
+
+Every send here has its receive at a known point (gloo sends return once received), so there is no queue to
+overflow and nothing is dropped: at a stop the actor and critic drain the rollouts the sampler has already
+sent before the frozen partitions are released.
+
+Checkpoints: the actor in --save, the critic in --save/critic (or --critic-save) at the same iterations; the
+critic tells the actor when its save is complete and the actor writes its tracker last. Mid-iteration
+saves keep each rank's rollout rows (ppo_rollouts/iter_N/{actor,critic}_rank_R.pt). Frozen partitions keep
+no state. Preemption: actor and critic agree every step; the frozen partitions and the sampler report their
+signals with their next message, so a signal anywhere stops the job within one PPO iteration.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from typing import Any
+
+import torch
+from megatron.core import parallel_state as ps
+
+from hcx_megatron.config.args import CheckpointConfig, Config
+from hcx_megatron.distributed.partition import Partition
+from hcx_megatron.model.builder import unwrap
+from hcx_megatron.rlhf.common import load_model_weights
+from hcx_megatron.rlhf.rollout import (Rollout, RolloutProducer, RolloutSettings, assemble_rows, dp_rows,
+                                       finalize, forward_collect, scaled_logits, split_micro, take_rows,
+                                       token_logprobs)
+from hcx_megatron.training import signals
+
+TAG_SEQ, TAG_REF, TAG_SCORE, TAG_KL, TAG_ADV, TAG_STATS, TAG_VOTE, TAG_SAVED, TAG_WEIGHTS = range(1, 10)
+TAG_WEIGHT_TENSORS = 1000  # + parameter index, on the actor <-> rollout pair groups
+
+# What the sampler sends for every row of a rollout batch.
+SAMPLE_FIELDS = ("tokens", "labels", "mask", "old_logp", "entropy", "ul_negative", "response_length",
+                 "repetition", "lengths", "score")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# pure helpers
+# ---------------------------------------------------------------------------------------------------------
+def async_in_flight(v0: int, first: int, consumed: int, completed: int, total: int, staleness: int) -> range:
+    """Rollouts the async sampler has sent or will send before it next waits for weights, that the learner has
+    not consumed: at a stop the actor and critic drain them. v0 = weights version the sampler started from,
+    first = its first rollout, consumed = rollouts the learner has taken (one may be half trained),
+    completed = rollouts fully trained (the actor publishes version v after rollout v-1 while v + s < total)."""
+    v_last = max(v0, min(completed, total - staleness - 1))
+    last = min(total - 1, v_last + staleness)
+    return range(max(consumed, first), last + 1)
+
+
+def sampler_version(r: int, v0: int, staleness: int) -> int:
+    """The weights version the async sampler uses for rollout r."""
+    return max(v0, r - staleness)
+
+
+def _contributes() -> bool:
+    """One rank per data-parallel replica reports model outputs: last pipeline stage, TP (and CP) rank 0."""
+    return (ps.is_pipeline_last_stage(ignore_virtual=True) and ps.get_tensor_model_parallel_rank() == 0
+            and ps.get_context_parallel_rank() == 0)
+
+
+def _fit(t: torch.Tensor, length: int) -> torch.Tensor:
+    """[N, L'] -> [N, length]: cut, or zero-pad (columns past a row's length are masked everywhere)."""
+    if t.shape[1] >= length:
+        return t[:, :length]
+    return torch.nn.functional.pad(t, (0, length - t.shape[1]))
+
+
+def _device(device: str) -> str:
+    return "cuda" if device == "cuda" else "cpu"
+
+
+def gather_batch(part: Partition, n: int, fields: dict[str, torch.Tensor] | None,
+                 pad: dict[str, float] | None = None) -> dict[str, torch.Tensor] | None:
+    """The whole batch on the leader from each DP replica's reporting rank (`fields` = this rank's rows)."""
+    dp, rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
+    mine = None
+    if fields is not None and _contributes():
+        mine = (dp_rows(n, rank, dp), {k: v.detach().cpu() for k, v in fields.items()})
+    got = part.gather(mine)
+    if not part.is_leader:
+        return None
+    return assemble_rows([g for g in got if g is not None], n, pad)
+
+
+def local_rows(batch: dict[str, torch.Tensor], multiple: int, device: str) -> dict[str, torch.Tensor]:
+    """This DP rank's rows of a whole batch, on the device, with position ids."""
+    n = batch["tokens"].shape[0]
+    mine = take_rows(batch, dp_rows(n, ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()), multiple)
+    out = {k: v.to(_device(device)) for k, v in mine.items()}
+    length = out["tokens"].shape[1]
+    out["position_ids"] = torch.arange(length, device=out["tokens"].device).unsqueeze(0).expand(
+        out["tokens"].shape[0], length).contiguous()
+    return out
+
+
+def rollout_from_rows(rows: dict[str, torch.Tensor], index: int, version: int, gen_seconds: float) -> Rollout:
+    return Rollout(index=index, version=version, tokens=rows["tokens"], labels=rows["labels"], mask=rows["mask"],
+                   old_logp=rows["old_logp"], ref_logp=rows.get("ref_logp", torch.zeros_like(rows["mask"])),
+                   entropy=rows["entropy"], score=rows["score"], ul_negative=rows["ul_negative"],
+                   response_length=rows["response_length"], repetition=rows["repetition"],
+                   gen_seconds=gen_seconds, lengths=rows["lengths"])
+
+
+def _param_list(chunks) -> list[torch.Tensor]:
+    return [p for c in chunks for _, p in unwrap(c).named_parameters()]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# sampling (the actor in sync mode, the rollout partition in async mode)
+# ---------------------------------------------------------------------------------------------------------
+def sample_and_send(part: Partition, producer: RolloutProducer, chunks, r: int, version: int,
+                    consumers: list[str]) -> Rollout:
+    """Sample rollout r on this partition (each DP rank its rows) and send the whole batch to `consumers`."""
+    raw = producer.produce(r, chunks, version)
+    s = producer.s
+    fields = {f: getattr(raw, f) for f in SAMPLE_FIELDS}
+    full = gather_batch(part, s.rollout_batch, fields, pad={"tokens": s.pad_id, "labels": s.pad_id})
+    preempt = signals.any_rank_received(producer.device)
+    if part.is_leader:
+        msg = {"index": r, "version": version, "gen_seconds": raw.gen_seconds, "batch": full, "preempt": preempt}
+        for dst in consumers:
+            part.send(dst, TAG_SEQ, msg)
+    return raw
+
+
+def sampler_consumers(part: Partition, include_actor: bool) -> list[str]:
+    # The frozen partitions first: they start their forward passes while the critic still waits for them.
+    out = [name for name in ("reference", "reward") if part.has(name)] + ["critic"]
+    return out + (["actor"] if include_actor else [])
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the actor's side
+# ---------------------------------------------------------------------------------------------------------
+class ActorLink:
+    """What PPOActorTask calls when the other models live on other partitions."""
+
+    def __init__(self, part: Partition, settings: RolloutSettings, producer: RolloutProducer | None,
+                 device: str, steps_per_rollout: int, total_rollouts: int, max_staleness: int | None):
+        self.part, self.s, self.producer, self.device = part, settings, producer, device
+        self.spr, self.total = steps_per_rollout, total_rollouts
+        self.staleness = max_staleness  # None: sync (this partition samples)
+        self._works: list = []
+
+    @property
+    def is_async(self) -> bool:
+        return self.staleness is not None
+
+    def start(self, ctx, mid_rollout: bool) -> None:
+        self.ctx = ctx
+        self.completed0 = ctx.iteration // self.spr
+        self.first = -(-ctx.iteration // self.spr)  # rollouts consumed before this run
+        if self.is_async:
+            self._publish(self.completed0, first=self.first)
+
+    # -- async weights ------------------------------------------------------------------------------------
+    def _publish(self, version: int, first: int | None = None) -> None:
+        """Send this rank's weights to its twin on the rollout partition without waiting (the sampler takes
+        them when it needs this version: waiting here would deadlock against its rollout sends)."""
+        for w in self._works:
+            w.wait()
+        pair = self.part.pair("rollout")
+        tensors = [p.detach().to("cpu", copy=True) for p in _param_list(self.ctx.chunks)]
+        self._works = [pair.send([t], 1, TAG_WEIGHT_TENSORS + i) for i, t in enumerate(tensors)]
+        self._keep = tensors
+        if self.part.is_leader:
+            self._works.append(self.part.isend("rollout", TAG_WEIGHTS, {"version": version, "first": first}))
+
+    # -- per rollout ----------------------------------------------------------------------------------------
+    def rollout(self, r: int, kl_coef: float) -> Rollout:
+        part, s = self.part, self.s
+        if self.is_async:
+            msg = part.broadcast(part.recv("rollout", TAG_SEQ) if part.is_leader else None)
+            if msg["index"] != r:
+                raise RuntimeError(f"actor: expected rollout {r} from the rollout partition, got {msg['index']}")
+            ro = rollout_from_rows(local_rows(msg["batch"], s.seq_multiple, self.device), r, msg["version"],
+                                   msg["gen_seconds"])
+        else:
+            ro = sample_and_send(part, self.producer, self.ctx.chunks, r, r, sampler_consumers(part, False))
+        start = time.time()
+        if part.is_leader:
+            part.send("critic", TAG_KL, {"index": r, "kl_coef": kl_coef})
+        got = part.broadcast(part.recv("critic", TAG_ADV) if part.is_leader else None)
+        if got["index"] != r:
+            raise RuntimeError(f"actor: expected advantages of rollout {r}, got {got['index']}")
+        rows = dp_rows(s.rollout_batch, ps.get_data_parallel_rank(), ps.get_data_parallel_world_size())
+        length, dev = ro.tokens.shape[1], ro.tokens.device
+        ro.advantages = _fit(got["advantages"][rows], length).to(dev)
+        ro.kl = _fit(got["kl"][rows], length).to(dev)
+        ro.score = got["score"][rows].to(dev)
+        zeros = torch.zeros_like(ro.mask)
+        ro.values, ro.returns, ro.kl_coef = zeros, zeros, kl_coef
+        ro.exchange_seconds = time.time() - start
+        return ro
+
+    def critic_stats(self, r: int) -> dict[str, float]:
+        got = self.part.broadcast(self.part.recv("critic", TAG_STATS) if self.part.is_leader else None)
+        if got["index"] != r:
+            raise RuntimeError(f"actor: expected critic statistics of rollout {r}, got {got['index']}")
+        return got["stats"]
+
+    def rollout_done(self, ctx, r: int) -> None:
+        version = r + 1
+        if self.is_async and version + self.staleness < self.total:
+            self._publish(version)
+
+    # -- stopping and saving ------------------------------------------------------------------------------
+    def agree_stop(self, preempted: bool) -> bool:
+        part = self.part
+        if part.is_leader:
+            part.send("critic", TAG_VOTE, preempted)
+            preempted = bool(part.recv("critic", TAG_VOTE)) or preempted
+        return bool(part.broadcast(preempted))
+
+    def wait_critic_saved(self, iteration: int) -> None:
+        if self.part.is_leader:
+            got = self.part.recv("critic", TAG_SAVED)
+            if got != iteration:
+                raise RuntimeError(f"actor: the critic saved iteration {got}, the actor is saving {iteration}")
+
+    def finish(self, iteration: int, code: int) -> None:
+        """Release the other partitions: drain what the async sampler already sent, then stop it (it stops the
+        frozen partitions), or stop the frozen partitions directly."""
+        part = self.part
+        if self.is_async:
+            consumed = -(-iteration // self.spr)
+            for _ in async_in_flight(self.completed0, self.first, consumed, iteration // self.spr, self.total,
+                                     self.staleness):
+                if part.is_leader:
+                    part.recv("rollout", TAG_SEQ)
+            for w in self._works:
+                w.wait()
+            if part.is_leader:
+                part.send("rollout", TAG_WEIGHTS, {"stop": code})
+        elif part.is_leader:
+            for name in ("reference", "reward"):
+                if part.has(name):
+                    part.send(name, TAG_SEQ, {"stop": code})
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the critic partition
+# ---------------------------------------------------------------------------------------------------------
+class SeparateCriticTask:
+    """The critic's own training loop (the shared loop, like the actor's): at each rollout it takes the sampled
+    batch, the reference log-probs, the scores and the actor's KL coefficient, computes values, GAE and
+    whitened advantages for the actor, then trains on its own minibatches step for step with the actor."""
+
+    metric_keys = ["lm loss", "value loss", "value clip frac"]
+
+    def __init__(self, args, part: Partition, settings: RolloutSettings, spr: int, mpe: int, total_rollouts: int,
+                 critic_root: str | None):
+        from hcx_megatron.rlhf.ppo import CriticTask
+
+        self.base = CriticTask(args.value_clip_range)
+        self.critic_root = critic_root
+        self.args, self.part, self.s = args, part, settings
+        self.spr, self.mpe, self.total = spr, mpe, total_rollouts
+        self.sampler = "rollout" if part.has("rollout") else "actor"
+        self.rollout: Rollout | None = None
+        self._acc: dict[str, list[float]] = {}
+        self._signalled = False  # a frozen partition or the sampler reported a signal
+        self._pending: dict[str, Any] = {}
+
+    # -- the loop's Task interface --------------------------------------------------------------------------
+    def setup(self, cfg: Config, device: str) -> None:
+        self.cfg, self.device = cfg, device
+        self.base.setup(cfg, device)
+
+    def model_factory(self, cfg, impl):
+        return self.base.model_factory(cfg, impl)
+
+    def forward_step(self, data_iterator, model):
+        return self.base.forward_step(data_iterator, model)
+
+    def eval_batches(self, eval_index):
+        return []
+
+    def attach(self, ctx) -> None:
+        from hcx_megatron.rlhf.ppo import load_mid_rollout, rollout_file
+
+        self.ctx = ctx
+        self.first = -(-ctx.iteration // self.spr)
+        self.completed0 = ctx.iteration // self.spr
+        if self._pending.get("mid_rollout"):
+            self.rollout, self._acc = load_mid_rollout(rollout_file(self.critic_root, ctx.iteration, "critic"),
+                                                       self.device)
+
+    def train_batches(self, k: int):
+        from hcx_megatron.rlhf.ppo import critic_fields, minibatch
+
+        r = k // self.spr
+        if self.rollout is None or self.rollout.index != r:
+            self.rollout, self._acc = self._receive(r), {}
+        t = self.cfg.training
+        return minibatch(self.rollout, k, self.spr, self.mpe, t.seed, t.micro_batch_size, critic_fields(self.rollout))
+
+    def _receive(self, r: int) -> Rollout:
+        part, s = self.part, self.s
+        bundle = None
+        if part.is_leader:
+            seq = part.recv(self.sampler, TAG_SEQ)
+            ref = part.recv("reference", TAG_REF)
+            score = part.recv("reward", TAG_SCORE) if part.has("reward") else None
+            kl = part.recv("actor", TAG_KL)
+            for name, m in (("sampler", seq), ("reference", ref), ("reward", score), ("actor", kl)):
+                if m is not None and m["index"] != r:
+                    raise RuntimeError(f"critic: expected rollout {r} from the {name}, got {m['index']}")
+            batch = dict(seq["batch"], ref_logp=ref["ref_logp"])
+            if score is not None:
+                batch["score"] = score["score"]
+            self._signalled |= bool(seq["preempt"] or ref["preempt"] or (score or {}).get("preempt"))
+            bundle = {"batch": batch, "kl_coef": kl["kl_coef"], "version": seq["version"],
+                      "gen_seconds": seq["gen_seconds"]}
+        bundle = part.broadcast(bundle)
+        rows = local_rows(bundle["batch"], s.seq_multiple, self.device)
+        ro = rollout_from_rows(rows, r, bundle["version"], bundle["gen_seconds"])
+        ro = finalize(ro, self.ctx.chunks, s.micro_batch, bundle["kl_coef"], s.gamma, s.lam, s.kl_kind)
+        full = gather_batch(part, s.rollout_batch, {"advantages": ro.advantages, "kl": ro.kl})
+        if part.is_leader:
+            part.send("actor", TAG_ADV, {"index": r, "advantages": full["advantages"], "kl": full["kl"],
+                                         "score": bundle["batch"]["score"]})
+        return ro
+
+    def on_step(self, ctx, record: dict) -> None:
+        for key in ("value_loss", "value_clip_frac"):
+            self._acc.setdefault(key, []).append(record[key])
+        if ctx.iteration % self.spr == 0 and self.part.is_leader:
+            stats = {k: sum(v) / len(v) for k, v in self._acc.items()}
+            self.part.send("actor", TAG_STATS, {"index": self.rollout.index, "stats": stats})
+
+    def agree_stop(self, preempted: bool) -> bool:
+        part = self.part
+        if part.is_leader:
+            other = bool(part.recv("actor", TAG_VOTE))
+            mine = preempted or self._signalled
+            part.send("actor", TAG_VOTE, mine)
+            preempted = mine or other
+        return bool(part.broadcast(preempted))
+
+    def after_save(self, ctx) -> None:
+        if self.part.is_leader:
+            self.part.send("actor", TAG_SAVED, ctx.iteration)
+
+    def state_dict(self) -> dict[str, Any]:
+        from hcx_megatron.rlhf.ppo import rollout_file, save_mid_rollout
+
+        k = self.ctx.iteration
+        mid = k % self.spr != 0 and self.rollout is not None
+        if mid:
+            save_mid_rollout(rollout_file(self.cfg.checkpoint.save, k, "critic"), self.rollout, self._acc)
+            torch.distributed.barrier()
+        return {"ppo_critic": {"mid_rollout": mid, "steps_per_rollout": self.spr}}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._pending = state.get("ppo_critic") or {}
+
+    def finish(self, iteration: int) -> None:
+        """Async: take (and drop) the rollouts the sampler and the frozen partitions already sent."""
+        if self.sampler != "rollout" or not self.part.is_leader:
+            return
+        consumed = -(-iteration // self.spr)
+        for _ in async_in_flight(self.completed0, self.first, consumed, iteration // self.spr, self.total,
+                                 self.args.max_staleness):
+            self.part.recv(self.sampler, TAG_SEQ)
+            self.part.recv("reference", TAG_REF)
+            if self.part.has("reward"):
+                self.part.recv("reward", TAG_SCORE)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# frozen partitions: reference log-probs, reward-model scores
+# ---------------------------------------------------------------------------------------------------------
+def serve_frozen(part: Partition, role: str, chunks, settings: RolloutSettings, device: str, scorer=None) -> int:
+    """Answer every rollout batch the sampler sends until it says stop; returns the job's exit code."""
+    s = settings
+    sampler = "rollout" if part.has("rollout") else "actor"
+    tag, name = (TAG_REF, "ref_logp") if role == "reference" else (TAG_SCORE, "score")
+    served = 0
+    while True:
+        msg = part.broadcast(part.recv(sampler, TAG_SEQ) if part.is_leader else None)
+        if "stop" in msg:
+            if part.is_leader:
+                print(f"[ppo:{role}] served {served} rollouts; stopping", flush=True)
+            return int(msg["stop"])
+        rows = local_rows({k: msg["batch"][k] for k in ("tokens", "labels", "mask", "lengths")}, s.seq_multiple,
+                          device)
+        micro = split_micro(rows, s.micro_batch)
+        if role == "reference":
+            out = forward_collect(chunks, micro, lambda o, b: token_logprobs(
+                scaled_logits(o, s.temperature, s.vocab_size), b["labels"]))
+            out = None if out is None else out * rows["mask"]
+        else:
+            from hcx_megatron.model.heads import sequence_scores
+
+            raw = forward_collect(chunks, micro, lambda o, b: sequence_scores(o.float(), b["lengths"]))
+            out = None if raw is None else scorer.calibration.normalise(raw, scorer.clip)
+        flag = signals.any_rank_received(device)
+        full = gather_batch(part, s.rollout_batch, None if out is None else {name: out})
+        if part.is_leader:
+            part.send("critic", tag, {"index": msg["index"], name: full[name], "preempt": flag})
+        served += 1
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the async sampler partition
+# ---------------------------------------------------------------------------------------------------------
+def run_sampler(part: Partition, producer: RolloutProducer, chunks, total_rollouts: int, staleness: int) -> int:
+    """Sample rollouts with the actor's weights of version max(v0, r - s); returns the job's exit code."""
+    params = _param_list(chunks)
+    pair = part.pair("actor")
+
+    def receive_weights() -> dict:
+        header = part.broadcast(part.recv("actor", TAG_WEIGHTS) if part.is_leader else None)
+        if "stop" in header:
+            return header
+        with torch.no_grad():
+            for i, p in enumerate(params):
+                buf = torch.empty(p.shape, dtype=p.dtype)
+                pair.recv([buf], 0, TAG_WEIGHT_TENSORS + i).wait()
+                p.copy_(buf)
+        return header
+
+    header = receive_weights()
+    if "stop" in header:
+        return _stop_frozen(part, int(header["stop"]))
+    v0, first = int(header["version"]), int(header["first"])
+    version = v0
+    consumers = sampler_consumers(part, include_actor=True)
+    for r in range(first, total_rollouts):
+        need = sampler_version(r, v0, staleness)
+        if need > version:
+            header = receive_weights()
+            if "stop" in header:
+                return _stop_frozen(part, int(header["stop"]))
+            version = int(header["version"])
+            if version != need:
+                raise RuntimeError(f"rollout partition: expected weights version {need}, got {version}")
+        sample_and_send(part, producer, chunks, r, version, consumers)
+    header = receive_weights()
+    if "stop" not in header:
+        raise RuntimeError(f"rollout partition: all rollouts sampled, yet the actor sent version {header}")
+    return _stop_frozen(part, int(header["stop"]))
+
+
+def _stop_frozen(part: Partition, code: int) -> int:
+    if part.is_leader:
+        for name in ("reference", "reward"):
+            if part.has(name):
+                part.send(name, TAG_SEQ, {"stop": code})
+    return code
+
+
+# ---------------------------------------------------------------------------------------------------------
+# one process's role
+# ---------------------------------------------------------------------------------------------------------
+def critic_config(cfg: Config, args, critic_root: str | None, resume: int | None) -> Config:
+    from hcx_megatron.training.checkpoint import checkpoint_dir
+
+    c = copy.deepcopy(cfg)
+    c.training.lr = args.critic_lr or cfg.training.lr
+    c.training.min_lr = min(cfg.training.min_lr, c.training.lr)
+    load = checkpoint_dir(critic_root, resume) if resume is not None else None
+    c.checkpoint = CheckpointConfig(save=critic_root, load=load, save_interval=cfg.checkpoint.save_interval)
+    c.logging.metrics_jsonl = c.logging.tensorboard_dir = None
+    return c
+
+
+def run_separate(cfg: Config, args, placement, spr: int, mpe: int, resume: int | None,
+                 critic_root: str | None) -> int:
+    """Start this process's partition and run its role. Every process of the job calls this."""
+    import datetime
+
+    from hcx_megatron.config.args import resolve_device
+    from hcx_megatron.distributed.env import resolve_dist_env
+    from hcx_megatron.distributed.initialize import initialize_distributed, shutdown
+    from hcx_megatron.distributed.partition import init_partitions, layout_blocks
+    from hcx_megatron.model.builder import build_model
+    from hcx_megatron.pretrain import load_run_tokenizer
+    from hcx_megatron.rlhf.common import freeze
+    from hcx_megatron.rlhf.placement import role_config
+    from hcx_megatron.rlhf.ppo import PPOActorTask, _score_fn, read_prompts, rollout_settings
+    from hcx_megatron.training.loop import setup, train
+
+    env = resolve_dist_env()
+    blocks = layout_blocks([(name, r.ranks) for name, r in placement.roles.items()])
+    device = resolve_device(cfg.runtime.device)
+    part = init_partitions(env, blocks, "gloo" if device == "cpu" else "nccl",
+                           datetime.timedelta(minutes=cfg.runtime.distributed_timeout_minutes))
+    role = part.name
+    rcfg = role_config(cfg, role, placement.roles[role], args.rollout_batch_size)
+    total = cfg.training.train_iters // spr
+    rule = _score_fn(args, None, device) if args.rule_reward else None
+
+    if role == "actor":
+        task = PPOActorTask(args, spr, mpe)
+        task.critic_root = None
+        ctx = setup(rcfg, task)
+        if resume is None and args.sft_checkpoint:
+            load_model_weights(args.sft_checkpoint, ctx.chunks)
+            ctx.optimizer.reload_model_params()
+        settings = rollout_settings(rcfg, args, task.tokenizer)
+        producer = None if args.async_rollouts else RolloutProducer(
+            settings, task.prompts, None, rule, ctx.device, ps.get_data_parallel_rank(),
+            ps.get_data_parallel_world_size())
+        link = ActorLink(part, settings, producer, ctx.device, spr, total,
+                         args.max_staleness if args.async_rollouts else None)
+        task.attach_separate(ctx, link)
+        ctx.writer.write({"kind": "event", "event": "placement", "mode": "separate",
+                          "roles": {k: vars(v) for k, v in placement.roles.items()}, "iteration": ctx.iteration})
+        if part.is_leader:
+            print(f"[ppo] placement: {placement.describe()}; {spr} optimizer steps per PPO iteration; "
+                  + (f"async rollouts, max staleness {args.max_staleness}" if args.async_rollouts
+                     else "sync rollouts"), flush=True)
+        try:
+            code = train(ctx, task, on_step=task.on_step)
+        finally:
+            ctx.writer.close()
+        link.finish(ctx.iteration, code)
+    elif role == "critic":
+        settings = rollout_settings(rcfg, args, load_run_tokenizer(rcfg))
+        task = SeparateCriticTask(args, part, settings, spr, mpe, total, critic_root)
+        ctx = setup(critic_config(rcfg, args, critic_root, resume), task)
+        ctx.writer.label = "[critic] "
+        if resume is None:
+            if args.rm_checkpoint:
+                load_model_weights(args.rm_checkpoint, ctx.chunks)
+            elif args.sft_checkpoint:
+                load_model_weights(args.sft_checkpoint, ctx.chunks, allow_missing=("value_head.",))
+            ctx.optimizer.reload_model_params()
+        task.attach(ctx)
+        code = train(ctx, task, on_step=task.on_step)
+        task.finish(ctx.iteration)
+    else:
+        initialize_distributed(rcfg)
+        signals.install_handlers()  # a signal is reported to the critic with the next answer, never fatal here
+        tokenizer = load_run_tokenizer(rcfg)
+        settings = rollout_settings(rcfg, args, tokenizer)
+        if role == "reward":
+            from hcx_megatron.rlhf.reward import RewardScorer
+
+            scorer = RewardScorer.load(args.rm_checkpoint, rcfg, device, args.reward_clip)
+            code = serve_frozen(part, role, scorer.chunks, settings, device, scorer)
+        else:
+            chunks = build_model(rcfg, device, wrap_ddp=False).chunks
+            if args.sft_checkpoint:  # without one: the actor's own seeded initialisation (same seed, any layout)
+                load_model_weights(args.sft_checkpoint, chunks)
+            freeze(chunks)
+            if role == "reference":
+                code = serve_frozen(part, role, chunks, settings, device)
+            else:  # rollout: the async sampler, a copy of the actor that receives its weights
+                producer = RolloutProducer(settings, read_prompts(args.prompt_data, tokenizer), None, rule, device,
+                                           ps.get_data_parallel_rank(), ps.get_data_parallel_world_size())
+                code = run_sampler(part, producer, chunks, total, args.max_staleness)
+    part.job_barrier()
+    shutdown()
+    return code
+
+
+__all__ = ["run_separate", "ActorLink", "SeparateCriticTask", "serve_frozen", "run_sampler", "async_in_flight",
+           "sampler_version", "gather_batch", "local_rows", "critic_config", "SAMPLE_FIELDS"]
