@@ -7,7 +7,6 @@ MASTER_ADDR/MASTER_PORT set by the user, and we say so instead of hanging in a r
 
 from __future__ import annotations
 
-import os
 import socket
 from dataclasses import dataclass
 from typing import Mapping

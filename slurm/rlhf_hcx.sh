@@ -18,9 +18,13 @@
 #       TOKENIZER_MODEL=/data/tok sbatch slurm/rlhf_hcx.sh
 #   HCX_DRY_RUN=1 SFT_CKPT=x RM_CKPT=x PROMPT_DATA=x TOKENIZER_MODEL=x bash slurm/rlhf_hcx.sh   # plan only
 #
-# Layout: the driver puts all four models (actor, critic, reference, reward) on the same ranks with one
-# TP/PP layout: the preset's (hcx-s: TP2 x DP16 on 4 nodes, twice the SFT job since actor and critic
-# both train). For hcx-l use MODEL_PRESET=hcx-l and sbatch --nodes=32. One PPO iteration = ROLLOUT_BATCH
+# Placement: each model on its own rank partition (--placement separate, docs/rlhf.md), all with the
+# preset's TP/PP (hcx-s: TP2). On the default 4 nodes: critic 8 ranks, reference 4, reward 4 (reference 8
+# with RULE_REWARD), the actor the remaining 16 (DP8); with --async-rollouts in PPO_ARGS the actor's
+# share is split between the actor and an equal rollout partition that samples while the actor trains.
+# Other sizes and per-model layouts: PLACEMENT_ARGS (e.g. "--critic-ranks 16
+# --critic-pipeline-model-parallel-size 2"); PLACEMENT=colocated puts all four on the same ranks. For
+# hcx-l use MODEL_PRESET=hcx-l, sbatch --nodes=32 and PLACEMENT_ARGS sized for 256 ranks. One PPO iteration = ROLLOUT_BATCH
 # prompts, then PPO_EPOCHS passes in minibatches of GLOBAL_BATCH sequences (one optimizer step each), so
 # TRAIN_ITERS = PPO_ROLLOUTS x PPO_EPOCHS x ROLLOUT_BATCH / GLOBAL_BATCH. The first run initialises from
 # SFT_CKPT/RM_CKPT; a requeued run resumes actor, critic and the interrupted rollout buffer from CKPT_DIR
@@ -34,6 +38,7 @@
 #   ROLLOUT_BATCH [512] (prompts per PPO iteration)  PPO_EPOCHS [2]  PPO_ROLLOUTS [200]
 #   GLOBAL_BATCH [128] (sequences per optimizer step)  MICRO_BATCH [1]  SEQ_LENGTH [4096]
 #   MAX_NEW_TOKENS [1024]  INIT_KL_COEF [0.04]  LR [1e-6]  MIN_LR [1e-7]  WARMUP_ITERS [10]
+#   PLACEMENT [separate]  PLACEMENT_ARGS ["--critic-ranks 8 --reference-ranks 4 --reward-ranks 4"]
 #   SAVE_INTERVAL [20]  LOG_INTERVAL [1]  PPO_ARGS [] (e.g. "--adaptive-kl --async-rollouts
 #   --unlikelihood-weight 0.1")  EXTRA_ARGS []  SRUN_EXTRA_ARGS []
 #   RUN_NAME [job name]  RUN_DIR [$RUNS_ROOT/$RUN_NAME]  CKPT_DIR [$RUN_DIR/checkpoints] (actor; critic in
@@ -83,6 +88,16 @@ HCX_ARGS+=(--prompt-data "$PROMPT_DATA" --sft-checkpoint "$SFT_CKPT")
 if [[ -n "${RM_CKPT:-}" ]]; then HCX_ARGS+=(--rm-checkpoint "$RM_CKPT"); else HCX_ARGS+=(--rule-reward "$RULE_REWARD"); fi
 HCX_ARGS+=(--rollout-batch-size "$ROLLOUT_BATCH" --ppo-epochs "$PPO_EPOCHS" --max-new-tokens "$MAX_NEW_TOKENS")
 HCX_ARGS+=(--init-kl-coef "$INIT_KL_COEF")
+: "${PLACEMENT:=separate}"
+if [[ -z "${PLACEMENT_ARGS+set}" ]]; then
+    if [[ -n "${RM_CKPT:-}" ]]; then PLACEMENT_ARGS="--critic-ranks 8 --reference-ranks 4 --reward-ranks 4"
+    else PLACEMENT_ARGS="--critic-ranks 8 --reference-ranks 8"; fi
+fi
+HCX_ARGS+=(--placement "$PLACEMENT")
+if [[ "$PLACEMENT" != colocated ]]; then
+    read -r -a placement_args <<<"$PLACEMENT_ARGS"
+    HCX_ARGS+=("${placement_args[@]}")
+fi
 read -r -a ppo_args <<<"${PPO_ARGS:-}"
 HCX_ARGS+=("${ppo_args[@]}")
 hcx_extra_args

@@ -44,3 +44,47 @@ def tiny_indexed_dataset(tiny_tokenizer_dir, tmp_path_factory) -> str:
         s = preprocess(PreprocessConfig(inputs=EXAMPLE_FILES, output_prefix=prefix, tokenizer_model=tiny_tokenizer_dir,
                                         append_eod=True, workers=1, progress=False))
     return s.outputs[0]
+
+
+@pytest.fixture(scope="session")
+def trained_reward_model(tmp_path_factory, tiny_tokenizer_dir, tiny_indexed_dataset):
+    """A Bradley-Terry reward model (TP2 + SP, 1 epoch) on the synthetic "apple" preference task, from a pretrain
+    checkpoint standing in for SFT. Its test checks what it learnt; PPO tests score with it."""
+    from types import SimpleNamespace
+
+    from hcx_megatron.rlhf.synthetic import torchrun, write_preference_jsonl
+
+    root = tmp_path_factory.mktemp("reward_model")
+    sft = str(root / "sft")
+    proc = torchrun("hcx_megatron.pretrain", 1, [
+        "--device", "cpu", "--model-preset", "hcx-tiny", "--tokenizer-model", tiny_tokenizer_dir,
+        "--data-path", tiny_indexed_dataset, "--split", "100,0,0", "--seq-length", "64", "--micro-batch-size", "2",
+        "--global-batch-size", "4", "--train-iters", "2", "--save", sft], timeout=180)
+    assert proc.returncode == 0, proc.stdout[-3000:] + "\n" + proc.stderr[-6000:]
+    prefs = str(root / "prefs.jsonl")
+    write_preference_jsonl(prefs, 600, seed=0)
+    rm, metrics = str(root / "rm"), str(root / "rm.jsonl")
+    proc = torchrun("hcx_megatron.rlhf.reward", 2, [
+        "--device", "cpu", "--tokenizer-model", tiny_tokenizer_dir, "--sft-checkpoint", sft,
+        "--preference-data", prefs, "--valid-fraction", "0.1", "--global-batch-size", "16",
+        "--micro-batch-size", "4", "--seq-length", "64", "--lr", "1e-3", "--min-lr", "1e-4",
+        "--lr-warmup-iters", "3", "--eval-interval", "11", "--tensor-model-parallel-size", "2",
+        "--sequence-parallel", "--save", rm, "--metrics-jsonl", metrics, "--log-interval", "10"], timeout=300)
+    return SimpleNamespace(proc=proc, sft=sft, rm=rm, metrics=metrics, tokenizer=tiny_tokenizer_dir)
+
+
+@pytest.fixture(scope="session")
+def ppo_small_vocab(tmp_path_factory):
+    """An 'SFT' checkpoint (a few pretraining steps on mock data, vocabulary 64) and id prompts for PPO."""
+    from hcx_megatron.rlhf.synthetic import torchrun, write_prompt_ids_jsonl
+
+    root = tmp_path_factory.mktemp("ppo_small")
+    sft = str(root / "sft")
+    proc = torchrun("hcx_megatron.pretrain", 1, [
+        "--device", "cpu", "--mock-data", "--vocab-size", "64", "--make-vocab-size-divisible-by", "64",
+        "--num-layers", "2", "--seq-length", "32", "--micro-batch-size", "4", "--global-batch-size", "8",
+        "--train-iters", "3", "--save", sft, "--log-interval", "100"], timeout=180)
+    assert proc.returncode == 0, proc.stdout[-3000:] + "\n" + proc.stderr[-6000:]
+    prompts = str(root / "prompts.jsonl")
+    write_prompt_ids_jsonl(prompts, 64, vocab=63, length=4, seed=0)
+    return root, sft, prompts

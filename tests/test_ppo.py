@@ -15,51 +15,21 @@ import os
 
 import pytest
 
-from hcx_megatron.rlhf.synthetic import (read_jsonl, torchrun, write_prompt_ids_jsonl,
-                                         write_repetitive_indexed_dataset)
+from hcx_megatron.rlhf.synthetic import torchrun, write_repetitive_indexed_dataset
+from ppo_helpers import check, ppo_args, records
 
 REWARD_MARGIN = 0.06  # mean reward of the last 2 of 10 PPO iterations minus that of the first
 KL_BOUND = 3.0  # nats, sum over the response, mean over sequences, at every iteration
 
 
-def _check(proc):
-    assert proc.returncode == 0, proc.stdout[-3000:] + "\n" + proc.stderr[-6000:]
-    return proc
-
-
-@pytest.fixture(scope="module")
-def small_vocab(tmp_path_factory):
-    """An 'SFT' checkpoint (a few pretraining steps on mock data, vocabulary 64) and id prompts."""
-    root = tmp_path_factory.mktemp("ppo_small")
-    sft = str(root / "sft")
-    _check(torchrun("hcx_megatron.pretrain", 1, [
-        "--device", "cpu", "--mock-data", "--vocab-size", "64", "--make-vocab-size-divisible-by", "64",
-        "--num-layers", "2", "--seq-length", "32", "--micro-batch-size", "4", "--global-batch-size", "8",
-        "--train-iters", "3", "--save", sft, "--log-interval", "100"], timeout=180))
-    prompts = str(root / "prompts.jsonl")
-    write_prompt_ids_jsonl(prompts, 64, vocab=63, length=4, seed=0)
-    return root, sft, prompts
-
-
-def _ppo_args(sft, prompts, extra):
-    return ["--device", "cpu", "--sft-checkpoint", sft, "--prompt-data", prompts, "--rule-reward", "share:10-19",
-            "--rollout-batch-size", "32", "--global-batch-size", "16", "--micro-batch-size", "8",
-            "--ppo-epochs", "2", "--ppo-rollouts", "10", "--max-new-tokens", "12", "--lr", "3e-4",
-            "--min-lr", "3e-4", "--seq-length", "32", "--log-interval", "100", *extra]
-
-
-def _records(path, kind):
-    return [r for r in read_jsonl(path) if r["kind"] == kind]
-
-
 @pytest.mark.timeout(600)
-def test_ppo_reward_rises_kl_bounded_and_resumes_exactly(small_vocab):
-    root, sft, prompts = small_vocab
+def test_ppo_reward_rises_kl_bounded_and_resumes_exactly(ppo_small_vocab):
+    root, sft, prompts = ppo_small_vocab
     full, metrics = str(root / "full"), str(root / "full.jsonl")
-    proc = _check(torchrun("hcx_megatron.rlhf.ppo", 2, _ppo_args(sft, prompts, [
+    proc = check(torchrun("hcx_megatron.rlhf.ppo", 2, ppo_args(sft, prompts, [
         "--save", full, "--metrics-jsonl", metrics]), timeout=400))
     assert "on the same 2 ranks" in proc.stdout  # stated placement
-    ppo = _records(metrics, "ppo")
+    ppo = records(metrics, "ppo")
     assert [r["rollout"] for r in ppo] == list(range(1, 11))
     rewards = [r["reward_mean"] for r in ppo]
     assert (rewards[-1] + rewards[-2]) / 2 >= rewards[0] + REWARD_MARGIN, rewards
@@ -69,7 +39,7 @@ def test_ppo_reward_rises_kl_bounded_and_resumes_exactly(small_vocab):
         assert all(key in r for r in ppo), key
     assert all(r["staleness"] == 0 for r in ppo) and ppo[0]["kl_coef"] == 0.04
     assert ppo[-1]["value_loss"] < ppo[0]["value_loss"]  # the critic learns
-    first = _records(metrics, "train")[0]
+    first = records(metrics, "train")[0]
     assert first["approx_kl"] == 0.0 and first["clip_frac"] == 0.0  # ratio exactly 1 at the first step
 
     # The actor checkpoint has exactly the tensors of a pretraining checkpoint; the critic sits beside it.
@@ -93,31 +63,31 @@ def test_ppo_reward_rises_kl_bounded_and_resumes_exactly(small_vocab):
     # Preempted in the middle of PPO iteration 2 (4 steps per iteration), resumed, stopped at its end:
     # every step and every rollout record equals the uninterrupted run's.
     part, pm = str(root / "part"), str(root / "part.jsonl")
-    _check(torchrun("hcx_megatron.rlhf.ppo", 2, _ppo_args(sft, prompts, [
+    check(torchrun("hcx_megatron.rlhf.ppo", 2, ppo_args(sft, prompts, [
         "--save", part, "--load", part, "--exit-interval", "6", "--metrics-jsonl", pm]), timeout=300))
     assert os.path.isdir(os.path.join(part, "ppo_rollouts", "iter_0000006"))
-    _check(torchrun("hcx_megatron.rlhf.ppo", 2, _ppo_args(sft, prompts, [
+    check(torchrun("hcx_megatron.rlhf.ppo", 2, ppo_args(sft, prompts, [
         "--save", part, "--load", part, "--exit-interval", "8", "--metrics-jsonl", pm]), timeout=300))
-    a = {r["iteration"]: r for r in _records(metrics, "train")}
-    b = _records(pm, "train")
+    a = {r["iteration"]: r for r in records(metrics, "train")}
+    b = records(pm, "train")
     assert [r["iteration"] for r in b] == list(range(1, 9))
     for r in b:
         assert r["lm_loss"] == a[r["iteration"]]["lm_loss"], r["iteration"]
     pa = {r["rollout"]: r for r in ppo}
-    for r in _records(pm, "ppo"):
+    for r in records(pm, "ppo"):
         assert r["reward_mean"] == pa[r["rollout"]]["reward_mean"]
         assert r["value_loss"] == pytest.approx(pa[r["rollout"]]["value_loss"], rel=1e-9)
 
 
 @pytest.mark.timeout(300)
-def test_ppo_async_rollouts_respect_staleness_bound(small_vocab):
-    root, sft, prompts = small_vocab
+def test_ppo_async_rollouts_respect_staleness_bound(ppo_small_vocab):
+    root, sft, prompts = ppo_small_vocab
     metrics = str(root / "async.jsonl")
-    args = _ppo_args(sft, prompts, ["--async-rollouts", "--max-staleness", "1", "--metrics-jsonl", metrics])
-    args[args.index("--ppo-rollouts") + 1] = "3"
-    proc = _check(torchrun("hcx_megatron.rlhf.ppo", 2, args, timeout=240))
+    args = ppo_args(sft, prompts, ["--async-rollouts", "--max-staleness", "1", "--metrics-jsonl", metrics],
+                    ppo_rollouts=3)
+    proc = check(torchrun("hcx_megatron.rlhf.ppo", 2, args, timeout=240))
     assert "async rollouts, max staleness 1" in proc.stdout
-    ppo = _records(metrics, "ppo")
+    ppo = records(metrics, "ppo")
     assert [r["rollout"] for r in ppo] == [1, 2, 3]
     assert all(0 <= r["staleness"] <= r["max_staleness"] == 1 for r in ppo)
     assert all(r["reward_mean"] == r["reward_mean"] for r in ppo)  # finite (not NaN)
@@ -128,8 +98,9 @@ def test_unlikelihood_lowers_repetition(tmp_path, tiny_tokenizer_dir):
     # Repetition-prone actor: pretrained on documents that repeat one token id (100..163).
     data = write_repetitive_indexed_dataset(str(tmp_path / "rep"), 400, 100, 163, 33, seed=0)
     sft = str(tmp_path / "sft")
-    _check(torchrun("hcx_megatron.pretrain", 1, [
-        "--device", "cpu", "--tokenizer-model", tiny_tokenizer_dir, "--data-path", data, "--split", "100,0,0", "--num-layers", "1",
+    check(torchrun("hcx_megatron.pretrain", 1, [
+        "--device", "cpu", "--tokenizer-model", tiny_tokenizer_dir, "--data-path", data, "--split", "100,0,0",
+        "--num-layers", "1",
         "--seq-length", "16", "--micro-batch-size", "16", "--global-batch-size", "16", "--train-iters", "40",
         "--lr", "5e-3", "--min-lr", "1e-3", "--lr-warmup-iters", "5", "--save", sft, "--log-interval", "100"],
         timeout=300))
@@ -142,13 +113,13 @@ def test_unlikelihood_lowers_repetition(tmp_path, tiny_tokenizer_dir):
     reps = {}
     for weight in ("0", "1.0"):
         metrics = str(tmp_path / f"ul{weight}.jsonl")
-        _check(torchrun("hcx_megatron.rlhf.ppo", 2, [
+        check(torchrun("hcx_megatron.rlhf.ppo", 2, [
             "--device", "cpu", "--sft-checkpoint", sft, "--tokenizer-model", tiny_tokenizer_dir,
             "--prompt-data", str(prompts), "--rule-reward", "share:100-163", "--rollout-batch-size", "16",
             "--global-batch-size", "8", "--micro-batch-size", "4", "--ppo-epochs", "2", "--ppo-rollouts", "3",
             "--max-new-tokens", "12", "--lr", "5e-4", "--min-lr", "5e-4", "--seq-length", "32",
             "--log-interval", "100", "--unlikelihood-weight", weight, "--metrics-jsonl", metrics], timeout=300))
-        reps[weight] = [r["repetition"] for r in _records(metrics, "ppo")]
+        reps[weight] = [r["repetition"] for r in records(metrics, "ppo")]
     off, on = reps["0"], reps["1.0"]
     # Repetition-prone start (> 40% of response bigrams repeat; ~0 for a uniform policy), same first rollout.
     assert off[0] > 0.4 and off[0] == on[0]
@@ -157,20 +128,18 @@ def test_unlikelihood_lowers_repetition(tmp_path, tiny_tokenizer_dir):
 
 
 @pytest.mark.timeout(300)
-def test_ppo_same_result_under_tp_and_pp(small_vocab):
+def test_ppo_same_result_under_tp_and_pp(ppo_small_vocab):
     """Rollout sampling is seeded per prompt position and the teacher-forced passes run through megatron's
     schedule with vocabulary-parallel log-probs, so TP2 (+SP) and PP2 give the same PPO run."""
-    root, sft, prompts = small_vocab
+    root, sft, prompts = ppo_small_vocab
     out = {}
     for name, layout in (("tp2", ["--tensor-model-parallel-size", "2", "--sequence-parallel"]),
                          ("pp2", ["--pipeline-model-parallel-size", "2"])):
         metrics = str(root / f"{name}.jsonl")
-        args = _ppo_args(sft, prompts, [*layout, "--metrics-jsonl", metrics])
-        for flag, value in (("--ppo-rollouts", "2"), ("--rollout-batch-size", "8"), ("--global-batch-size", "8"),
-                            ("--micro-batch-size", "4"), ("--max-new-tokens", "8")):
-            args[args.index(flag) + 1] = value
-        _check(torchrun("hcx_megatron.rlhf.ppo", 2, args, timeout=240))
-        out[name] = _records(metrics, "ppo")
+        args = ppo_args(sft, prompts, [*layout, "--metrics-jsonl", metrics], ppo_rollouts=2, rollout_batch_size=8,
+                        global_batch_size=8, micro_batch_size=4, max_new_tokens=8)
+        check(torchrun("hcx_megatron.rlhf.ppo", 2, args, timeout=240))
+        out[name] = records(metrics, "ppo")
     assert len(out["tp2"]) == len(out["pp2"]) == 2
     for a, b in zip(out["tp2"], out["pp2"]):
         assert a["reward_mean"] == b["reward_mean"] and a["response_length"] == b["response_length"]

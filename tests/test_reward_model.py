@@ -9,7 +9,7 @@ import os
 import pytest
 import torch
 
-from hcx_megatron.rlhf.synthetic import read_jsonl, torchrun, write_preference_jsonl
+from hcx_megatron.rlhf.synthetic import read_jsonl
 
 
 def _tail(proc) -> str:
@@ -17,23 +17,8 @@ def _tail(proc) -> str:
 
 
 @pytest.mark.timeout(420)
-def test_reward_model_learns_hidden_rule(tmp_path, tiny_tokenizer_dir, tiny_indexed_dataset):
-    sft = str(tmp_path / "sft")
-    proc = torchrun("hcx_megatron.pretrain", 1, [
-        "--device", "cpu", "--model-preset", "hcx-tiny", "--tokenizer-model", tiny_tokenizer_dir,
-        "--data-path", tiny_indexed_dataset, "--split", "100,0,0", "--seq-length", "64", "--micro-batch-size", "2",
-        "--global-batch-size", "4", "--train-iters", "2", "--save", sft], timeout=180)
-    assert proc.returncode == 0, _tail(proc)
-
-    prefs = str(tmp_path / "prefs.jsonl")
-    write_preference_jsonl(prefs, 600, seed=0)
-    rm, metrics = str(tmp_path / "rm"), str(tmp_path / "rm.jsonl")
-    proc = torchrun("hcx_megatron.rlhf.reward", 2, [
-        "--device", "cpu", "--tokenizer-model", tiny_tokenizer_dir, "--sft-checkpoint", sft,
-        "--preference-data", prefs, "--valid-fraction", "0.1", "--global-batch-size", "16",
-        "--micro-batch-size", "4", "--seq-length", "64", "--lr", "1e-3", "--min-lr", "1e-4",
-        "--lr-warmup-iters", "3", "--eval-interval", "11", "--tensor-model-parallel-size", "2",
-        "--sequence-parallel", "--save", rm, "--metrics-jsonl", metrics, "--log-interval", "10"], timeout=300)
+def test_reward_model_learns_hidden_rule(trained_reward_model):
+    proc, rm, metrics = trained_reward_model.proc, trained_reward_model.rm, trained_reward_model.metrics
     assert proc.returncode == 0, _tail(proc)
     assert "backbone from" in proc.stdout and "value_head.weight" in proc.stdout  # SFT init, fresh head
 

@@ -191,6 +191,7 @@ def test_rlhf_dry_run_passes_model_sources():
     assert "--mock-data" not in out and "--data-path" not in out
     # 200 PPO iterations x 2 epochs x 512 prompts / 128 per step
     assert "--train-iters 1600" in out and "--rollout-batch-size 512" in out
+    assert "--placement separate --critic-ranks 8 --reference-ranks 4 --reward-ranks 4" in out
 
 
 @pytest.mark.timeout(60)

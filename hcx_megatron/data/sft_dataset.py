@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import bisect
 import json
-import math
 import os
 from dataclasses import dataclass, field
 from functools import lru_cache

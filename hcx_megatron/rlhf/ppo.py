@@ -1,10 +1,13 @@
 """PPO driver: `python -m hcx_megatron.rlhf.ppo` (console script `hcx-ppo`).
 
-Four models, ALL ON THE SAME RANKS with the run's one TP/PP layout (separate rank partitions per model are not
-implemented): actor (init from --sft-checkpoint, trained through the shared loop), critic (init from
---rm-checkpoint, per-token value head, trained with the loop's train_step and its own optimizer), reference
-(frozen copy of the SFT weights) and reward (frozen reward model with its stored calibration, normalised and
-clipped; or a --rule-reward for synthetic runs).
+Four models: actor (init from --sft-checkpoint, trained through the shared loop), critic (init from
+--rm-checkpoint, per-token value head, trained with the shared loop's train_step and its own optimizer),
+reference (frozen copy of the SFT weights) and reward (frozen reward model with its stored calibration,
+normalised and clipped; or a --rule-reward for synthetic runs).
+
+Placement (hcx_megatron/rlhf/placement.py): --placement separate puts each model on its own rank partition with
+its own TP/PP (hcx_megatron/rlhf/ppo_separate.py runs those roles); colocated puts all four on the same ranks
+with the run's one layout (this module); auto (default) separates them when the world holds them.
 
 One PPO iteration = one rollout batch (--rollout-batch-size prompts) followed by --ppo-epochs passes over it in
 minibatches of --global-batch-size sequences; every minibatch is one optimizer step of the actor (a loop
@@ -39,7 +42,7 @@ from hcx_megatron.pretrain import load_run_tokenizer
 from hcx_megatron.rlhf import ppo_math as pm
 from hcx_megatron.rlhf.common import (apply_checkpoint_model_shape, freeze, load_model_weights,
                                       rank0, with_data_flag)
-from hcx_megatron.rlhf.placement import add_placement_args, plan_placement
+from hcx_megatron.rlhf import placement as ppo_placement
 from hcx_megatron.rlhf.rollout import (AsyncRollouts, Rollout, RolloutProducer, RolloutSettings, finalize,
                                        forward_collect, scaled_logits, split_micro, token_logprobs)
 from hcx_megatron.training.checkpoint import checkpoint_dir, read_latest_iteration, save_checkpoint
@@ -82,7 +85,7 @@ def add_ppo_args(parser) -> None:
     g.add_argument("--max-staleness", type=int, default=1,
                    help="async: a rollout is sampled at most this many PPO iterations behind the learner")
     g.add_argument("--critic-save", default=None, help="default: SAVE/critic")
-    add_placement_args(parser)
+    ppo_placement.add_placement_args(parser)
 
 
 def read_prompts(path: str, tokenizer) -> list[list[int]]:
@@ -379,7 +382,7 @@ class PPOActorTask:
         staleness = (ro.index - ro.version)
         record = {"kind": "ppo", "iteration": ctx.iteration, "rollout": ro.index + 1, **g,
                   "kl_coef": self.kl.value, "staleness": staleness,
-                  "max_staleness": self.args.max_staleness if self.async_rollouts else 0,
+                  "max_staleness": self.args.max_staleness if self.args.async_rollouts else 0,
                   "rollout_seconds": ro.gen_seconds,
                   "rollout_tokens_per_sec": gen_tokens / max(ro.gen_seconds, 1e-9),
                   **{k: sum(v) / len(v) for k, v in self._acc.items()}}
@@ -401,11 +404,10 @@ class PPOActorTask:
     def state_dict(self) -> dict[str, Any]:
         """Called by the loop right before it saves the actor: save the critic and, mid-iteration, the rollout
         buffer first (the actor's tracker is written last, so a complete actor checkpoint implies both). With
-        separate placement the critic saves on its own partition at the same iteration; wait for it."""
+        separate placement the critic saves on its own partition at the same iteration, while the actor writes
+        its own data; the actor's tracker waits for it (before_commit)."""
         k = self.ctx.iteration
-        if self.link is not None:
-            self.link.wait_critic_saved(k)
-        elif self.critic_root:
+        if self.link is None and self.critic_root:
             c = self.critic_ctx
             save_checkpoint(self.critic_root, k, c.chunks, c.optimizer, c.scheduler, c.cfg.to_dict())
         mid = k % self.spr != 0 and self.rollout is not None
@@ -414,6 +416,10 @@ class PPOActorTask:
                              self.rollout, self._acc)
             dist.barrier()
         return {"ppo": {"kl": self.kl.state_dict(), "mid_rollout": mid, "steps_per_rollout": self.spr}}
+
+    def before_commit(self) -> None:
+        if self.link is not None:
+            self.link.wait_critic_saved(self.ctx.iteration)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         ppo = state.get("ppo") or {}
@@ -458,7 +464,7 @@ def main(argv=None) -> int:
         raise SystemExit(f"hcx-ppo: --rollout-batch-size {args.rollout_batch_size} must be a multiple of "
                          f"--global-batch-size {t.global_batch_size}")
     try:
-        placement = plan_placement(args, cfg, cfg.runtime.world_size)
+        placement = ppo_placement.plan_placement(args, cfg, cfg.runtime.world_size)
         if placement.mode == "colocated":
             validate_config(cfg)
     except ConfigError as exc:

@@ -22,7 +22,7 @@ import json
 import os
 import random
 import shutil
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -122,7 +122,10 @@ def build_sharded_state_dict(chunks, optimizer=None, scheduler=None, iteration: 
 
 
 def save_checkpoint(root: str, iteration: int, chunks, optimizer, scheduler, config_dict: dict[str, Any],
-                    extra: dict[str, Any] | None = None, save_optim: bool = True) -> str:
+                    extra: dict[str, Any] | None = None, save_optim: bool = True,
+                    before_commit: Callable[[], None] | None = None) -> str:
+    """Write DIR/iter_N via a .tmp directory, then the tracker. `before_commit` runs on every rank once the data
+    are written and before the rename and the tracker (PPO: the actor waits there for its critic's save)."""
     final = checkpoint_dir(root, iteration)
     tmp = final + ".tmp"
     rank = dist.get_rank()
@@ -135,6 +138,8 @@ def save_checkpoint(root: str, iteration: int, chunks, optimizer, scheduler, con
     sd = build_sharded_state_dict(chunks, optimizer if save_optim else None, scheduler, iteration, extra)
     dist_checkpointing.save(sd, tmp, content_metadata={**SHARDING_METADATA, "world_size": dist.get_world_size()})
     dist.barrier()
+    if before_commit is not None:
+        before_commit()
     if rank == 0:
         with open(os.path.join(tmp, CONFIG_FILE), "w", encoding="utf-8") as f:
             json.dump({**config_dict, "iteration": iteration, "world_size": dist.get_world_size(),

@@ -67,6 +67,7 @@ class Task(Protocol):
 
     # Optional hooks (looked up with getattr; PPO on separate rank partitions uses them):
     #   agree_stop(preempted: bool) -> bool   after each step: the preemption decision of all partitions
+    #   before_commit() -> None               a save's data are written; its tracker is not yet
     #   after_save(ctx) -> None               after each checkpoint save
 
 
@@ -155,7 +156,8 @@ def evaluate(ctx: TrainContext, task: Task, eval_index: int) -> dict[str, float]
 def _save(ctx: TrainContext, task: Task) -> None:
     c = ctx.cfg.checkpoint
     save_checkpoint(c.save, ctx.iteration, ctx.chunks, ctx.optimizer, ctx.scheduler, ctx.cfg.to_dict(),
-                    extra=task.state_dict(), save_optim=not c.no_save_optim)
+                    extra=task.state_dict(), save_optim=not c.no_save_optim,
+                    before_commit=getattr(task, "before_commit", None))
     ctx.writer.write({"kind": "event", "event": "save", "iteration": ctx.iteration, "path": c.save})
     after_save = getattr(task, "after_save", None)  # optional: partitioned PPO tells the actor its critic is saved
     if after_save is not None:
@@ -200,8 +202,8 @@ def setup(cfg: Config, task: Task) -> TrainContext:
         writer.write({"kind": "event", "event": "load", "iteration": ctx.iteration, "path": ck.load,
                       "finetune": ck.finetune})
         if dist.get_rank() == 0:
-            print(f"[hcx] loaded {ck.load} at iteration {iteration}" + (" (finetune: weights only)" if ck.finetune else ""),
-                  flush=True)
+            note = " (finetune: weights only)" if ck.finetune else ""
+            print(f"[hcx] loaded {ck.load} at iteration {iteration}{note}", flush=True)
     return ctx
 
 

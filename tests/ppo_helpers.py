@@ -1,0 +1,27 @@
+"""Helpers of the PPO end-to-end tests (test_ppo.py, test_ppo_separate.py)."""
+
+from __future__ import annotations
+
+from hcx_megatron.rlhf.synthetic import read_jsonl
+
+
+def check(proc):
+    assert proc.returncode == 0, proc.stdout[-3000:] + "\n" + proc.stderr[-6000:]
+    return proc
+
+
+def ppo_args(sft: str, prompts: str, extra: list[str], **overrides) -> list[str]:
+    """PPO on the vocabulary-64 stand-in SFT model with the rule reward share:10-19; overrides replace flag
+    values, e.g. ppo_rollouts=2 -> --ppo-rollouts 2."""
+    args = ["--device", "cpu", "--sft-checkpoint", sft, "--prompt-data", prompts, "--rule-reward", "share:10-19",
+            "--rollout-batch-size", "32", "--global-batch-size", "16", "--micro-batch-size", "8",
+            "--ppo-epochs", "2", "--ppo-rollouts", "10", "--max-new-tokens", "12", "--lr", "3e-4",
+            "--min-lr", "3e-4", "--seq-length", "32", "--log-interval", "100", *extra]
+    for name, value in overrides.items():
+        flag = "--" + name.replace("_", "-")
+        args[args.index(flag) + 1] = str(value)
+    return args
+
+
+def records(path: str, kind: str) -> list[dict]:
+    return [r for r in read_jsonl(path) if r["kind"] == kind]
