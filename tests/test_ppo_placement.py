@@ -38,6 +38,9 @@ def test_auto_placement_separates_when_the_world_holds_the_models():
     assert p.describe().startswith("separate partitions: actor ranks 0-1 (TP 1, PP 1, DP 2), critic rank 2")
     two = _plan(2)
     assert two.mode == "colocated" and "no separate layout" in two.reason and "--actor-ranks" in two.reason
+    with pytest.raises(ConfigError, match="--actor-ranks"):  # a partition flag under auto: separate, or an error
+        _plan(2, ["--critic-ranks", "1"])
+    assert _plan(4, ["--placement", "colocated"]).mode == "colocated"
 
 
 def test_per_model_layouts_and_async_rollout_partition():

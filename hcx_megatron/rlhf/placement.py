@@ -14,7 +14,8 @@ the data parallelism its rank count leaves:
   --{role}-pipeline-model-parallel-size (defaults: one model-parallel group of the actor's TP x PP).
 
 --placement auto (the default) uses separate partitions when the world holds them with their default sizes
-and the layouts validate, colocated otherwise; the run's first line says which, and why.
+and the layouts validate, colocated otherwise; the run's first line says which, and why. Any partition flag
+(--actor-ranks, --critic-ranks, ...) makes auto mean separate, so a bad partition layout is an error.
 """
 
 from __future__ import annotations
@@ -116,6 +117,10 @@ def plan_placement(args, cfg: Config, world_size: int) -> Placement:
     actor_mp = p.tensor_model_parallel_size * p.pipeline_model_parallel_size
     if args.placement == "colocated":
         return Placement("colocated", {}, "--placement colocated")
+    # Partition flags under auto mean the user wants partitions: their errors are raised, not fallen back from.
+    explicit = args.placement == "separate" or args.actor_ranks is not None or any(
+        getattr(args, f"{role}_{what}") is not None for role in FROZEN_AND_CRITIC
+        for what in ("ranks", "tensor_model_parallel_size", "pipeline_model_parallel_size"))
     roles = ["critic", "reference"] + ([] if args.rule_reward else ["reward"])
     layouts: dict[str, RoleLayout] = {}
     for role in roles:
@@ -144,7 +149,7 @@ def plan_placement(args, cfg: Config, world_size: int) -> Placement:
         for role, layout in out.items():
             _validate(cfg, role, layout, args.rollout_batch_size)
     except ConfigError as exc:
-        if args.placement == "separate":
+        if explicit:
             raise
         return Placement("colocated", {}, f"--placement auto: no separate layout ({exc})")
     return Placement("separate", out)

@@ -245,6 +245,7 @@ class PPOActorTask:
         # Separate placement: the exchange with the critic/reference/reward (and rollout) partitions,
         # hcx_megatron.rlhf.ppo_separate.ActorLink. None when all models share the ranks.
         self.link = None
+        self._last_rollout_end = time.time()
 
     # -- set-up ---------------------------------------------------------------------------------------
     def setup(self, cfg: Config, device: str) -> None:
@@ -387,6 +388,9 @@ class PPOActorTask:
                   "rollout_tokens_per_sec": gen_tokens / max(ro.gen_seconds, 1e-9),
                   **{k: sum(v) / len(v) for k, v in self._acc.items()}}
         record["train_tokens_per_sec"] = record.pop("tokens_per_sec", 0.0)
+        now = time.time()  # wall time of the whole PPO iteration (the first one includes start-up)
+        record["iteration_seconds"] = now - self._last_rollout_end
+        self._last_rollout_end = now
         if self.link is not None:
             record["exchange_seconds"] = ro.exchange_seconds
         ctx.writer.write(record)
