@@ -20,11 +20,19 @@ from hcx_megatron.rlhf.rollout import assemble_rows, build_sequences, dp_rows, t
 pytestmark = pytest.mark.timeout(60)
 
 
-def _plan(world, flags=(), rule=True, async_=False, rollout_batch=8):
+def _parse(flags, world=1):
     argv = ["--mock-data", "--num-layers", "4", "--num-attention-heads", "4", "--num-query-groups", "2",
             "--hidden-size", "64", "--ffn-hidden-size", "128", "--micro-batch-size", "2", "--global-batch-size", "4",
             "--seq-length", "32", "--device", "cpu", *flags]
-    cfg, a = parse_config(argv, extra_args=add_placement_args, world_size=world, validate=False)
+    return parse_config(argv, extra_args=add_placement_args, world_size=world, validate=False)
+
+
+def _cfg(flags):
+    return _parse(flags)[0]
+
+
+def _plan(world, flags=(), rule=True, async_=False, rollout_batch=8):
+    cfg, a = _parse(flags, world)
     ns = argparse.Namespace(**vars(a), rule_reward="share:1-2" if rule else None, async_rollouts=async_,
                             rollout_batch_size=rollout_batch)
     return plan_placement(ns, cfg, world)
@@ -53,6 +61,17 @@ def test_per_model_layouts_and_async_rollout_partition():
         "actor": (2, 2, 1), "rollout": (2, 2, 1), "critic": (2, 1, 2), "reference": (2, 1, 1),
         "reward": (2, 2, 1)}
     assert list(p.roles) == ["actor", "rollout", "critic", "reference", "reward"]  # rank order
+    from hcx_megatron.rlhf.placement import rollout_weight_transfer
+
+    assert rollout_weight_transfer(p, _cfg(["--tensor-model-parallel-size", "2"])) == "p2p"  # a mirror of the actor
+    # A rollout partition with a layout of its own: weights go through dist checkpoints, which need a directory.
+    own = ["--tensor-model-parallel-size", "2", "--rollout-tensor-model-parallel-size", "1", "--save", "/tmp/x"]
+    q = _plan(7, own, async_=True)
+    assert {k: (v.ranks, v.tp) for k, v in q.roles.items()} == {
+        "actor": (2, 2), "rollout": (1, 1), "critic": (2, 2), "reference": (2, 2)}
+    assert rollout_weight_transfer(q, _cfg(own)) == "checkpoint"
+    with pytest.raises(ConfigError, match="--rollout-weights-dir"):
+        _plan(7, own[:-2], async_=True)
 
 
 @pytest.mark.parametrize("world,flags,needle", [

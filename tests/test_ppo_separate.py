@@ -5,8 +5,9 @@
   rounding;
 - a save in the middle of a PPO iteration resumes exactly; a signal to the reference partition alone stops the
   whole job at one iteration with both checkpoints written (exit 17 everywhere);
-- async rollouts from a rollout partition: staleness exactly min(r, 1) under TP1 and TP2, the same run in
-  both layouts, and a stop in the middle of an iteration drains the rollouts in flight and resumes;
+- async rollouts from a rollout partition: staleness exactly min(r, 1), the same run with a TP1 actor and
+  rollout partition (shard-to-shard weights) and with a TP2 actor sampling on TP1 (weights resharded through
+  dist checkpoints), and a stop in the middle of an iteration drains the rollouts in flight and resumes;
 - a trained reward model on its own TP2 partition scores exactly as it does colocated.
 """
 
@@ -156,11 +157,16 @@ def test_async_rollout_partition_under_tp_and_pp_layouts(ppo_small_vocab):
     assert [r["staleness"] for r in a] == [0, 1, 1] and all(r["max_staleness"] == 1 for r in a)
     assert a[1]["kl"] == pytest.approx(0.0, abs=1e-6)  # rollout 2 was sampled by the reference weights
     assert a[1]["clip_frac"] > 0  # ... and the learner has moved on: the ratio corrects for it
-    # The colocated layout restriction is gone: actor and rollout partitions at TP2.
-    proc = _run(6, sft, prompts, tp2, [*flags, "--tensor-model-parallel-size", "2",
+    # The colocated layout restriction is gone: the actor at TP2, sampling on a TP1 rollout partition that loads
+    # each weights version resharded from the dist checkpoint the actor writes (removed at the end).
+    weights = str(root / "async_weights")
+    proc = _run(5, sft, prompts, tp2, [*flags, "--tensor-model-parallel-size", "2",
+                                       "--rollout-tensor-model-parallel-size", "1",
                                        "--critic-tensor-model-parallel-size", "1",
-                                       "--reference-tensor-model-parallel-size", "1"], ppo_rollouts=3)
-    assert "actor ranks 0-1 (TP 2, PP 1, DP 1), rollout ranks 2-3 (TP 2, PP 1, DP 1)" in proc.stdout
+                                       "--reference-tensor-model-parallel-size", "1",
+                                       "--rollout-weights-dir", weights], ppo_rollouts=3)
+    assert "actor ranks 0-1 (TP 2, PP 1, DP 1), rollout rank 2 (TP 1, PP 1, DP 1)" in proc.stdout
+    assert not os.path.exists(weights)
     b = records(tp2, "ppo")
     assert [r["staleness"] for r in b] == [0, 1, 1]
     _same(a, b, exact=False)  # the schedule is deterministic, so async runs repeat under any layout

@@ -8,8 +8,10 @@ Each partition is a megatron world of its own (hcx_megatron/distributed/partitio
 the data parallelism its rank count leaves:
 - actor: the run's --tensor-model-parallel-size / --pipeline-model-parallel-size (/ virtual); trains the policy;
   in synchronous mode it also samples the rollouts.
-- rollout (--async-rollouts only): a copy of the actor, same layout and size, that samples rollout r+1.. while
-  the actor trains on rollout r; it receives the actor's weights shard to shard.
+- rollout (--async-rollouts only): samples rollout r+1.. while the actor trains on rollout r. By default a copy
+  of the actor (same layout and size) that receives the actor's weights shard to shard; with
+  --rollout-ranks / --rollout-tensor-model-parallel-size / --rollout-pipeline-model-parallel-size a layout of
+  its own, loading each weights version resharded from a dist checkpoint the actor writes.
 - critic, reference, reward: --{role}-ranks, --{role}-tensor-model-parallel-size,
   --{role}-pipeline-model-parallel-size (defaults: one model-parallel group of the actor's TP x PP).
 
@@ -62,13 +64,33 @@ def add_placement_args(parser) -> None:
     g.add_argument("--placement", choices=["auto", "colocated", "separate"], default="auto",
                    help="separate: each model on its own rank partition with its own TP/PP")
     g.add_argument("--actor-ranks", type=int, default=None, help="separate: default, the ranks left over")
-    for role in FROZEN_AND_CRITIC:
+    for role in FROZEN_AND_CRITIC + ("rollout",):
         g.add_argument(f"--{role}-ranks", type=int, default=None,
-                       help=f"separate: ranks of the {role} partition (default: one TP x PP group)")
+                       help=f"separate: ranks of the {role} partition (default: one TP x PP group"
+                            + ("; rollout: the actor's ranks and layout" if role == "rollout" else "") + ")")
         g.add_argument(f"--{role}-tensor-model-parallel-size", type=int, default=None,
                        help="default: the actor's --tensor-model-parallel-size")
         g.add_argument(f"--{role}-pipeline-model-parallel-size", type=int, default=None,
                        help="default: the actor's --pipeline-model-parallel-size")
+    g.add_argument("--rollout-weights-dir", default=None,
+                   help="async with a rollout layout other than the actor's: where the actor writes each weights "
+                        "version for the rollout partition to load (default SAVE/rollout_weights; must be visible "
+                        "to both partitions)")
+
+
+def _mirrors_actor(cfg: Config, layout: RoleLayout) -> bool:
+    p = cfg.parallel
+    return (layout.tp, layout.pp) == (p.tensor_model_parallel_size, p.pipeline_model_parallel_size)
+
+
+def rollout_weight_transfer(placement: "Placement", cfg: Config) -> str | None:
+    """How the async rollout partition gets the actor's weights: "p2p" (same layout and size: rank j sends its
+    shards to rank j) or "checkpoint" (another layout: the actor writes each version with dist_checkpointing and
+    the rollout partition loads it resharded, like any checkpoint). None without a rollout partition."""
+    r = placement.roles.get("rollout")
+    if r is None:
+        return None
+    return "p2p" if _mirrors_actor(cfg, r) and r.ranks == placement.roles["actor"].ranks else "checkpoint"
 
 
 def _flag(role: str, what: str) -> str:
@@ -80,7 +102,7 @@ def role_config(cfg: Config, role: str, layout: RoleLayout, rollout_batch: int) 
     their share of a rollout batch, so their 'global batch' is the rollout batch."""
     c = copy.deepcopy(cfg)
     c.runtime.world_size = layout.ranks
-    if role in ("actor", "rollout"):
+    if role == "actor" or (role == "rollout" and _mirrors_actor(cfg, layout)):
         return c
     p = c.parallel
     p.tensor_model_parallel_size, p.pipeline_model_parallel_size = layout.tp, layout.pp
@@ -104,7 +126,7 @@ def _validate(cfg: Config, role: str, layout: RoleLayout, rollout_batch: int) ->
     try:
         validate_config(role_config(cfg, role, layout, rollout_batch))
     except ConfigError as exc:
-        names = ("the actor's flags" if role in ("actor", "rollout") else
+        names = ("the actor's flags" if role == "actor" else
                  f"{_flag(role, 'ranks')} {layout.ranks}, {_flag(role, 'tensor-model-parallel-size')} {layout.tp}, "
                  f"{_flag(role, 'pipeline-model-parallel-size')} {layout.pp}")
         raise ConfigError(f"{role} partition ({names}): {exc}") from None
@@ -118,8 +140,9 @@ def plan_placement(args, cfg: Config, world_size: int) -> Placement:
     if args.placement == "colocated":
         return Placement("colocated", {}, "--placement colocated")
     # Partition flags under auto mean the user wants partitions: their errors are raised, not fallen back from.
+    sized = FROZEN_AND_CRITIC + ("rollout",)
     explicit = args.placement == "separate" or args.actor_ranks is not None or any(
-        getattr(args, f"{role}_{what}") is not None for role in FROZEN_AND_CRITIC
+        getattr(args, f"{role}_{what}") is not None for role in sized
         for what in ("ranks", "tensor_model_parallel_size", "pipeline_model_parallel_size"))
     roles = ["critic", "reference"] + ([] if args.rule_reward else ["reward"])
     layouts: dict[str, RoleLayout] = {}
@@ -127,7 +150,14 @@ def plan_placement(args, cfg: Config, world_size: int) -> Placement:
         tp = getattr(args, f"{role}_tensor_model_parallel_size") or p.tensor_model_parallel_size
         pp = getattr(args, f"{role}_pipeline_model_parallel_size") or p.pipeline_model_parallel_size
         layouts[role] = RoleLayout(getattr(args, f"{role}_ranks") or tp * pp, tp, pp)
-    copies = 2 if args.async_rollouts else 1  # the rollout partition mirrors the actor
+    # The async rollout partition mirrors the actor unless it is given a layout or size of its own.
+    own_rollout = args.async_rollouts and any(getattr(args, f"rollout_{w}") is not None for w in (
+        "ranks", "tensor_model_parallel_size", "pipeline_model_parallel_size"))
+    if own_rollout:
+        tp = args.rollout_tensor_model_parallel_size or p.tensor_model_parallel_size
+        pp = args.rollout_pipeline_model_parallel_size or p.pipeline_model_parallel_size
+        layouts = {"rollout": RoleLayout(args.rollout_ranks or tp * pp, tp, pp), **layouts}
+    copies = 2 if args.async_rollouts and not own_rollout else 1
     others = sum(r.ranks for r in layouts.values())
     actor_ranks = args.actor_ranks or (world_size - others) // copies
     try:
@@ -146,13 +176,20 @@ def plan_placement(args, cfg: Config, world_size: int) -> Placement:
         if copies == 2:
             out["rollout"] = actor
         out.update(layouts)
+        out = {name: out[name] for name in ORDER if name in out}  # rank order
+        placement = Placement("separate", out)
+        if (rollout_weight_transfer(placement, cfg) == "checkpoint" and not args.rollout_weights_dir
+                and not cfg.checkpoint.save):
+            raise ConfigError("the rollout partition's layout differs from the actor's, so weights go through "
+                              "dist checkpoints: give --save or --rollout-weights-dir (a directory both see)")
         for role, layout in out.items():
             _validate(cfg, role, layout, args.rollout_batch_size)
     except ConfigError as exc:
         if explicit:
             raise
         return Placement("colocated", {}, f"--placement auto: no separate layout ({exc})")
-    return Placement("separate", out)
+    return placement
 
 
-__all__ = ["Placement", "RoleLayout", "add_placement_args", "plan_placement", "role_config", "ORDER"]
+__all__ = ["Placement", "RoleLayout", "add_placement_args", "plan_placement", "role_config", "ORDER",
+           "rollout_weight_transfer"]

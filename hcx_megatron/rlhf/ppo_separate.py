@@ -14,10 +14,10 @@ One PPO iteration r (sync mode; the sampler is the actor):
     actor, critic  train their --ppo-epochs x minibatches concurrently, agreeing on preemption every step;
     critic    value-loss statistics                                       --stats-> actor (logs the iteration)
 
---async-rollouts adds a `rollout` partition (a copy of the actor: same layout and size) as the sampler. It
-samples rollout r with the weights of version max(v0, r - s) (s = --max-staleness, v = rollouts trained on,
-v0 = the version it started from), received shard to shard from the actor (rank j -> rank j) after the actor
-finishes rollout v - 1. So the sampler works on rollouts r+1..r+s while the actor and critic train on r, and
+--async-rollouts adds a `rollout` partition as the sampler. It samples rollout r with the weights of version
+max(v0, r - s) (s = --max-staleness, v = rollouts trained on, v0 = the version it started from), which the
+actor hands over after it finishes rollout v - 1: shard to shard (rank j -> rank j) when the rollout partition
+mirrors the actor's layout, else as a weights-only dist checkpoint it loads resharded. So the sampler works on rollouts r+1..r+s while the actor and critic train on r, and
 every rollout is exactly min(r - v0, s) versions old (logged as `staleness`). The schedule is a pure function
 of (v0, s, rollouts), which is what lets both sides know which messages are still in flight at a stop
 (`async_in_flight`).
@@ -130,6 +130,46 @@ def _param_list(chunks) -> list[torch.Tensor]:
     return [p for c in chunks for _, p in unwrap(c).named_parameters()]
 
 
+def save_weights_version(root: str, version: int, chunks) -> str:
+    """Weights-only dist checkpoint of version `version` (collective over the actor partition); returns its path,
+    which hcx_megatron.rlhf.common.load_model_weights reads under any layout."""
+    import os
+
+    import torch.distributed as dist
+    from megatron.core import dist_checkpointing
+
+    from hcx_megatron.rlhf.common import model_keys
+    from hcx_megatron.training.checkpoint import SHARDING_METADATA
+
+    path = os.path.join(root, f"v_{version:07d}")
+    if dist.get_rank() == 0:
+        if os.path.exists(path):  # left by a run stopped while writing it
+            import shutil
+
+            shutil.rmtree(path)
+        os.makedirs(path)
+    dist.barrier()
+    sd = {key: unwrap(c).sharded_state_dict(metadata=SHARDING_METADATA) for key, c in zip(model_keys(chunks), chunks)}
+    dist_checkpointing.save(sd, path, content_metadata=SHARDING_METADATA)
+    dist.barrier()
+    return path
+
+
+def prune_weight_versions(root: str, keep_from: int | None) -> None:
+    """Remove weights versions below `keep_from` (all with None): the sampler has loaded every version below
+    v - s by the time the actor publishes v (it sampled rollout v - 1 with version v - 1 - s or later)."""
+    import os
+    import shutil
+
+    if not os.path.isdir(root):
+        return
+    for name in os.listdir(root):
+        if name.startswith("v_") and (keep_from is None or int(name[2:]) < keep_from):
+            shutil.rmtree(os.path.join(root, name), ignore_errors=True)
+    if keep_from is None:
+        shutil.rmtree(root, ignore_errors=True)
+
+
 # ---------------------------------------------------------------------------------------------------------
 # sampling (the actor in sync mode, the rollout partition in async mode)
 # ---------------------------------------------------------------------------------------------------------
@@ -161,10 +201,12 @@ class ActorLink:
     """What PPOActorTask calls when the other models live on other partitions."""
 
     def __init__(self, part: Partition, settings: RolloutSettings, producer: RolloutProducer | None,
-                 device: str, steps_per_rollout: int, total_rollouts: int, max_staleness: int | None):
+                 device: str, steps_per_rollout: int, total_rollouts: int, max_staleness: int | None,
+                 weight_transfer: str | None = None, weights_dir: str | None = None):
         self.part, self.s, self.producer, self.device = part, settings, producer, device
         self.spr, self.total = steps_per_rollout, total_rollouts
         self.staleness = max_staleness  # None: sync (this partition samples)
+        self.transfer, self.weights_dir = weight_transfer, weights_dir  # async: "p2p" | "checkpoint"
         self._works: list = []
 
     @property
@@ -180,16 +222,23 @@ class ActorLink:
 
     # -- async weights ------------------------------------------------------------------------------------
     def _publish(self, version: int, first: int | None = None) -> None:
-        """Send this rank's weights to its twin on the rollout partition without waiting (the sampler takes
-        them when it needs this version: waiting here would deadlock against its rollout sends)."""
+        """Hand weights version `version` to the rollout partition without waiting for it (the sampler takes a
+        version when it needs it: waiting here would deadlock against its rollout sends)."""
         for w in self._works:
             w.wait()
-        pair = self.part.pair("rollout")
-        tensors = [p.detach().to("cpu", copy=True) for p in _param_list(self.ctx.chunks)]
-        self._works = [pair.send([t], 1, TAG_WEIGHT_TENSORS + i) for i, t in enumerate(tensors)]
-        self._keep = tensors
+        self._works = []
+        header = {"version": version, "first": first}
+        if self.transfer == "p2p":  # same layout: rank j's shards to rank j
+            pair = self.part.pair("rollout")
+            tensors = [p.detach().to("cpu", copy=True) for p in _param_list(self.ctx.chunks)]
+            self._works = [pair.send([t], 1, TAG_WEIGHT_TENSORS + i) for i, t in enumerate(tensors)]
+            self._keep = tensors
+        else:  # another layout: a weights-only dist checkpoint, loaded resharded on the other side
+            header["path"] = save_weights_version(self.weights_dir, version, self.ctx.chunks)
+            if self.part.is_leader and self.staleness is not None:
+                prune_weight_versions(self.weights_dir, keep_from=version - self.staleness)
         if self.part.is_leader:
-            self._works.append(self.part.isend("rollout", TAG_WEIGHTS, {"version": version, "first": first}))
+            self._works.append(self.part.isend("rollout", TAG_WEIGHTS, header))
 
     # -- per rollout ----------------------------------------------------------------------------------------
     def rollout(self, r: int, kl_coef: float) -> Rollout:
@@ -256,7 +305,9 @@ class ActorLink:
             for w in self._works:
                 w.wait()
             if part.is_leader:
-                part.send("rollout", TAG_WEIGHTS, {"stop": code})
+                part.send("rollout", TAG_WEIGHTS, {"stop": code})  # received after every version it loads
+                if self.transfer == "checkpoint":
+                    prune_weight_versions(self.weights_dir, keep_from=None)
         elif part.is_leader:
             for name in ("reference", "reward"):
                 if part.has(name):
@@ -430,14 +481,18 @@ def serve_frozen(part: Partition, role: str, chunks, settings: RolloutSettings, 
 # ---------------------------------------------------------------------------------------------------------
 # the async sampler partition
 # ---------------------------------------------------------------------------------------------------------
-def run_sampler(part: Partition, producer: RolloutProducer, chunks, total_rollouts: int, staleness: int) -> int:
+def run_sampler(part: Partition, producer: RolloutProducer, chunks, total_rollouts: int, staleness: int,
+                transfer: str = "p2p") -> int:
     """Sample rollouts with the actor's weights of version max(v0, r - s); returns the job's exit code."""
     params = _param_list(chunks)
-    pair = part.pair("actor")
+    pair = part.pair("actor") if transfer == "p2p" else None
 
     def receive_weights() -> dict:
         header = part.broadcast(part.recv("actor", TAG_WEIGHTS) if part.is_leader else None)
         if "stop" in header:
+            return header
+        if "path" in header:
+            load_model_weights(header["path"], chunks)
             return header
         with torch.no_grad():
             for i, p in enumerate(params):
@@ -495,6 +550,7 @@ def run_separate(cfg: Config, args, placement, spr: int, mpe: int, resume: int |
                  critic_root: str | None) -> int:
     """Start this process's partition and run its role. Every process of the job calls this."""
     import datetime
+    import os
 
     from hcx_megatron.config.args import resolve_device
     from hcx_megatron.distributed.env import resolve_dist_env
@@ -503,7 +559,7 @@ def run_separate(cfg: Config, args, placement, spr: int, mpe: int, resume: int |
     from hcx_megatron.model.builder import build_model
     from hcx_megatron.pretrain import load_run_tokenizer
     from hcx_megatron.rlhf.common import freeze
-    from hcx_megatron.rlhf.placement import role_config
+    from hcx_megatron.rlhf.placement import role_config, rollout_weight_transfer
     from hcx_megatron.rlhf.ppo import PPOActorTask, _score_fn, read_prompts, rollout_settings
     from hcx_megatron.training.loop import setup, train
 
@@ -516,6 +572,9 @@ def run_separate(cfg: Config, args, placement, spr: int, mpe: int, resume: int |
     rcfg = role_config(cfg, role, placement.roles[role], args.rollout_batch_size)
     total = cfg.training.train_iters // spr
     rule = _score_fn(args, None, device) if args.rule_reward else None
+    transfer = rollout_weight_transfer(placement, cfg)
+    weights_dir = args.rollout_weights_dir or (os.path.join(cfg.checkpoint.save, "rollout_weights")
+                                               if cfg.checkpoint.save else None)
 
     if role == "actor":
         task = PPOActorTask(args, spr, mpe)
@@ -529,7 +588,7 @@ def run_separate(cfg: Config, args, placement, spr: int, mpe: int, resume: int |
             settings, task.prompts, None, rule, ctx.device, ps.get_data_parallel_rank(),
             ps.get_data_parallel_world_size())
         link = ActorLink(part, settings, producer, ctx.device, spr, total,
-                         args.max_staleness if args.async_rollouts else None)
+                         args.max_staleness if args.async_rollouts else None, transfer, weights_dir)
         task.attach_separate(ctx, link)
         ctx.writer.write({"kind": "event", "event": "placement", "mode": "separate",
                           "roles": {k: vars(v) for k, v in placement.roles.items()}, "iteration": ctx.iteration})
@@ -576,7 +635,7 @@ def run_separate(cfg: Config, args, placement, spr: int, mpe: int, resume: int |
             else:  # rollout: the async sampler, a copy of the actor that receives its weights
                 producer = RolloutProducer(settings, read_prompts(args.prompt_data, tokenizer), None, rule, device,
                                            ps.get_data_parallel_rank(), ps.get_data_parallel_world_size())
-                code = run_sampler(part, producer, chunks, total, args.max_staleness)
+                code = run_sampler(part, producer, chunks, total, args.max_staleness, transfer)
     part.job_barrier()
     shutdown()
     return code
