@@ -17,8 +17,9 @@ One PPO iteration r (sync mode; the sampler is the actor):
 --async-rollouts adds a `rollout` partition as the sampler. It samples rollout r with the weights of version
 max(v0, r - s) (s = --max-staleness, v = rollouts trained on, v0 = the version it started from), which the
 actor hands over after it finishes rollout v - 1: shard to shard (rank j -> rank j) when the rollout partition
-mirrors the actor's layout, else as a weights-only dist checkpoint it loads resharded. So the sampler works on rollouts r+1..r+s while the actor and critic train on r, and
-every rollout is exactly min(r - v0, s) versions old (logged as `staleness`). The schedule is a pure function
+mirrors the actor's layout, else as a weights-only dist checkpoint it loads resharded. So the sampler works on
+rollouts r+1..r+s while the actor and critic train on r, and every rollout is exactly min(r - v0, s) versions
+old (logged as `staleness`). The schedule is a pure function
 of (v0, s, rollouts), which is what lets both sides know which messages are still in flight at a stop
 (`async_in_flight`).
 
@@ -36,20 +37,26 @@ signals with their next message, so a signal anywhere stops the job within one P
 from __future__ import annotations
 
 import copy
+import datetime
+import os
+import shutil
 import time
 from typing import Any
 
 import torch
+import torch.distributed as dist
+from megatron.core import dist_checkpointing
 from megatron.core import parallel_state as ps
 
 from hcx_megatron.config.args import CheckpointConfig, Config
 from hcx_megatron.distributed.partition import Partition
 from hcx_megatron.model.builder import unwrap
-from hcx_megatron.rlhf.common import load_model_weights
+from hcx_megatron.rlhf.common import load_model_weights, model_keys
 from hcx_megatron.rlhf.rollout import (Rollout, RolloutProducer, RolloutSettings, assemble_rows, dp_rows,
                                        finalize, forward_collect, scaled_logits, split_micro, take_rows,
                                        token_logprobs)
 from hcx_megatron.training import signals
+from hcx_megatron.training.checkpoint import SHARDING_METADATA
 
 TAG_SEQ, TAG_REF, TAG_SCORE, TAG_KL, TAG_ADV, TAG_STATS, TAG_VOTE, TAG_SAVED, TAG_WEIGHTS = range(1, 10)
 TAG_WEIGHT_TENSORS = 1000  # + parameter index, on the actor <-> rollout pair groups
@@ -133,19 +140,9 @@ def _param_list(chunks) -> list[torch.Tensor]:
 def save_weights_version(root: str, version: int, chunks) -> str:
     """Weights-only dist checkpoint of version `version` (collective over the actor partition); returns its path,
     which hcx_megatron.rlhf.common.load_model_weights reads under any layout."""
-    import os
-
-    import torch.distributed as dist
-    from megatron.core import dist_checkpointing
-
-    from hcx_megatron.rlhf.common import model_keys
-    from hcx_megatron.training.checkpoint import SHARDING_METADATA
-
     path = os.path.join(root, f"v_{version:07d}")
     if dist.get_rank() == 0:
         if os.path.exists(path):  # left by a run stopped while writing it
-            import shutil
-
             shutil.rmtree(path)
         os.makedirs(path)
     dist.barrier()
@@ -158,9 +155,6 @@ def save_weights_version(root: str, version: int, chunks) -> str:
 def prune_weight_versions(root: str, keep_from: int | None) -> None:
     """Remove weights versions below `keep_from` (all with None): the sampler has loaded every version below
     v - s by the time the actor publishes v (it sampled rollout v - 1 with version v - 1 - s or later)."""
-    import os
-    import shutil
-
     if not os.path.isdir(root):
         return
     for name in os.listdir(root):
@@ -425,7 +419,7 @@ class SeparateCriticTask:
         mid = k % self.spr != 0 and self.rollout is not None
         if mid:
             save_mid_rollout(rollout_file(self.cfg.checkpoint.save, k, "critic"), self.rollout, self._acc)
-            torch.distributed.barrier()
+            dist.barrier()
         return {"ppo_critic": {"mid_rollout": mid, "steps_per_rollout": self.spr}}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -549,9 +543,6 @@ def critic_config(cfg: Config, args, critic_root: str | None, resume: int | None
 def run_separate(cfg: Config, args, placement, spr: int, mpe: int, resume: int | None,
                  critic_root: str | None) -> int:
     """Start this process's partition and run its role. Every process of the job calls this."""
-    import datetime
-    import os
-
     from hcx_megatron.config.args import resolve_device
     from hcx_megatron.distributed.env import resolve_dist_env
     from hcx_megatron.distributed.initialize import initialize_distributed, shutdown
