@@ -196,6 +196,8 @@ def init_partitions(env: DistEnv, blocks: list[Block], backend: str,
         raise RuntimeError("init_partitions must run before torch.distributed is initialised")
     store = _store(env, timeout)
     block = block_of(blocks, env.rank)
+    if backend == "nccl":  # bind this rank's GPU before its communicators exist
+        torch.cuda.set_device(env.local_rank)
     dist.init_process_group(backend=backend, store=dist.PrefixStore(f"hcx/partition/{block.name}", store),
                             rank=env.rank - block.start, world_size=block.size, timeout=timeout)
     part = Partition(block, blocks, env.rank, store, timeout)
