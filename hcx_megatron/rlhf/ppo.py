@@ -174,7 +174,8 @@ def rollout_file(root: str, iteration: int, role: str = "") -> str:
 
 def save_mid_rollout(path: str, ro: Rollout, acc: dict) -> None:
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    torch.save({"rollout": ro.to_state(), "acc": acc}, path)
+    torch.save({"rollout": ro.to_state(), "acc": acc}, path + ".tmp")
+    os.replace(path + ".tmp", path)  # never a partial buffer under the final name
 
 
 def load_mid_rollout(path: str, device: str) -> tuple[Rollout, dict]:
@@ -280,7 +281,7 @@ class PPOActorTask:
         if self._pending.get("kl"):
             self.kl.load_state_dict(self._pending["kl"])
         self._restore_mid_rollout(ctx)
-        link.start(ctx, mid_rollout=self.rollout is not None)
+        link.start(ctx)
 
     def _restore_mid_rollout(self, ctx: TrainContext) -> None:
         if self._pending.get("mid_rollout"):

@@ -141,13 +141,18 @@ def save_weights_version(root: str, version: int, chunks) -> str:
     """Weights-only dist checkpoint of version `version` (collective over the actor partition); returns its path,
     which hcx_megatron.rlhf.common.load_model_weights reads under any layout."""
     path = os.path.join(root, f"v_{version:07d}")
+    tmp = path + ".tmp"  # renamed once complete: a stopped run never leaves a partial version under its name
     if dist.get_rank() == 0:
-        if os.path.exists(path):  # left by a run stopped while writing it
-            shutil.rmtree(path)
-        os.makedirs(path)
+        for stale in (tmp, path):
+            if os.path.exists(stale):
+                shutil.rmtree(stale)
+        os.makedirs(tmp)
     dist.barrier()
     sd = {key: unwrap(c).sharded_state_dict(metadata=SHARDING_METADATA) for key, c in zip(model_keys(chunks), chunks)}
-    dist_checkpointing.save(sd, path, content_metadata=SHARDING_METADATA)
+    dist_checkpointing.save(sd, tmp, content_metadata=SHARDING_METADATA)
+    dist.barrier()
+    if dist.get_rank() == 0:
+        os.replace(tmp, path)
     dist.barrier()
     return path
 
@@ -158,7 +163,7 @@ def prune_weight_versions(root: str, keep_from: int | None) -> None:
     if not os.path.isdir(root):
         return
     for name in os.listdir(root):
-        if name.startswith("v_") and (keep_from is None or int(name[2:]) < keep_from):
+        if name.startswith("v_") and (keep_from is None or int(name[2:].split(".")[0]) < keep_from):
             shutil.rmtree(os.path.join(root, name), ignore_errors=True)
     if keep_from is None:
         shutil.rmtree(root, ignore_errors=True)
@@ -207,7 +212,7 @@ class ActorLink:
     def is_async(self) -> bool:
         return self.staleness is not None
 
-    def start(self, ctx, mid_rollout: bool) -> None:
+    def start(self, ctx) -> None:
         self.ctx = ctx
         self.completed0 = ctx.iteration // self.spr
         self.first = -(-ctx.iteration // self.spr)  # rollouts consumed before this run
