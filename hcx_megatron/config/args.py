@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 from hcx_megatron.config.model import ModelConfig, get_preset, load_model_yaml
+from hcx_megatron.config.sequence import sequence_multiple_for
 from hcx_megatron.distributed.env import world_size_from_env
 
 
@@ -93,7 +94,8 @@ class LoggingConfig:
     log_interval: int = 1
     tensorboard_dir: str | None = None
     metrics_jsonl: str | None = None
-    peak_tflops: float = 989.0  # H100 SXM dense bf16
+    peak_tflops: float = 989.0  # H100 SXM dense bf16 (the MFU denominator of bf16/fp32 runs)
+    fp8_peak_tflops: float = 1979.0  # H100 SXM dense FP8 (the MFU denominator of --fp8-format runs)
 
 
 @dataclass
@@ -233,7 +235,10 @@ def build_parser(description: str = "hcx_megatron training") -> argparse.Argumen
     g.add_argument("--log-interval", type=int, default=1)
     g.add_argument("--tensorboard-dir", default=None)
     g.add_argument("--metrics-jsonl", default=None)
-    g.add_argument("--peak-tflops", type=float, default=989.0, help="per-GPU peak for MFU (H100 SXM bf16 dense: 989)")
+    g.add_argument("--peak-tflops", type=float, default=989.0,
+                   help="per-GPU dense bf16 peak, the MFU denominator of bf16 runs (H100 SXM: 989)")
+    g.add_argument("--fp8-peak-tflops", type=float, default=1979.0,
+                   help="per-GPU dense FP8 peak, the MFU denominator of --fp8-format runs (H100 SXM: 1979)")
 
     g = p.add_argument_group("runtime")
     g.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
@@ -350,16 +355,18 @@ def validate_config(cfg: Config) -> None:
         raise ConfigError(
             f"--global-batch-size ({t.global_batch_size}) must be divisible by --micro-batch-size "
             f"({t.micro_batch_size}) x data-parallel size ({dp}) = {t.micro_batch_size * dp}")
+    seq_multiple = sequence_multiple_for(cfg)  # the one padding rule (config/sequence.py); pretraining can't pad
     for name, seq in (("--seq-length", t.seq_length), ("--long-context-seq-length", t.long_context_seq_length)):
         if seq is None:
             continue
         if seq > m.max_position_embeddings:
             raise ConfigError(f"{name} ({seq}) exceeds --max-position-embeddings ({m.max_position_embeddings})")
-        if p.sequence_parallel and seq % tp:
-            raise ConfigError(f"{name} ({seq}) must be divisible by --tensor-model-parallel-size ({tp}) "
-                              "with --sequence-parallel")
-        if cp > 1 and seq % (2 * cp):
-            raise ConfigError(f"{name} ({seq}) must be divisible by 2 x --context-parallel-size ({2 * cp})")
+        if seq % seq_multiple:
+            sp = "on" if p.sequence_parallel else "off"
+            raise ConfigError(
+                f"{name} ({seq}) must be a multiple of {seq_multiple}, the sequence multiple of this layout: "
+                f"--tensor-model-parallel-size ({tp}) with --sequence-parallel ({sp}), "
+                f"--context-parallel-size ({cp}), --fp8-format ({cfg.runtime.fp8_format or 'off'})")
     if not 0.0 < t.long_context_start_fraction < 1.0:
         raise ConfigError("--long-context-start-fraction must be in (0, 1)")
     if t.recompute_granularity == "full" and t.recompute_method is None:
@@ -393,6 +400,15 @@ def validate_config(cfg: Config) -> None:
                           "use --dataloader torch")
     if cfg.runtime.fp8_format and cfg.runtime.transformer_impl == "local":
         raise ConfigError("--fp8-format needs --transformer-impl transformer_engine (or auto with TE installed)")
+    if cfg.runtime.fp8_format and device == "cuda":
+        # Without TE, megatron's FP8 context is a null context and the local spec would train in bf16 while the
+        # user asked for FP8: refuse, and say why TE does not import.
+        from hcx_megatron.model.spec import transformer_engine_import_error
+
+        error = transformer_engine_import_error()
+        if error is not None:
+            raise ConfigError(f"--fp8-format {cfg.runtime.fp8_format} needs Transformer Engine, which does not import "
+                              f"here ({error}); install it (pip install .[gpu]) or drop --fp8-format")
 
 
 def parse_config(

@@ -24,7 +24,36 @@ def _no_init(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
-def transformer_config_from(cfg: Config, impl: str, device: str) -> TransformerConfig:
+def fused_kernel_settings(device: str, main_grads: bool = True) -> dict[str, bool]:
+    """megatron-core's kernel-fusion switches for this device. CPU mode runs everything unfused (CPU results
+    must not depend on fusion, and the fused kernels are CUDA ones). On CUDA:
+    - bias_activation_fusion / bias_dropout_fusion: megatron's own fused SwiGLU and bias-dropout-add
+      (torch.compile'd), available wherever CUDA is;
+    - apply_rope_fusion: Transformer Engine's fused RoPE, when megatron found it (TE installed);
+    - gradient_accumulation_fusion: weight gradients accumulated straight into DDP's fp32 main_grad buffers.
+      Needs megatron's output layer (a plain ColumnParallelLinear, whatever the spec) to find apex's
+      `fused_weight_gradient_mlp_cuda`, and main_grad buffers to exist (DDP-wrapped models that train);
+    - masked_softmax_fusion / persist_layer_norm stay off: they serve megatron's DotProductAttention and apex
+      LayerNorm, which neither of our specs uses (SDPA or TE attention; RMSNorm).
+    """
+    if device != "cuda":
+        return dict(bias_activation_fusion=False, bias_dropout_fusion=False, apply_rope_fusion=False,
+                    gradient_accumulation_fusion=False, masked_softmax_fusion=False, persist_layer_norm=False)
+    from megatron.core.models.common.embeddings import rope_utils
+    from megatron.core.tensor_parallel import layers
+
+    return dict(
+        bias_activation_fusion=True,
+        bias_dropout_fusion=True,
+        apply_rope_fusion=rope_utils.fused_apply_rotary_pos_emb is not None,
+        gradient_accumulation_fusion=main_grads and layers._grad_accum_fusion_available,
+        masked_softmax_fusion=False,
+        persist_layer_norm=False,
+    )
+
+
+def transformer_config_from(cfg: Config, impl: str, device: str, main_grads: bool = True) -> TransformerConfig:
+    """main_grads: the model will be DDP-wrapped (fp32 main_grad buffers exist for fused gradient accumulation)."""
     m, p, t = cfg.model, cfg.parallel, cfg.training
     dtype = torch.bfloat16 if t.bf16 else torch.float32
     kwargs = {}
@@ -72,13 +101,7 @@ def transformer_config_from(cfg: Config, impl: str, device: str) -> TransformerC
         pipeline_dtype=dtype,
         bf16=t.bf16,
         autocast_dtype=dtype,
-        # Fused kernels come from apex/TE; the local spec on CPU runs unfused.
-        bias_activation_fusion=False,
-        masked_softmax_fusion=False,
-        bias_dropout_fusion=False,
-        apply_rope_fusion=False,
-        gradient_accumulation_fusion=False,
-        persist_layer_norm=False,
+        **fused_kernel_settings(device, main_grads),
         recompute_granularity=t.recompute_granularity,
         recompute_method=t.recompute_method,
         recompute_num_layers=t.recompute_num_layers if t.recompute_granularity == "full" else None,
@@ -141,7 +164,7 @@ def build_model(cfg: Config, device: str, factory: ModelFactory | None = None, w
                 initialize: bool = True) -> BuiltModel:
     """Build this rank's model chunks. Requires parallel_state to be initialised."""
     layer_spec, impl = select_layer_spec(cfg.runtime.transformer_impl, device)
-    tconfig = transformer_config_from(cfg, impl, device)
+    tconfig = transformer_config_from(cfg, impl, device, main_grads=wrap_ddp)
     factory = factory or gpt_factory(cfg, impl)
     vpp = cfg.parallel.virtual_pipeline_model_parallel_size
     stages = list(range(vpp)) if vpp else [None]

@@ -47,6 +47,8 @@ class ScalarHead(torch.nn.Module):
 class ScalarHeadGPT(GPTModel):
     """GPTModel whose last stage returns per-token scalars [b, s] instead of logits/loss."""
 
+    output_size = 1  # width of the output projection (the training loop's FLOP count reads it; LM: vocabulary)
+
     def __init__(self, *args, **kwargs):
         kwargs["share_embeddings_and_output_weights"] = False  # no LM output layer to tie to
         super().__init__(*args, **kwargs)

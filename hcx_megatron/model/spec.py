@@ -11,6 +11,7 @@ The local spec keeps megatron-core's TransformerLayer/SelfAttention/MLP and only
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Optional
 
@@ -23,13 +24,19 @@ from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 
-def transformer_engine_available() -> bool:
+def transformer_engine_import_error() -> str | None:
+    """None when Transformer Engine and megatron-core's TE extension import; otherwise why not (the exception,
+    e.g. TE missing, or present but built for another CUDA/torch), so callers can say it instead of guessing."""
     try:
         import transformer_engine  # noqa: F401
         from megatron.core.extensions import transformer_engine as _te  # noqa: F401
-    except Exception:  # ImportError, or TE present but broken for this CUDA
-        return False
-    return True
+    except Exception as exc:  # ImportError, or TE present but broken for this CUDA (OSError, RuntimeError, ...)
+        return f"{type(exc).__name__}: {exc}"
+    return None
+
+
+def transformer_engine_available() -> bool:
+    return transformer_engine_import_error() is None
 
 
 class RMSNorm(torch.nn.Module):
@@ -111,14 +118,25 @@ def te_layer_spec() -> ModuleSpec:
 
 def select_layer_spec(transformer_impl: str, device: str) -> tuple[ModuleSpec, str]:
     """Returns (spec, impl name). 'auto' takes TE on GPU when importable."""
-    if transformer_impl == "transformer_engine" or (
-        transformer_impl == "auto" and device == "cuda" and transformer_engine_available()
-    ):
-        if not transformer_engine_available():
-            raise RuntimeError("--transformer-impl transformer_engine but Transformer Engine is not importable "
-                               "(pip install .[gpu] inside a CUDA environment)")
+    if transformer_impl == "local" or (transformer_impl == "auto" and device != "cuda"):
+        return local_layer_spec(), "local"
+    error = transformer_engine_import_error()
+    if error is None:
         return te_layer_spec(), "transformer_engine"
+    if transformer_impl == "transformer_engine":
+        raise RuntimeError(f"--transformer-impl transformer_engine but Transformer Engine does not import ({error}); "
+                           "pip install .[gpu] inside a CUDA environment")
+    # auto on CUDA: the local spec still trains correctly (bf16, SDPA attention), but say why TE is not used.
+    # FP8 never gets here: validate_config rejects --fp8-format without an importable TE.
+    _say_te_fallback(error)
     return local_layer_spec(), "local"
+
+
+@functools.lru_cache(maxsize=None)
+def _say_te_fallback(error: str) -> None:
+    """Print the reason once per process (the spec is selected once per model built)."""
+    print(f"[hcx] --transformer-impl auto: Transformer Engine does not import ({error}); using the local spec",
+          flush=True)
 
 
 def final_norm_class(impl: str):

@@ -2,8 +2,8 @@
 
 Convention (Megatron-LM / PaLM): count 2 FLOPs per multiply-accumulate of every matmul, ignore
 element-wise work (norms, activations, softmax, RoPE), and count the attention score and
-attention-over-values matmuls over the FULL sequence (no causal halving), as Narayanan et al.
-2021 and PaLM's "6N + 12·L·H·Q·T" do. With
+attention-over-values matmuls over the FULL sequence by default (no causal halving), as Narayanan et al.
+2021 and PaLM's "6N + 12·L·H·Q·T" do (see "Causal attention" below for NVIDIA's current convention). With
 
     h = hidden_size, L = num_layers, s = seq_length, V = padded vocabulary,
     a = num_attention_heads, g = num_query_groups, d = head dim (kv_channels),
@@ -24,6 +24,12 @@ and the model FLOPs of one token for forward + backward (backward = 2 x forward)
 which is 6·N_matmul + 12·L·s·a·d with N_matmul the weights of every matmul (the input embedding
 is a lookup and costs nothing). For GPT-3-style models (g = a, a·d = h, f = 4h, G = 1) it reduces
 to Narayanan et al.'s 72·L·h²·(1 + s/(6h) + V/(12·L·h)) per token.
+
+Causal attention: a causal mask makes half of the score and probs·V work unnecessary, and flash-attention
+kernels skip it. NVIDIA's current published tables (Megatron-Bridge, NeMo performance docs; Megatron-LM's
+`num_floating_point_operations`) count it half; `causal=True` does the same (core attention 2·s·a·d per token),
+and training metrics report both figures so numbers compare with either convention. Heads: a reward or value
+model has a hidden -> 1 projection instead of the vocabulary (`output_size=1`).
 
 Hardware FLOPs add the recomputed forward work: full recompute re-runs F_layer for every
 recomputed layer (4·L·F_layer + 3·F_out, Narayanan's 96·L·h²·(1 + s/(6h) + V/(16·L·h)) for GPT),
@@ -47,33 +53,40 @@ def _gated(cfg: ModelConfig) -> bool:
     return cfg.activation.lower() in ("swiglu", "geglu", "reglu")
 
 
-def layer_forward_flops_per_token(cfg: ModelConfig, seq_length: int) -> dict[str, float]:
-    """Forward FLOPs of one transformer layer for one token, by part (see module docstring)."""
+def layer_forward_flops_per_token(cfg: ModelConfig, seq_length: int, *, causal: bool = False) -> dict[str, float]:
+    """Forward FLOPs of one transformer layer for one token, by part (see module docstring).
+    causal=True counts the core attention half (NVIDIA's convention for causal masks)."""
     h, d, a, g, f = cfg.hidden_size, cfg.head_dim, cfg.num_attention_heads, cfg.num_query_groups, cfg.ffn_hidden_size
     gate = 2 if _gated(cfg) else 1
     return {
         "qkv": 2.0 * h * (a * d + 2 * g * d),
-        "core_attention": 4.0 * seq_length * a * d,
+        "core_attention": (2.0 if causal else 4.0) * seq_length * a * d,
         "attn_proj": 2.0 * a * d * h,
         "mlp": 2.0 * h * gate * f + 2.0 * f * h,
     }
 
 
-def forward_flops_per_token(cfg: ModelConfig, seq_length: int, *, padded_vocab: int | None = None) -> float:
-    """Forward FLOPs of the whole model for one token: L·F_layer + 2·h·V."""
-    per_layer = sum(layer_forward_flops_per_token(cfg, seq_length).values())
-    return cfg.num_layers * per_layer + 2.0 * cfg.hidden_size * _vocab(cfg, padded_vocab)
+def forward_flops_per_token(cfg: ModelConfig, seq_length: int, *, padded_vocab: int | None = None,
+                            causal: bool = False, output_size: int | None = None) -> float:
+    """Forward FLOPs of the whole model for one token: L·F_layer + 2·h·V (V = output_size when given: 1 for a
+    scalar reward/value head)."""
+    per_layer = sum(layer_forward_flops_per_token(cfg, seq_length, causal=causal).values())
+    out = output_size if output_size is not None else _vocab(cfg, padded_vocab)
+    return cfg.num_layers * per_layer + 2.0 * cfg.hidden_size * out
 
 
-def model_flops_per_token(cfg: ModelConfig, seq_length: int, *, padded_vocab: int | None = None) -> float:
+def model_flops_per_token(cfg: ModelConfig, seq_length: int, *, padded_vocab: int | None = None,
+                          causal: bool = False, output_size: int | None = None) -> float:
     """Forward + backward MODEL FLOPs for one token, without recomputation (the MFU numerator).
 
     = 3·(L·F_layer + 2·h·V), F_layer as in the module docstring. `padded_vocab` defaults to the
-    vocabulary padded for TP=1 (pass the run's padded size for exactness when TP > 1).
+    vocabulary padded for TP=1 (pass the run's padded size for exactness when TP > 1). `causal` and
+    `output_size` as in forward_flops_per_token.
     """
     if seq_length < 1:
         raise ValueError(f"seq_length must be >= 1, got {seq_length}")
-    return 3.0 * forward_flops_per_token(cfg, seq_length, padded_vocab=padded_vocab)
+    return 3.0 * forward_flops_per_token(cfg, seq_length, padded_vocab=padded_vocab, causal=causal,
+                                         output_size=output_size)
 
 
 def recomputed_layers(num_layers: int, recompute_granularity: str | None, recompute_method: str | None = None,

@@ -22,10 +22,10 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from hcx_megatron.config.args import Config
 from hcx_megatron.distributed.initialize import initialize_distributed, shutdown
-from hcx_megatron.model.builder import BuiltModel, ModelFactory, build_model
+from hcx_megatron.model.builder import BuiltModel, ModelFactory, build_model, unwrap
 from hcx_megatron.training import signals
 from hcx_megatron.training.checkpoint import load_checkpoint, read_latest_iteration, save_checkpoint
-from hcx_megatron.training.metrics import MetricsWriter, memory_gb
+from hcx_megatron.training.metrics import MetricsWriter, memory_gb, step_throughput
 from hcx_megatron.training.optimizer import build_optimizer
 
 
@@ -210,8 +210,7 @@ def setup(cfg: Config, task: Task) -> TrainContext:
 def train(ctx: TrainContext, task: Task, on_step: Callable[[TrainContext, dict], None] | None = None) -> int:
     """Run from ctx.iteration to --train-iters. Returns the process exit code (0, or 17 when preempted)."""
     cfg, t = ctx.cfg, ctx.cfg.training
-    peak = cfg.logging.peak_tflops
-    flops_per_token = _flops_per_token(cfg)
+    output_size = getattr(unwrap(ctx.chunks[0]), "output_size", None)  # scalar heads: 1, LM: the vocabulary
     saved_at = None
     while ctx.iteration < t.train_iters:
         batches = task.train_batches(ctx.iteration)
@@ -219,8 +218,6 @@ def train(ctx: TrainContext, task: Task, on_step: Callable[[TrainContext, dict],
         stats, grad_norm, ok = train_step(ctx, task, batches)
         step_time = time.time() - start
         ctx.iteration += 1
-        world = dist.get_world_size()
-        tflops = flops_per_token(batches.seq_length) * batches.global_tokens / step_time / world / 1e12
         record = {
             "kind": "train",
             "iteration": ctx.iteration,
@@ -229,10 +226,8 @@ def train(ctx: TrainContext, task: Task, on_step: Callable[[TrainContext, dict],
             "grad_norm": grad_norm,
             "update_skipped": not ok,
             "step_time_s": step_time,
-            "tokens_per_sec": batches.global_tokens / step_time,
-            "tokens_per_sec_per_gpu": batches.global_tokens / step_time / world,
-            "tflops_per_gpu": tflops,
-            "mfu": tflops / peak,
+            **step_throughput(cfg, batches.seq_length, batches.global_tokens, step_time, dist.get_world_size(),
+                              output_size),
             "consumed_samples": ctx.iteration * t.global_batch_size,
             "seq_length": batches.seq_length,
             "mem_gb": memory_gb(ctx.device),
@@ -270,19 +265,6 @@ def train(ctx: TrainContext, task: Task, on_step: Callable[[TrainContext, dict],
     if cfg.checkpoint.save and saved_at != ctx.iteration:
         _save(ctx, task)
     return 0
-
-
-def _flops_per_token(cfg: Config) -> Callable[[int], float]:
-    from hcx_megatron.training.metrics import model_flops_per_token
-
-    cache: dict[int, float] = {}
-
-    def f(seq_length: int) -> float:
-        if seq_length not in cache:
-            cache[seq_length] = model_flops_per_token(cfg.model, seq_length, padded_vocab=cfg.padded_vocab_size)
-        return cache[seq_length]
-
-    return f
 
 
 def run(cfg: Config, task: Task, on_step=None, after_train: Callable[[TrainContext], None] | None = None) -> int:

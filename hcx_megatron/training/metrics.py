@@ -12,11 +12,37 @@ import psutil
 import torch
 
 
-def model_flops_per_token(model_cfg, seq_length: int, padded_vocab: int | None = None) -> float:
-    """Forward+backward model FLOPs per token (no recompute), from hcx_megatron.perf.flops."""
-    from hcx_megatron.perf.flops import model_flops_per_token as impl
+def step_throughput(cfg, seq_length: int, global_tokens: int, step_time_s: float, num_gpus: int,
+                    output_size: int | None = None) -> dict[str, float]:
+    """Throughput fields of one training step's metrics record.
 
-    return impl(model_cfg, seq_length, padded_vocab=padded_vocab)
+    Model FLOPs come from hcx_megatron.perf.flops: `tflops_per_gpu` and `mfu` count causal attention half, as
+    NVIDIA's published tables (Megatron-Bridge, NeMo) do; the `*_full_attention` fields count it whole
+    (Narayanan et al.'s convention). MFU divides by the peak of the run's precision (--fp8-peak-tflops for
+    --fp8-format runs, else --peak-tflops). `output_size`: width of the model's output projection when it is
+    not the vocabulary (1 for reward and value heads). `num_gpus` is the whole world (TP x PP x CP x DP):
+    every rank, whatever its role, is a GPU the step occupied.
+    """
+    from hcx_megatron.perf.flops import model_flops_per_token
+
+    per_token = {
+        causal: model_flops_per_token(cfg.model, seq_length, padded_vocab=cfg.padded_vocab_size, causal=causal,
+                                      output_size=output_size)
+        for causal in (True, False)
+    }
+    peak = cfg.logging.fp8_peak_tflops if cfg.runtime.fp8_format else cfg.logging.peak_tflops
+    tokens_per_sec = global_tokens / step_time_s
+    per_gpu = tokens_per_sec / num_gpus
+    tflops, tflops_full = per_token[True] * per_gpu / 1e12, per_token[False] * per_gpu / 1e12
+    return {
+        "tokens_per_sec": tokens_per_sec,
+        "tokens_per_sec_per_gpu": per_gpu,
+        "tflops_per_gpu": tflops,
+        "tflops_per_gpu_full_attention": tflops_full,
+        "mfu": tflops / peak,
+        "mfu_full_attention": tflops_full / peak,
+        "peak_tflops": peak,
+    }
 
 
 def memory_gb(device: str) -> float:
