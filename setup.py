@@ -8,8 +8,9 @@ setup(
     python_requires=">=3.10",
     install_requires=[
         # torch is not pinned here: clusters bring their own CUDA build (NGC); CPU dev pins it in
-        # requirements-dev.txt.
-        "torch>=2.4",
+        # requirements-dev.txt. 2.5 is the first with scaled_dot_product_attention(enable_gqa=...), which the
+        # local spec's SDPAAttention passes.
+        "torch>=2.5",
         "megatron-core==0.16.1",
         "numpy",
         "pyyaml",

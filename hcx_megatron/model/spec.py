@@ -3,8 +3,8 @@ torch SDPA attention and a sequence-parallel-capable RMSNorm.
 
 The local spec keeps megatron-core's TransformerLayer/SelfAttention/MLP and only swaps two submodules:
 - core attention -> `SDPAAttention` (torch.nn.functional.scaled_dot_product_attention: flash/memory-efficient
-  kernels on GPU, a fused kernel on CPU), instead of megatron's DotProductAttention, which materialises the
-  [b, n, s, s] score matrix;
+  kernels on GPU, a fused kernel on CPU; `sdpa_call_plan` says which call each case gets), instead of megatron's
+  DotProductAttention, which materialises the [b, n, s, s] score matrix;
 - norms -> `RMSNorm`, which marks its weight `sequence_parallel` so megatron's finalize_model_grads
   all-reduces its gradient over the TP group (megatron's WrappedTorchNorm refuses sequence parallel).
 """
@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import math
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -51,6 +52,52 @@ class RMSNorm(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+
+
+# SDPA kernels by the names the probe (hcx_megatron/model/attention_probe.py) reports for the aten ops it sees.
+FLASH, EFFICIENT, CUDNN, FLASH_CPU, MATH = "flash", "efficient", "cudnn", "flash_cpu", "math"
+FLASH_MAX_HEAD_DIM = 256  # torch's CUDA flash kernel refuses larger heads (sdp_utils.cpp, check_head_dim_size_flash)
+_HALF_DTYPES = (torch.float16, torch.bfloat16)
+_EFFICIENT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)  # CUDA memory-efficient kernel on sm80+
+
+
+@dataclass(frozen=True)
+class SDPACallPlan:
+    expand_kv: bool  # repeat K/V heads to the query heads before the call
+    enable_gqa: bool  # let SDPA read the K/V groups in place
+    kernels: tuple[str, ...]  # what torch may select for this call (cuDNN where the torch build ranks it first)
+
+
+def sdpa_call_plan(dtype: torch.dtype, has_mask: bool, gqa: bool, device_type: str,
+                   head_dim: int = 128) -> SDPACallPlan:
+    """How SDPAAttention calls torch SDPA so that the call lands on a fused kernel, never the math one.
+
+    torch 2.5-2.13 on CUDA (sdp_utils.cpp): flash takes fp16/bf16, no mask, head_dim <= 256, and K/V groups with
+    `enable_gqa`; memory-efficient takes fp16/bf16/fp32 and masks but not GQA; cuDNN (ranked first on some
+    GPUs/torch builds) takes fp16/bf16, masks and GQA. An explicit mask or fp32 therefore rules flash out, and with
+    `enable_gqa=True` nothing fused is left: SDPA falls to math, which materialises [b, n, s, s] scores. Those cases
+    expand K/V heads instead (O(s) extra memory, exactly what SDPA's own GQA does inside the math kernel).
+
+    | case (GQA)                          | CUDA call        | CUDA kernel          | CPU call   | CPU kernel |
+    |-------------------------------------|------------------|----------------------|------------|------------|
+    | (a) causal, no mask, bf16/fp16      | enable_gqa       | flash (or cuDNN)     | enable_gqa | flash_cpu  |
+    | (b) causal, no mask, fp32           | expand K/V       | efficient            | enable_gqa | flash_cpu  |
+    | (c) block-causal mask, bf16/fp16    | expand K/V       | efficient (or cuDNN) | enable_gqa | flash_cpu  |
+    | (d) block-causal mask, fp32         | expand K/V       | efficient            | enable_gqa | flash_cpu  |
+    | (e) no GQA (heads == groups)        | plain            | as the GQA row       | plain      | flash_cpu  |
+
+    head_dim > 256 in bf16/fp16 without a mask is handled like (b). CPU's fused kernel takes every float dtype,
+    masks and GQA, but not dropout (attention dropout > 0 in training runs math on CPU). Devices other than CPU
+    get the CUDA call, which is correct everywhere; fp64 on CUDA has no fused kernel at all.
+    """
+    if device_type == "cpu":
+        return SDPACallPlan(expand_kv=False, enable_gqa=gqa, kernels=(FLASH_CPU,))
+    if dtype in _HALF_DTYPES and not has_mask and head_dim <= FLASH_MAX_HEAD_DIM:
+        return SDPACallPlan(expand_kv=False, enable_gqa=gqa, kernels=(CUDNN, FLASH))
+    if dtype in _EFFICIENT_DTYPES:
+        kernels = (CUDNN, EFFICIENT) if dtype in _HALF_DTYPES else (EFFICIENT,)
+        return SDPACallPlan(expand_kv=gqa, enable_gqa=False, kernels=kernels)
+    return SDPACallPlan(expand_kv=False, enable_gqa=gqa, kernels=(MATH,))
 
 
 class SDPAAttention(MegatronModule):
@@ -93,9 +140,16 @@ class SDPAAttention(MegatronModule):
             is_causal, mask = mask_type == AttnMaskType.causal, None
         else:
             is_causal, mask = False, ~attention_mask  # SDPA: True = attend
+        plan = sdpa_call_plan(q.dtype, mask is not None, gqa, q.device.type, q.shape[-1])
+        if plan.expand_kv:
+            # megatron lays query heads out group by group (q1 q2 k1 v1 | q3 q4 k2 v2 | ...): head h reads group
+            # h // heads_per_group, which is what repeat_interleave (and SDPA's own enable_gqa) produces.
+            heads_per_group = q.shape[1] // k.shape[1]
+            k, v = k.repeat_interleave(heads_per_group, dim=1), v.repeat_interleave(heads_per_group, dim=1)
         out = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, is_causal=is_causal,
-            dropout_p=self.dropout_p if self.training else 0.0, scale=self.softmax_scale, enable_gqa=gqa,
+            dropout_p=self.dropout_p if self.training else 0.0, scale=self.softmax_scale,
+            enable_gqa=plan.enable_gqa,
         )
         s, b = out.shape[2], out.shape[0]
         return out.permute(2, 0, 1, 3).reshape(s, b, -1)
