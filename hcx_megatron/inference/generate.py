@@ -44,6 +44,7 @@ from megatron.core import parallel_state as ps
 from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.tensor_parallel.mappings import gather_from_tensor_model_parallel_region
 
+from hcx_megatron.config.sequence import pad_length, sequence_multiple_of_model
 from hcx_megatron.tokenizer.special_tokens import ENDOFTURN, PAD, SPECIAL_TOKEN_IDS
 
 ENDOFTURN_ID = SPECIAL_TOKEN_IDS[ENDOFTURN]
@@ -116,8 +117,7 @@ def _last_logits(chunks: list, seqs: list[list[int]], pad_id: int, pad_multiple:
         n_micro = pp  # the interleaved (VPP) schedule wants a multiple of PP micro-batches: fill with copies
     mbs = -(-b // n_micro)
     rows = seqs + [seqs[0]] * (n_micro * mbs - b)  # filler rows, results dropped
-    length = max(len(s) for s in rows)
-    length = -(-length // pad_multiple) * pad_multiple
+    length = pad_length(max(len(s) for s in rows), pad_multiple)
     tokens = torch.full((len(rows), length), pad_id, dtype=torch.long)
     for i, s in enumerate(rows):
         tokens[i, : len(s)] = torch.as_tensor(s, dtype=torch.long)
@@ -195,8 +195,9 @@ def generate(
     too_long = [i for i, p in enumerate(prompts_ids) if len(p) >= limit]
     if too_long:
         raise ValueError(f"generate: prompts {too_long[:5]} already have >= {limit} tokens (max_seq_length)")
-    tp = ps.get_tensor_model_parallel_world_size()
-    pad_multiple = tp if config.sequence_parallel else 1  # SP splits the sequence over TP ranks
+    # Right padding to the layout's sequence multiple (SP/CP splits, FP8 GEMMs); causal attention keeps the
+    # pads from reaching the real last position.
+    pad_multiple = sequence_multiple_of_model(config)
     stop = set(int(s) for s in stop_ids)
     last_stage = ps.is_pipeline_last_stage(ignore_virtual=True)
     pp_group = ps.get_pipeline_model_parallel_group()

@@ -93,6 +93,16 @@ def flag_given(argv: Sequence[str], flag: str) -> bool:
     return any(a == flag or a.startswith(flag + "=") for a in argv)
 
 
+def reject_context_parallel(cfg: Config, program: str) -> None:
+    """Reward-model and PPO batches are not sliced per context-parallel rank (their losses read per-sequence
+    values at the last prompt/response positions, which CP would scatter over ranks): with CP > 1 every rank would
+    train on the whole sequence. Refuse the flag before any process starts."""
+    cp = cfg.parallel.context_parallel_size
+    if cp > 1:
+        raise SystemExit(f"{program}: --context-parallel-size {cp} is not supported for reward modelling and PPO "
+                         "(their batches are not split per context-parallel rank); use 1")
+
+
 def rank0() -> bool:
     return not dist.is_initialized() or dist.get_rank() == 0
 
@@ -117,4 +127,4 @@ def copy_weights(dst_chunks, src_chunks) -> None:
 
 
 __all__ = ["load_model_weights", "apply_checkpoint_model_shape", "with_data_flag", "flag_given", "rank0",
-           "freeze", "copy_weights", "model_keys"]
+           "freeze", "copy_weights", "model_keys", "reject_context_parallel"]

@@ -37,11 +37,12 @@ import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
 from hcx_megatron.config.args import CheckpointConfig, Config, ConfigError, parse_config, validate_config
+from hcx_megatron.config.sequence import sequence_multiple_for
 from hcx_megatron.model.heads import scalar_head_factory, sequence_scores
 from hcx_megatron.pretrain import load_run_tokenizer
 from hcx_megatron.rlhf import ppo_math as pm
 from hcx_megatron.rlhf.common import (apply_checkpoint_model_shape, freeze, load_model_weights,
-                                      rank0, with_data_flag)
+                                      rank0, reject_context_parallel, with_data_flag)
 from hcx_megatron.rlhf import placement as ppo_placement
 from hcx_megatron.rlhf.rollout import (AsyncRollouts, Rollout, RolloutProducer, RolloutSettings, finalize,
                                        forward_collect, scaled_logits, split_micro, token_logprobs)
@@ -125,14 +126,13 @@ def stop_and_pad_ids(args, tokenizer) -> tuple[tuple[int, ...], int]:
 
 
 def rollout_settings(cfg: Config, args, tokenizer) -> RolloutSettings:
-    """Sampling and scoring settings of one model's layout (sequence parallelism pads to its TP size)."""
+    """Sampling and scoring settings of one model's layout (rows pad to its sequence multiple: SP/CP/FP8)."""
     stop, pad = stop_and_pad_ids(args, tokenizer)
-    p = cfg.parallel
     return RolloutSettings(
         rollout_batch=args.rollout_batch_size, max_new_tokens=args.max_new_tokens,
         temperature=args.rollout_temperature, top_p=args.rollout_top_p, stop_ids=stop,
         vocab_size=cfg.model.vocab_size, pad_id=pad, micro_batch=cfg.training.micro_batch_size,
-        seq_multiple=p.tensor_model_parallel_size if p.sequence_parallel else 1,
+        seq_multiple=sequence_multiple_for(cfg),
         kl_kind=args.kl_estimator, gamma=args.gamma, lam=args.lam, repetition_ngram=args.repetition_ngram,
         seed=cfg.training.seed)
 
@@ -460,6 +460,7 @@ def main(argv=None) -> int:
     argv = with_data_flag(argv)
     # Validated below, per rank partition when the models get their own (the actor's world is then its own).
     cfg, args = parse_config(argv, extra_args=add_ppo_args, description="HCX PPO (RLHF)", validate=False)
+    reject_context_parallel(cfg, "hcx-ppo")
     if bool(args.rm_checkpoint) == bool(args.rule_reward):
         raise SystemExit("hcx-ppo: give exactly one of --rm-checkpoint or --rule-reward")
     if args.sft_checkpoint or args.rm_checkpoint:

@@ -29,12 +29,13 @@ import torch.nn.functional as F
 from megatron.core import parallel_state as ps
 
 from hcx_megatron.config.args import Config, parse_config
+from hcx_megatron.config.sequence import sequence_multiple_for
 from hcx_megatron.data.preference import (LoadStats, PreferenceBatcher, build_example, chat_renderer,
                                           eval_shards, read_preference_jsonl, split_indices)
 from hcx_megatron.model.heads import scalar_head_factory, sequence_scores
 from hcx_megatron.pretrain import load_run_tokenizer, to_device
 from hcx_megatron.rlhf.common import (apply_checkpoint_model_shape, flag_given, load_model_weights, rank0,
-                                      with_data_flag)
+                                      reject_context_parallel, with_data_flag)
 from hcx_megatron.training.checkpoint import read_latest_iteration
 from hcx_megatron.training.loop import StepBatches, TrainContext, evaluate, main_wrapper, setup, train
 
@@ -119,9 +120,8 @@ class RewardModelTask:
         self.valid_examples = build(valid_recs)
         self.calib_examples = (build(read_preference_jsonl(self.args.calibration_data)) if self.args.calibration_data
                                else self.valid_examples or self.train_examples)
-        p = cfg.parallel
         self.dp_rank, self.dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
-        multiple = p.tensor_model_parallel_size if p.sequence_parallel else 1
+        multiple = sequence_multiple_for(cfg)  # rows pad to the layout's sequence multiple (SP/CP/FP8)
         t = cfg.training
         pad = self.tokenizer.pad if self.tokenizer.pad >= 0 else self.tokenizer.eod
         self.pad_id, self.multiple_of = pad, multiple
@@ -240,6 +240,7 @@ def main(argv=None) -> int:
 
     argv = with_data_flag(argv)
     cfg, args = parse_config(argv, extra_args=add_reward_args, description="HCX reward model (Bradley-Terry)")
+    reject_context_parallel(cfg, "hcx-reward")
     if args.sft_checkpoint:
         apply_checkpoint_model_shape(cfg, args.sft_checkpoint)
     if not args.tokenizer_model:
