@@ -15,6 +15,7 @@ import torch
 from megatron.core import parallel_state as ps
 
 from hcx_megatron.config.args import Config, parse_config
+from hcx_megatron.data.context_parallel import slice_batch_for_context_parallel
 from hcx_megatron.data.gpt_datasets import GlobalBatchIterator, build_gpt_datasets, sample_counts
 from hcx_megatron.training.loop import StepBatches, main_wrapper, run
 
@@ -123,7 +124,7 @@ class PretrainTask:
 
     # -- model ----------------------------------------------------------------------------------------
     def forward_step(self, data_iterator, model):
-        batch = next(data_iterator)
+        batch = slice_batch_for_context_parallel(next(data_iterator))  # this CP rank's share; whole at CP 1
         output = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
         return output, partial(lm_loss_func, batch["loss_mask"])
 

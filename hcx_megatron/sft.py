@@ -29,9 +29,11 @@ import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
 from hcx_megatron.config.args import Config, parse_config
+from hcx_megatron.config.sequence import context_parallel_chunks, sequence_multiple_for
+from hcx_megatron.data.context_parallel import packed_batch_for_transformer_engine, slice_batch_for_context_parallel
 from hcx_megatron.data.sft_dataset import (
-    TRUNCATION_RULES, BatchingConfig, Conversation, DataReport, MicroBatchPlan, SFTDataError, collate,
-    read_conversations, real_tokens, split_fractions, split_train_valid,
+    TRUNCATION_RULES, BatchingConfig, Conversation, DataReport, MicroBatchPlan, SFTDataError, block_causal_mask,
+    collate, read_conversations, real_tokens, split_fractions, split_train_valid,
 )
 from hcx_megatron.training.loop import StepBatches, TrainContext, main_wrapper, run
 
@@ -98,6 +100,25 @@ def check_sft_config(cfg: Config, opts: SFTOptions) -> None:
                          f"({t.seq_length}) so that the longest allowed conversation fits a micro-batch")
     if opts.gen_max_new_tokens < 1:
         raise ValueError("--gen-max-new-tokens must be >= 1")
+    cp = cfg.parallel.context_parallel_size
+    if opts.gen_eval_data and cp > 1:
+        raise ValueError(f"--gen-eval-data with --context-parallel-size {cp}: generation runs the whole sequence "
+                         "on each rank (CP 1); evaluate the saved checkpoint at CP 1 instead")
+    if opts.packing and cp > 1:
+        from hcx_megatron.model.spec import transformer_engine_import_error
+
+        error = transformer_engine_import_error()
+        if error is not None or cfg.runtime.transformer_impl == "local":
+            raise ValueError(f"--sft-packing with --context-parallel-size {cp} needs Transformer Engine attention "
+                             "(THD ring attention over cu_seqlens_padded); "
+                             + (f"Transformer Engine does not import here ({error})" if error is not None
+                                else "drop --transformer-impl local"))
+
+
+def sft_pad_multiple(cfg: Config, opts: SFTOptions) -> int:
+    """What every SFT row is padded to a multiple of: --sft-pad-to-multiple-of (kernel-friendly widths) and the
+    layout's sequence rule (SP/CP splits, FP8 GEMMs; hcx_megatron/config/sequence.py)."""
+    return math.lcm(opts.pad_to_multiple_of, sequence_multiple_for(cfg))
 
 
 def sft_loss_func(loss_mask: torch.Tensor, user_mask: torch.Tensor, output_tensor: torch.Tensor):
@@ -163,13 +184,10 @@ class SFTTask:
                                "num_train": len(self.train), "num_valid": len(self.valid)}, f, indent=2)
         if not self.train:
             raise SFTDataError(f"--data-path {cfg.data.data_path}: no usable training conversation\n{report.summary()}")
-        tp = cfg.parallel.tensor_model_parallel_size
-        pad = o.pad_to_multiple_of
-        if cfg.parallel.sequence_parallel and tp > 1:
-            pad = pad * tp // math.gcd(pad, tp)  # sequence parallel splits the sequence over TP ranks
-        self.pad_multiple = pad
+        self.pad_multiple = pad = sft_pad_multiple(cfg, o)
         batching = BatchingConfig(seq_length=t.seq_length, max_tokens=o.tokens_per_microbatch,
-                                  rows_per_batch=t.micro_batch_size, pad_multiple=pad, packing=o.packing, seed=t.seed)
+                                  rows_per_batch=t.micro_batch_size, pad_multiple=pad, packing=o.packing, seed=t.seed,
+                                  document_multiple=context_parallel_chunks(cfg.parallel.context_parallel_size))
         self.train_plan = MicroBatchPlan([c.input_length for c in self.train], batching)
         self.valid_plan = MicroBatchPlan([c.input_length for c in self.valid], batching, shuffle=False) \
             if self.valid else None
@@ -182,7 +200,8 @@ class SFTTask:
 
     # -- batches --------------------------------------------------------------------------------------
     def _microbatch(self, convs: list[Conversation], batch) -> dict[str, torch.Tensor]:
-        out = collate(convs, batch, self.pad_multiple, with_attention_mask=self.opts.packing)
+        out = collate(convs, batch, self.pad_multiple, packed=self.opts.packing,
+                      document_multiple=self.train_plan.config.document_multiple)
         if self.device == "cuda":
             out = {k: v.cuda(non_blocking=True) for k, v in out.items()}
         return out
@@ -230,11 +249,17 @@ class SFTTask:
     # -- model ----------------------------------------------------------------------------------------
     def forward_step(self, data_iterator, model):
         batch = next(data_iterator)
-        if "attention_mask" in batch and self.impl == "transformer_engine":
-            output = model(*flatten_packed(batch), labels=batch["labels"].view(1, -1),
-                           packed_seq_params=packed_seq_params(batch["cu_seqlens"]))
+        if "cu_seqlens" in batch and self.impl == "transformer_engine":
+            # Packed rows as one THD sequence, documents delimited by cu_seqlens; this CP rank's share.
+            batch, params = packed_batch_for_transformer_engine(batch)
+            output = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"],
+                           packed_seq_params=params)
         else:
-            output = model(batch["tokens"], batch["position_ids"], batch.get("attention_mask"), labels=batch["labels"])
+            batch = slice_batch_for_context_parallel(batch)
+            # Packed rows on the local spec (CP 1 there): the block-causal mask of this micro-batch only, built
+            # where the batch lives; [b, 1, s, s] is too large to keep for every micro-batch of a step.
+            mask = block_causal_mask(batch["document_ids"]) if "document_ids" in batch else None
+            output = model(batch["tokens"], batch["position_ids"], mask, labels=batch["labels"])
         return output, partial(sft_loss_func, batch["loss_mask"], batch["user_mask"])
 
     # -- checkpoint extra state -----------------------------------------------------------------------
@@ -267,21 +292,6 @@ class SFTTask:
         return result
 
 
-def flatten_packed(batch: dict[str, torch.Tensor]):
-    """Transformer Engine's THD layout: all rows of the micro-batch as one [1, total] sequence whose
-    documents are delimited by cu_seqlens."""
-    return batch["tokens"].view(1, -1), batch["position_ids"].view(1, -1), None
-
-
-def packed_seq_params(cu_seqlens: torch.Tensor):
-    from megatron.core.packed_seq_params import PackedSeqParams
-
-    cu = cu_seqlens.to(torch.int32)
-    max_len = int((cu[1:] - cu[:-1]).max())
-    return PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, max_seqlen_q=max_len,
-                           max_seqlen_kv=max_len)
-
-
 def run_generation_eval(chunks, tokenizer, path: str, max_new_tokens: int, max_length: int) -> dict:
     """Greedy-generate the last assistant turn of every conversation in `path`; exact match of the stripped
     text. Prompts are split across DP replicas."""
@@ -289,6 +299,7 @@ def run_generation_eval(chunks, tokenizer, path: str, max_new_tokens: int, max_l
     from hcx_megatron.data.sft_dataset import parse_conversation_line
     from hcx_megatron.data.jsonl import iter_lines
     from hcx_megatron.inference.generate import generate_data_parallel
+    from hcx_megatron.model.builder import sync_params_before_read
 
     prompts, refs, texts = [], [], []
     for lineno, raw in iter_lines(path):
@@ -300,6 +311,9 @@ def run_generation_eval(chunks, tokenizer, path: str, max_new_tokens: int, max_l
         prompts.append(prompt_ids(tokenizer, context))
         refs.append(ref)
         texts.append(context[-1]["content"] if context else "")
+    # Gather the last step's shards here, on every DP rank: a DP rank left without prompts runs no forward,
+    # so the pre-hooks' gather in the others' forward would wait for it forever.
+    sync_params_before_read(chunks)
     out = generate_data_parallel(chunks, prompts, max_new_tokens, temperature=0.0, vocab_size=tokenizer.vocab_size,
                                  max_seq_length=max_length)
     answers = [response_text(tokenizer, t) for t in out.tokens]

@@ -136,7 +136,7 @@ def test_collated_microbatches_respect_budget_packed_and_not():
         plan = MicroBatchPlan([c.input_length for c in convs], cfg)
         seen = []
         for g in range(plan.num_batches):
-            mb = collate(convs, plan.batch(g), 8, with_attention_mask=packing)
+            mb = collate(convs, plan.batch(g), 8, packed=packing)
             assert mb["tokens"].numel() <= 256 and mb["tokens"].shape[1] % 8 == 0
             assert mb["tokens"].shape[1] <= 64
             seen += [i for unit in plan.batch(g) for i in unit]
@@ -148,7 +148,7 @@ def test_collated_microbatches_respect_budget_packed_and_not():
 @pytest.mark.timeout(60)
 def test_packed_row_positions_labels_and_block_causal_mask():
     convs = _fake_conversations([5, 3, 4])
-    mb = collate(convs, [[0, 1, 2]], pad_multiple=16, with_attention_mask=True)
+    mb = collate(convs, [[0, 1, 2]], pad_multiple=16, packed=True)
     assert mb["tokens"].shape == (1, 16)
     assert mb["position_ids"][0, :9].tolist() == [0, 1, 2, 3, 0, 1, 0, 1, 2]
     # Labels are each document's own next tokens: never the first token of the next document.
@@ -156,15 +156,16 @@ def test_packed_row_positions_labels_and_block_causal_mask():
     assert mb["labels"][0, :9].tolist() == expected_labels.tolist()
     assert mb["loss_mask"][0, 9:].sum() == 0 and mb["user_mask"][0, 9:].sum() == 0
     doc = [0, 0, 0, 0, 1, 1, 2, 2, 2] + [-1] * 7
-    mask = mb["attention_mask"][0, 0]
+    assert mb["document_ids"][0].tolist() == doc
+    mask = block_causal_mask(mb["document_ids"])[0, 0]
     for q in range(16):
         for k in range(16):
             allowed = k <= q and doc[q] == doc[k]
             assert bool(mask[q, k]) == (not allowed), (q, k)
     assert not mask.all(dim=-1).any()  # every row (pads included) attends to something: no NaN softmax
-    assert mb["cu_seqlens"].tolist() == [0, 4, 6, 9, 16]
-    two_rows = collate(convs, [[0], [1, 2]], pad_multiple=1, with_attention_mask=True)
-    assert two_rows["cu_seqlens"].tolist() == [0, 4, 5, 7, 10]
+    assert mb["cu_seqlens"].tolist() == mb["cu_seqlens_padded"].tolist() == [0, 4, 6, 9, 16]
+    two_rows = collate(convs, [[0], [1, 2]], pad_multiple=1, packed=True)
+    assert two_rows["cu_seqlens"].tolist() == two_rows["cu_seqlens_padded"].tolist() == [0, 4, 5, 7, 10]
     assert torch.equal(block_causal_mask(torch.zeros(1, 4, dtype=torch.long))[0, 0], ~torch.ones(4, 4).tril().bool())
 
 

@@ -37,7 +37,7 @@ def _worker(out_path: str) -> None:
     import torch
 
     from hcx_megatron.config.args import parse_config
-    from hcx_megatron.data.sft_dataset import Conversation, collate
+    from hcx_megatron.data.sft_dataset import Conversation, block_causal_mask, collate
     from hcx_megatron.distributed.initialize import initialize_distributed, shutdown
     from hcx_megatron.model.builder import build_model
 
@@ -52,12 +52,13 @@ def _worker(out_path: str) -> None:
 
     def losses(mb, mask=True):
         with torch.no_grad():
-            out = model(mb["tokens"], mb["position_ids"], mb["attention_mask"] if mask else None, labels=mb["labels"])
+            attention_mask = block_causal_mask(mb["document_ids"]) if mask else None  # as SFTTask.forward_step
+            out = model(mb["tokens"], mb["position_ids"], attention_mask, labels=mb["labels"])
         return out.float()
 
-    alone = [losses(collate(convs, [[i]], 1, with_attention_mask=True))[0, : c.input_length]
+    alone = [losses(collate(convs, [[i]], 1, packed=True))[0, : c.input_length]
              for i, c in enumerate(convs)]
-    packed_mb = collate(convs, [[0, 1, 2]], 8, with_attention_mask=True)
+    packed_mb = collate(convs, [[0, 1, 2]], 8, packed=True)
     packed, unmasked = losses(packed_mb)[0], losses(packed_mb, mask=False)[0]
     diffs, control = [], []
     start = 0

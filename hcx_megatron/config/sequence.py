@@ -21,12 +21,16 @@ def sequence_multiple(tensor_parallel: int = 1, sequence_parallel: bool = False,
                       fp8: bool = False) -> int:
     """Smallest length every padded sequence must be a multiple of under this layout (see the module doc)."""
     split = (tensor_parallel if sequence_parallel and tensor_parallel > 1 else 1) * context_parallel
-    multiple = split
-    if context_parallel > 1:
-        multiple = math.lcm(multiple, 2 * context_parallel)
+    multiple = math.lcm(split, context_parallel_chunks(context_parallel))
     if fp8:
         multiple = math.lcm(multiple, FP8_TOKEN_MULTIPLE * split)
     return multiple
+
+
+def context_parallel_chunks(context_parallel: int) -> int:
+    """How many equal chunks context parallelism cuts a sequence into (2*CP, two per rank: see the module doc;
+    1 without CP). Each document of a packed THD batch is cut the same way, so it is padded to this multiple."""
+    return 2 * context_parallel if context_parallel > 1 else 1
 
 
 def sequence_multiple_for(cfg) -> int:
@@ -47,5 +51,5 @@ def pad_length(length: int, multiple: int) -> int:
     return -(-int(length) // int(multiple)) * int(multiple)
 
 
-__all__ = ["sequence_multiple", "sequence_multiple_for", "sequence_multiple_of_model", "pad_length",
-           "FP8_TOKEN_MULTIPLE"]
+__all__ = ["sequence_multiple", "sequence_multiple_for", "context_parallel_chunks", "sequence_multiple_of_model",
+           "pad_length", "FP8_TOKEN_MULTIPLE"]

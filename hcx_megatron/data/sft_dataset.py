@@ -20,9 +20,10 @@ document id used for a block-causal attention mask, and the rows are then batche
 
 Micro-batch tensors (all [rows, length]): tokens, labels (next token), loss_mask (assistant targets),
 user_mask (user targets: measured, never trained), position_ids (per document), and with packing
-`attention_mask` [rows, 1, length, length] bool (True = masked, megatron's convention) that lets a token see
-only earlier tokens of its own document, plus `cu_seqlens` (document boundaries of the flattened rows, for
-megatron-core PackedSeqParams on Transformer Engine).
+`document_ids` (-1 on row padding), from which the SFT forward step builds the block-causal mask of the
+micro-batch it runs (`block_causal_mask`, local spec only), plus `cu_seqlens` / `cu_seqlens_padded` (segments of
+the flattened rows, for megatron-core PackedSeqParams on Transformer Engine; they differ only under context
+parallelism, where each document is padded to a multiple of 2*CP).
 """
 
 from __future__ import annotations
@@ -284,6 +285,9 @@ class BatchingConfig:
     pad_multiple: int = 8
     packing: bool = False
     seed: int = 1234
+    # Packed documents take a multiple of this many tokens of their row: context parallelism cuts every document
+    # of a THD batch into 2*CP chunks (hcx_megatron.config.sequence.context_parallel_chunks); 1 otherwise.
+    document_multiple: int = 1
 
 
 class MicroBatchPlan:
@@ -302,10 +306,11 @@ class MicroBatchPlan:
         c = self.config
         rng = np.random.default_rng([c.seed, epoch, 0xB47C]) if self.shuffle else None
         if c.packing:
-            units = pack_rows(self.lengths, c.seq_length, rng)
+            units = pack_rows([round_up(n, c.document_multiple) for n in self.lengths], c.seq_length, rng)
         else:
             units = [[i] for i in range(len(self.lengths))]
-        unit_lengths = [sum(self.lengths[i] for i in u) for u in units]
+        doc_multiple = c.document_multiple if c.packing else 1
+        unit_lengths = [sum(round_up(self.lengths[i], doc_multiple) for i in u) for u in units]
         batches = budget_batches(unit_lengths, c.max_tokens, c.rows_per_batch, c.pad_multiple, rng)
         return [[units[u] for u in b] for b in batches]
 
@@ -317,19 +322,34 @@ class MicroBatchPlan:
         return self.epoch(epoch)[pos]
 
 
+def _padded(values: np.ndarray, width: int, fill: int) -> np.ndarray:
+    return np.concatenate([values, np.full(width - len(values), fill, dtype=values.dtype)])
+
+
 def collate(conversations: Sequence[Conversation], batch: Sequence[Sequence[int]], pad_multiple: int,
-            with_attention_mask: bool, pad_id: int = PAD_ID) -> dict[str, torch.Tensor]:
-    """Tensors of one micro-batch (see the module docstring). `batch` = rows of conversation indices."""
+            packed: bool, pad_id: int = PAD_ID, document_multiple: int = 1) -> dict[str, torch.Tensor]:
+    """Tensors of one micro-batch (see the module docstring). `batch` = rows of conversation indices.
+    With `packed`, each document takes a multiple of `document_multiple` tokens of its row (2*CP under context
+    parallelism, see BatchingConfig); the row length must then stay a multiple of it too."""
+    if packed and pad_multiple % document_multiple:
+        raise ValueError(f"pad multiple {pad_multiple} is not a multiple of the packed document multiple "
+                         f"{document_multiple}")
+    doc_multiple = document_multiple if packed else 1
     rows = []
     for unit in batch:
         parts = [conversations[i] for i in unit]
+        widths = [round_up(c.input_length, doc_multiple) for c in parts]
         rows.append({
-            "tokens": np.concatenate([c.ids[:-1] for c in parts]),
-            "labels": np.concatenate([c.ids[1:] for c in parts]),
-            "loss_mask": np.concatenate([c.loss_mask[1:] for c in parts]),
-            "user_mask": np.concatenate([c.user_mask[1:] for c in parts]),
-            "position_ids": np.concatenate([np.arange(c.input_length) for c in parts]),
-            "doc": np.concatenate([np.full(c.input_length, k) for k, c in enumerate(parts)]),
+            "tokens": np.concatenate([_padded(c.ids[:-1], w, pad_id) for c, w in zip(parts, widths)]),
+            "labels": np.concatenate([_padded(c.ids[1:], w, pad_id) for c, w in zip(parts, widths)]),
+            "loss_mask": np.concatenate([_padded(c.loss_mask[1:], w, 0) for c, w in zip(parts, widths)]),
+            "user_mask": np.concatenate([_padded(c.user_mask[1:], w, 0) for c, w in zip(parts, widths)]),
+            "position_ids": np.concatenate([np.arange(w) for w in widths]),
+            # A document's padding belongs to the document: it comes after its tokens, so causal attention
+            # keeps it out of their view, and it never forms an all-masked row.
+            "doc": np.concatenate([np.full(w, k) for k, w in enumerate(widths)]),
+            "real_lengths": [c.input_length for c in parts],
+            "widths": widths,
         })
     length = round_up(max(len(r["tokens"]) for r in rows), pad_multiple)
     b = len(rows)
@@ -341,7 +361,9 @@ def collate(conversations: Sequence[Conversation], batch: Sequence[Sequence[int]
         "position_ids": torch.arange(length, dtype=torch.long).repeat(b, 1),
     }
     doc = torch.full((b, length), -1, dtype=torch.long)  # padding: its own segment, so no row is all-masked
-    cu = [0]
+    # Segments of the flattened rows: each document, then the row's tail padding as a segment of its own.
+    # cu_seqlens counts a document's tokens, cu_seqlens_padded the room it takes (TE's THD convention).
+    cu, cu_padded = [0], [0]
     for r, row in enumerate(rows):
         n = len(row["tokens"])
         for key in ("tokens", "labels", "position_ids"):
@@ -350,22 +372,24 @@ def collate(conversations: Sequence[Conversation], batch: Sequence[Sequence[int]
         out["user_mask"][r, :n] = torch.from_numpy(row["user_mask"].astype(np.float32))
         out["position_ids"][r, n:] = torch.arange(length - n)
         doc[r, :n] = torch.from_numpy(row["doc"].astype(np.int64))
-        base = r * length
-        bounds = np.flatnonzero(np.diff(row["doc"])) + 1
-        cu += [base + int(x) for x in bounds] + [base + n]
-        if n < length:
-            cu.append(base + length)
-    if with_attention_mask:
-        out["attention_mask"] = block_causal_mask(doc)
+        segments = list(zip(row["real_lengths"], row["widths"])) + ([(length - n, length - n)] if n < length else [])
+        for real, width in segments:
+            cu.append(cu[-1] + real)
+            cu_padded.append(cu_padded[-1] + width)
+    if packed:
+        # Per-token document ids, not a [b, 1, s, s] mask: the forward step builds the mask of the micro-batch it
+        # runs, and only on the local spec (Transformer Engine takes cu_seqlens).
+        out["document_ids"] = doc
         out["cu_seqlens"] = torch.tensor(cu, dtype=torch.int32)
+        out["cu_seqlens_padded"] = torch.tensor(cu_padded, dtype=torch.int32)
     return out
 
 
 def block_causal_mask(doc_ids: torch.Tensor) -> torch.Tensor:
-    """[b, s] document ids -> [b, 1, s, s] bool, True where attention is NOT allowed (other document or
-    future position)."""
+    """[b, s] document ids -> [b, 1, s, s] bool on their device, True where attention is NOT allowed (other
+    document or future position)."""
     s = doc_ids.shape[1]
-    causal = torch.ones(s, s, dtype=torch.bool).tril()
+    causal = torch.ones(s, s, dtype=torch.bool, device=doc_ids.device).tril()
     same = doc_ids.unsqueeze(2) == doc_ids.unsqueeze(1)
     return ~(same & causal).unsqueeze(1)
 

@@ -197,6 +197,10 @@ def generate(
         raise ValueError(f"generate: prompts {too_long[:5]} already have >= {limit} tokens (max_seq_length)")
     # Right padding to the layout's sequence multiple (SP/CP splits, FP8 GEMMs); causal attention keeps the
     # pads from reaching the real last position.
+    if config.context_parallel_size > 1:
+        # Sequences are not split over CP ranks here: every rank would run the whole prompt.
+        raise ValueError(f"generate: context_parallel_size {config.context_parallel_size} is not supported; "
+                         "load the checkpoint at --context-parallel-size 1 to generate")
     pad_multiple = sequence_multiple_of_model(config)
     stop = set(int(s) for s in stop_ids)
     last_stage = ps.is_pipeline_last_stage(ignore_virtual=True)
