@@ -212,3 +212,21 @@ def unwrap(chunk: torch.nn.Module) -> torch.nn.Module:
     while hasattr(chunk, "module"):
         chunk = chunk.module
     return chunk
+
+
+def sync_params_before_read(chunks) -> None:
+    """Complete the parameter all-gather that --overlap-param-gather defers, before weights are read outside a
+    training forward pass (checkpoint and weights-only saves, weight transfers, generation, eval).
+
+    With the distributed optimizer each DP rank updates only its own shard in optimizer.step(); with
+    overlap_param_gather the all-gather of the other shards waits for the next forward's pre-hooks, so a direct
+    read sees stale shards. This is megatron's forced synchronous gather (Megatron-LM's save path does the same
+    via disable_forward_pre_hook(param_sync=True)). It leaves every bucket group dispatched with no handle
+    pending, so the next forward's pre-hooks neither wait nor gather again; the next step's grad sync resets that
+    flag. Collective over each chunk's DP group: every DP rank calls it, after optimizer.step(), never between
+    the grad sync and the step. No-op for bare modules and when overlap_param_gather or the distributed
+    optimizer is off (optimizer.step() then gathers synchronously itself)."""
+    for chunk in chunks:
+        ddp_config = getattr(chunk, "ddp_config", None)
+        if ddp_config is not None and ddp_config.use_distributed_optimizer and ddp_config.overlap_param_gather:
+            chunk.start_param_sync(force_sync=True)

@@ -50,7 +50,7 @@ from megatron.core import parallel_state as ps
 
 from hcx_megatron.config.args import CheckpointConfig, Config
 from hcx_megatron.distributed.partition import Partition
-from hcx_megatron.model.builder import unwrap
+from hcx_megatron.model.builder import sync_params_before_read, unwrap
 from hcx_megatron.rlhf.common import load_model_weights, model_keys
 from hcx_megatron.rlhf.rollout import (Rollout, RolloutProducer, RolloutSettings, assemble_rows, dp_rows,
                                        finalize, forward_collect, scaled_logits, split_micro, take_rows,
@@ -227,6 +227,7 @@ class ActorLink:
             w.wait()
         self._works = []
         header = {"version": version, "first": first}
+        sync_params_before_read(self.ctx.chunks)  # both transfers read the parameters directly
         if self.transfer == "p2p":  # same layout: rank j's shards to rank j
             pair = self.part.pair("rollout")
             tensors = [p.detach().to("cpu", copy=True) for p in _param_list(self.ctx.chunks)]

@@ -31,6 +31,7 @@ from megatron.core import parallel_state as ps
 from megatron.core import tensor_parallel
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
+from hcx_megatron.model.builder import sync_params_before_read
 from hcx_megatron.rlhf import ppo_math as pm
 
 _NEG = -1e9  # logit for Megatron's padding rows: never sampled, zero probability
@@ -290,6 +291,7 @@ class RolloutProducer:
 
         s = self.s
         start = time.time()
+        sync_params_before_read(policy_chunks)  # the learner's chunks right after a step (a no-op on snapshots)
         positions, idx = self.prompt_indices(r)
         prompts = [self.prompts[i] for i in idx]
         gen = generate(policy_chunks, prompts, s.max_new_tokens, temperature=s.temperature, top_p=s.top_p,
@@ -328,6 +330,7 @@ def finalize(ro: Rollout, critic_chunks, micro_batch: int, kl_coef: float, gamma
              kl_kind: str) -> Rollout:
     """Values from the current critic, per-token rewards, GAE and whitened advantages (learner side)."""
     batch = {"tokens": ro.tokens, "position_ids": ro.position_ids}
+    sync_params_before_read(critic_chunks)
     values = forward_collect(critic_chunks, split_micro(batch, micro_batch), lambda out, b: out)
     m = ro.mask
     if values is None:  # not the last pipeline stage: its forward steps only need tokens
@@ -374,6 +377,7 @@ class AsyncRollouts:
         """Learner: the weights after training on `version` rollouts (a CPU copy; the producer loads it)."""
         from hcx_megatron.model.builder import unwrap
 
+        sync_params_before_read(learner_chunks)  # state_dict() bypasses the forward pre-hooks' gather
         weights = [{k: v.detach().clone() for k, v in unwrap(c).state_dict().items() if torch.is_tensor(v)}
                    for c in learner_chunks]
         with self._cv:

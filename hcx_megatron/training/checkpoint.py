@@ -30,6 +30,8 @@ import torch.distributed as dist
 from megatron.core import dist_checkpointing, tensor_parallel
 from megatron.core.dist_checkpointing.mapping import ShardedObject
 
+from hcx_megatron.model.builder import sync_params_before_read
+
 TRACKER_FILE = "latest_checkpointed_iteration.txt"
 CONFIG_FILE = "hcx_config.json"
 SHARDING_METADATA = {"distrib_optim_sharding_type": "fully_reshardable", "chained_optim_avoid_prefix": True}
@@ -135,6 +137,7 @@ def save_checkpoint(root: str, iteration: int, chunks, optimizer, scheduler, con
             shutil.rmtree(tmp)
         os.makedirs(tmp)
     dist.barrier()
+    sync_params_before_read(chunks)  # --overlap-param-gather: the last step's all-gather may still be pending
     sd = build_sharded_state_dict(chunks, optimizer if save_optim else None, scheduler, iteration, extra)
     dist_checkpointing.save(sd, tmp, content_metadata={**SHARDING_METADATA, "world_size": dist.get_world_size()})
     dist.barrier()

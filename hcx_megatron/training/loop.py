@@ -22,7 +22,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from hcx_megatron.config.args import Config
 from hcx_megatron.distributed.initialize import initialize_distributed, shutdown
-from hcx_megatron.model.builder import BuiltModel, ModelFactory, build_model, unwrap
+from hcx_megatron.model.builder import BuiltModel, ModelFactory, build_model, sync_params_before_read, unwrap
 from hcx_megatron.training import signals
 from hcx_megatron.training.checkpoint import load_checkpoint, read_latest_iteration, save_checkpoint
 from hcx_megatron.training.metrics import MetricsWriter, memory_gb, step_throughput
@@ -99,7 +99,8 @@ def _iterators(batches: StepBatches, n_chunks: int):
 
 def reduce_metrics(loss_dicts: list[dict[str, torch.Tensor]], keys: list[str], device: str) -> dict[str, float]:
     """Sum each key's [sum, count] over micro-batches, then over all ranks; return sum/count per key.
-    Only the last pipeline stage has values; TP/CP replicas repeat them, which leaves the ratio unchanged."""
+    Only the last pipeline stage has values; TP replicas repeat them, which leaves the ratio unchanged, and CP
+    ranks hold disjoint slices of each sequence (hcx_megatron/data/context_parallel.py), whose sums add up."""
     dev = "cuda" if device == "cuda" else "cpu"
     totals = torch.zeros(len(keys), 2, dtype=torch.float64, device=dev)
     for d in loss_dicts or []:
@@ -135,6 +136,8 @@ def evaluate(ctx: TrainContext, task: Task, eval_index: int) -> dict[str, float]
     steps = task.eval_batches(eval_index)
     if not steps:
         return None
+    # The forward pre-hooks would gather too, but a task's eval step may read weights outside the forward.
+    sync_params_before_read(ctx.chunks)
     for chunk in ctx.chunks:
         chunk.eval()
     all_losses = []
