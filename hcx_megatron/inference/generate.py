@@ -45,6 +45,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.tensor_parallel.mappings import gather_from_tensor_model_parallel_region
 
 from hcx_megatron.config.sequence import pad_length, sequence_multiple_of_model
+from hcx_megatron.model.builder import unwrap
 from hcx_megatron.tokenizer.special_tokens import ENDOFTURN, PAD, SPECIAL_TOKEN_IDS
 
 ENDOFTURN_ID = SPECIAL_TOKEN_IDS[ENDOFTURN]
@@ -56,12 +57,6 @@ class GenerationOutput:
     tokens: list[list[int]]
     logprobs: list[list[float]] | None
     finished: list[bool]
-
-
-def _unwrap(chunk):
-    while hasattr(chunk, "module"):
-        chunk = chunk.module
-    return chunk
 
 
 def _as_list(model_chunks) -> list:
@@ -188,7 +183,7 @@ def generate(
         raise ValueError("generate: every prompt needs at least one token")
     if not 0.0 < top_p <= 1.0:
         raise ValueError(f"generate: top_p must be in (0, 1], got {top_p}")
-    core = _unwrap(chunks[0])
+    core = unwrap(chunks[0])
     config = core.config
     device = next(core.parameters()).device
     limit = max_seq_length or getattr(core, "max_sequence_length", None) or 10**9

@@ -30,7 +30,7 @@ import torch.distributed as dist
 from megatron.core import dist_checkpointing, tensor_parallel
 from megatron.core.dist_checkpointing.mapping import ShardedObject
 
-from hcx_megatron.model.builder import sync_params_before_read
+from hcx_megatron.model.builder import sync_params_before_read, unwrap
 
 TRACKER_FILE = "latest_checkpointed_iteration.txt"
 CONFIG_FILE = "hcx_config.json"
@@ -95,13 +95,6 @@ def _set_rng_state(state: dict[str, Any]) -> None:
     tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
 
 
-def _unwrap(chunk):
-    # Checkpoint keys are those of the bare GPTModel (no DDP "module." level), whatever wraps it here.
-    while hasattr(chunk, "module"):
-        chunk = chunk.module
-    return chunk
-
-
 def _model_keys(chunks) -> list[str]:
     return ["model"] if len(chunks) == 1 else [f"model{i}" for i in range(len(chunks))]
 
@@ -110,7 +103,7 @@ def build_sharded_state_dict(chunks, optimizer=None, scheduler=None, iteration: 
                              include_rng: bool = True, is_loading: bool = False) -> dict[str, Any]:
     sd: dict[str, Any] = {}
     for key, chunk in zip(_model_keys(chunks), chunks):
-        sd[key] = _unwrap(chunk).sharded_state_dict(metadata=SHARDING_METADATA)
+        sd[key] = unwrap(chunk).sharded_state_dict(metadata=SHARDING_METADATA)
     if optimizer is not None:
         sd["optimizer"] = optimizer.sharded_state_dict(sd, is_loading=is_loading, metadata=SHARDING_METADATA)
     if scheduler is not None:
@@ -222,7 +215,7 @@ def load_checkpoint(path: str, chunks, optimizer=None, scheduler=None, load_opti
                                   include_rng=include_rng, is_loading=True)
     loaded = dist_checkpointing.load(sd, ckpt)
     for key, chunk in zip(_model_keys(chunks), chunks):
-        _unwrap(chunk).load_state_dict(loaded[key], strict=strict)
+        unwrap(chunk).load_state_dict(loaded[key], strict=strict)
     if load_optim and optimizer is not None:
         optimizer.load_state_dict(loaded["optimizer"])
         _unshare_torch_adam_steps(optimizer)
