@@ -2,7 +2,7 @@
 PYTHON ?= python3
 PIP := $(PYTHON) -m pip
 
-.PHONY: install install-python demo test
+.PHONY: install install-python demo test test-fast
 
 install-python:
 	$(PIP) install -q -r requirements-dev.txt
@@ -15,3 +15,7 @@ demo: install-python
 
 test: install
 	$(PYTHON) -m pytest -q -p no:cacheprovider --durations=25 tests
+
+# Inner loop: in-process unit tests only (no torchrun worlds, no Slurm); the full suite is `make test`.
+test-fast: install-python
+	$(PYTHON) -m pytest -q -p no:cacheprovider -m unit tests

@@ -15,6 +15,25 @@ EXAMPLE_DATA = os.path.join(REPO, "examples", "data")
 EXAMPLE_FILES = [os.path.join(EXAMPLE_DATA, f"{lang}.jsonl") for lang in ("ko", "en", "code")]
 TINY_VOCAB = 2048
 
+MARKERS = {
+    "unit": "in-process tests (seconds); `make test-fast` runs only these",
+    "dist": "starts real processes (torchrun/gloo worlds, launcher or MPI runs)",
+    "slurm": "starts a real single-node Slurm cluster and submits the sbatch scripts",
+}
+
+
+def pytest_configure(config):
+    for name, text in MARKERS.items():
+        config.addinivalue_line("markers", f"{name}: {text}")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Files and tests that start processes say so (`pytestmark = pytest.mark.dist`, `@pytest.mark.dist`); every
+    other test is a unit test, so a new in-process test needs no marker to be in the fast target."""
+    for item in items:
+        if not any(item.get_closest_marker(name) for name in ("dist", "slurm")):
+            item.add_marker(pytest.mark.unit)
+
 
 @pytest.fixture(scope="session")
 def example_jsonl_files() -> list[str]:

@@ -25,6 +25,8 @@ import torch
 
 from torchrun_utils import REPO, pretrain, read_metrics, torchrun
 
+pytestmark = pytest.mark.dist  # starts processes; not in `make test-fast`
+
 TRAIN_COMMON = ["--model-preset", "hcx-tiny", "--seq-length", "64", "--micro-batch-size", "1",
                 "--global-batch-size", "4", "--lr", "1e-3", "--seed", "77", "--make-vocab-size-divisible-by", "100"]
 REL_TOL = 1e-4  # the bound for fp32 on CPU

@@ -1,4 +1,8 @@
-"""The CPU compatibility module and the layout-independent initialiser, tested without processes."""
+"""The CPU compatibility module and the layout-independent initialiser, tested without torchrun."""
+
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -58,9 +62,76 @@ def test_cpu_mode_is_off_by_default_and_fully_undone():
     cpu_mode.deactivate()
     assert not cpu_mode.is_active()
     assert torch.Tensor.type is original_type
+    assert not {"to", "cuda", "type"} & set(vars(torch.Tensor))  # inherited from TensorBase, as before
     assert torch.ones(2).type() == "torch.FloatTensor"
     with pytest.raises((AssertionError, RuntimeError)):
         torch.zeros(1, device="cuda")  # a CPU build of torch refuses CUDA again
+
+
+# Issue 13's scenario in one process: a tiny random transformers Llama built and run before CPU mode; loaded with
+# `from_pretrained` and run while CPU mode is active, next to megatron's CPU-mode model; and again after
+# deactivate(). In a fresh interpreter: the bug lived in a torch cache that fills on first use (the meta-device
+# context `from_pretrained` builds under), and in pytest's process another test may have filled it already.
+HF_BEFORE_DURING_AFTER = r"""
+import json, sys
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+from hcx_megatron.convert import mcore_runtime as rt  # megatron's model modules load before CPU mode patches
+from hcx_megatron.convert.hf_config import model_config_from_hf
+from hcx_megatron.distributed import cpu_mode
+
+hf_dir, out = sys.argv[1], sys.argv[2]
+torch.manual_seed(0)
+config = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                     num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                     tie_word_embeddings=False)
+built = LlamaForCausalLM(config)  # from a config: no device context, torch's lazy caches stay empty
+built.save_pretrained(hf_dir)
+tokens = torch.randint(0, config.vocab_size, (2, 24))
+
+
+def run(model):
+    with torch.no_grad():
+        return {"logits": model.eval()(tokens).logits, "inv_freq": model.model.rotary_emb.inv_freq.clone()}
+
+
+def load():
+    return LlamaForCausalLM.from_pretrained(hf_dir, dtype=torch.float32)
+
+
+results = {"before": run(built)}
+cpu_mode.activate()
+with open(hf_dir + "/config.json") as f:
+    cfg = rt.cpu_config(model_config_from_hf(json.load(f)))
+rt.init_processes(cfg)
+chunks = rt.build_chunks(cfg, initialize=True)
+megatron_logits = rt.logits(chunks, tokens, config.vocab_size)
+assert cpu_mode.is_active() and torch.isfinite(megatron_logits).all()
+results["during"] = run(load())
+rt.shutdown_processes()
+cpu_mode.deactivate()
+assert not cpu_mode.is_active()
+results["after"] = run(load())
+torch.save(results, out)
+"""
+
+
+def test_transformers_llama_is_bitwise_the_same_before_during_and_after_cpu_mode(tmp_path):
+    out = str(tmp_path / "results.pt")
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(name, None)  # a 1-rank world of its own
+    proc = subprocess.run([sys.executable, "-c", HF_BEFORE_DURING_AFTER, str(tmp_path / "hf"), out], env=env,
+                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    results = torch.load(out)
+    before = results["before"]
+    assert torch.isfinite(before["logits"]).all()
+    for phase in ("during", "after"):
+        assert torch.equal(results[phase]["inv_freq"], before["inv_freq"]), (phase, results[phase]["inv_freq"])
+        assert torch.equal(results[phase]["logits"], before["logits"]), \
+            (phase, (results[phase]["logits"] - before["logits"]).abs().max().item())
 
 
 def test_virtual_tensor_slices_are_layout_independent():

@@ -15,6 +15,8 @@ import sys
 
 import pytest
 
+pytestmark = pytest.mark.dist  # starts processes; not in `make test-fast`
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPTS = [os.path.join(REPO, "tools", name) for name in ("gpu_check.sh", "gpu_wheels.sh")]
 sys.path.insert(0, os.path.join(REPO, "tools"))

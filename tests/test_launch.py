@@ -90,6 +90,7 @@ def test_dry_run_rejects_layout_that_does_not_divide():
     assert "--tensor-model-parallel-size" in proc.stdout
 
 
+@pytest.mark.dist
 @pytest.mark.timeout(180)
 def test_two_processes_from_slurm_step_env(tmp_path):
     """Two real processes get exactly the variables srun gives its tasks; launch.run turns them into a
@@ -136,6 +137,7 @@ SIGNAL_PAYLOAD = textwrap.dedent("""
 """)
 
 
+@pytest.mark.dist
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("mode", ["route", "plain"])
 def test_sigusr1_reaches_driver_but_not_its_spawned_helpers(tmp_path, mode):
@@ -153,6 +155,7 @@ def test_sigusr1_reaches_driver_but_not_its_spawned_helpers(tmp_path, mode):
         assert rec["child_exitcode"] == -signal.SIGUSR1
 
 
+@pytest.mark.dist
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("marker", ["writable", "unset", "unwritable"])
 def test_preempted_exit_is_reported_through_the_marker(tmp_path, marker):

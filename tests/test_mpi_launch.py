@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.dist  # starts processes; not in `make test-fast`
+
 REPO = Path(__file__).resolve().parents[1]
 
 

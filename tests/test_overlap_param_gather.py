@@ -14,6 +14,8 @@ from hcx_megatron.model.builder import sync_params_before_read
 from hcx_megatron.training.checkpoint import checkpoint_dir, read_latest_iteration
 from torchrun_utils import pretrain, read_metrics
 
+pytestmark = pytest.mark.dist  # starts processes; not in `make test-fast`
+
 BASE = ["--model-preset", "hcx-tiny", "--seq-length", "64", "--micro-batch-size", "2", "--global-batch-size", "8",
         "--lr", "2e-3", "--seed", "7", "--mock-data", "--use-distributed-optimizer",
         "--train-iters", "3", "--save-interval", "1"]

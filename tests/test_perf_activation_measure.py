@@ -12,6 +12,8 @@ from hcx_megatron.config.model import get_preset
 from hcx_megatron.perf.layout import Layout, Workload
 from hcx_megatron.perf.memory import layer_activation_bytes
 
+pytestmark = pytest.mark.dist  # starts processes; not in `make test-fast`
+
 SCRIPT = """
 import json, sys
 from hcx_megatron.perf.measure import measure

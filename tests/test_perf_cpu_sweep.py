@@ -11,6 +11,8 @@ import pytest
 from hcx_megatron.perf import study_cli
 from hcx_megatron.perf.results import read_metrics_jsonl
 
+pytestmark = pytest.mark.dist  # starts processes; not in `make test-fast`
+
 REPO = Path(__file__).resolve().parents[1]
 
 

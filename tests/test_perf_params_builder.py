@@ -17,6 +17,8 @@ from hcx_megatron.perf.memory import bytes_per_param
 from hcx_megatron.perf.params import (chunk_params, distributed_optimizer_shards, params_per_rank,
                                       shared_embedding_names)
 
+pytestmark = pytest.mark.dist  # starts processes; not in `make test-fast`
+
 WORLD = 4
 VOCAB = 5003  # not a multiple of 128: exercises Megatron's padding to 128 x TP
 LAYOUTS = {  # name -> driver flags (hcx-tiny: 4 layers, 4 heads, 2 KV groups)

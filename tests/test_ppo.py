@@ -18,6 +18,8 @@ import pytest
 from hcx_megatron.rlhf.synthetic import torchrun, write_repetitive_indexed_dataset
 from ppo_helpers import check, ppo_args, records
 
+pytestmark = pytest.mark.dist  # starts processes; not in `make test-fast`
+
 REWARD_MARGIN = 0.06  # mean reward of the last 2 of 10 PPO iterations minus that of the first
 KL_BOUND = 3.0  # nats, sum over the response, mean over sequences, at every iteration
 

@@ -178,6 +178,7 @@ def _bridge_worker(rank: int, port: int, out):
     dist.destroy_process_group()
 
 
+@pytest.mark.dist
 def test_partition_bridge_on_real_gloo_processes():
     from torchrun_utils import free_port
 

@@ -25,6 +25,8 @@ import pytest
 from hcx_megatron.rlhf.synthetic import free_port, read_jsonl, torchrun
 from ppo_helpers import check, ppo_args, records
 
+pytestmark = pytest.mark.dist  # starts processes; not in `make test-fast`
+
 SMALL = dict(ppo_rollouts=2, rollout_batch_size=8, global_batch_size=8, micro_batch_size=4, max_new_tokens=8)
 COMPARED = ("reward_mean", "kl", "entropy", "value_loss", "pg_loss", "response_length")
 

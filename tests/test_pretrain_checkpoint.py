@@ -12,6 +12,8 @@ import pytest
 from hcx_megatron.training.checkpoint import TRACKER_FILE, read_latest_iteration
 from torchrun_utils import REPO, free_port, pretrain, read_metrics
 
+pytestmark = pytest.mark.dist  # starts processes; not in `make test-fast`
+
 
 def data_args(tok, prefix):
     return ["--data-path", prefix, "--tokenizer-model", tok, "--split", "98,2,0"]

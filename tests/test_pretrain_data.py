@@ -6,6 +6,7 @@ from hcx_megatron.data.gpt_datasets import validate_blend_paths
 from torchrun_utils import pretrain, read_metrics
 
 
+@pytest.mark.dist
 @pytest.mark.timeout(600)
 def test_weighted_blend_fim_and_long_context_switch(tmp_path, tiny_tokenizer_dir, tiny_indexed_dataset):
     metrics = tmp_path / "m.jsonl"
@@ -25,6 +26,7 @@ def test_weighted_blend_fim_and_long_context_switch(tmp_path, tiny_tokenizer_dir
     assert any(p.name.startswith("events.out.tfevents") for p in (tmp_path / "tb").iterdir())
 
 
+@pytest.mark.dist
 @pytest.mark.timeout(600)
 def test_bf16_run_tracks_fp32(tmp_path):
     losses = {}

@@ -12,6 +12,8 @@ import pytest
 
 from torchrun_utils import pretrain, read_metrics
 
+pytestmark = pytest.mark.dist  # starts processes; not in `make test-fast`
+
 STEPS = 3
 COMMON = ["--mock-data", "--model-preset", "hcx-tiny", "--seq-length", "64", "--micro-batch-size", "1",
           "--global-batch-size", "8", "--train-iters", str(STEPS), "--lr", "1e-3", "--lr-warmup-iters", "1",

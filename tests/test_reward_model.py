@@ -16,6 +16,7 @@ def _tail(proc) -> str:
     return (proc.stdout[-3000:] + "\n" + proc.stderr[-6000:])
 
 
+@pytest.mark.dist
 @pytest.mark.timeout(420)
 def test_reward_model_learns_hidden_rule(trained_reward_model):
     proc, rm, metrics = trained_reward_model.proc, trained_reward_model.rm, trained_reward_model.metrics

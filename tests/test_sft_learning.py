@@ -14,6 +14,8 @@ import sys
 
 import pytest
 
+pytestmark = pytest.mark.dist  # starts processes; not in `make test-fast`
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORDS = ["data", "file", "code", "book", "test", "time", "user", "path", "name", "size", "value", "error",
          "start", "open", "read", "work"]

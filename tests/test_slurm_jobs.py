@@ -21,6 +21,8 @@ import pytest
 
 from slurm_cluster import REPO, SlurmCluster, TERMINAL_STATES, free_port, unavailable_reason
 
+pytestmark = pytest.mark.slurm  # starts a Slurm cluster; not in `make test-fast`
+
 TRAIN_ITERS = 40
 SAVE_INTERVAL = 5
 # hcx-tiny in CPU mode, 2 ranks (DP2), a few seconds of training per run.

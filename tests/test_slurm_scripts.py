@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slurm  # starts a Slurm cluster; not in `make test-fast`
+
 REPO = Path(__file__).resolve().parents[1]
 JOB_SCRIPTS = ["pretrain_hcx_l.sh", "pretrain_hcx_s.sh", "sft_hcx.sh", "rlhf_hcx.sh"]
 

@@ -55,9 +55,7 @@ def init_processes(cfg: Config) -> None:
 
 
 def shutdown_processes() -> None:
-    """Tear down process groups and undo CPU mode's torch patches: code that runs afterwards in this process
-    (transformers, in --verify) computes wrong rotary embeddings under them (measured: 2e-2 relative logit
-    differences that vanish when transformers runs unpatched)."""
+    """Tear down process groups and undo CPU mode's torch patches."""
     from hcx_megatron.distributed import cpu_mode
     from hcx_megatron.distributed.initialize import shutdown
 

@@ -60,7 +60,7 @@ def hf_logits_and_greedy(hf_dir: str, prompts: list[list[int]], new_tokens: int)
 
 def verify(ckpt: str, hf_dir: str, prompts: list[list[int]] | None = None, tokenizer_dir: str | None = None,
            new_tokens: int = 10) -> VerifyReport:
-    """Runs megatron in THIS process (1-rank gloo world) and then HF; call from a CLI process."""
+    """Runs megatron (1-rank gloo world, CPU mode) and HF in THIS process; call from a CLI process."""
     from hcx_megatron.convert import mcore_runtime as rt
     from hcx_megatron.convert.dist_reader import DistCheckpointReader
     from hcx_megatron.convert.export import saved_model_config
@@ -69,8 +69,6 @@ def verify(ckpt: str, hf_dir: str, prompts: list[list[int]] | None = None, token
         hf_dtype = json.load(f).get("torch_dtype", "float32")
     m = saved_model_config(DistCheckpointReader(ckpt))
     prompts = prompts or default_prompts(m.vocab_size, tokenizer_dir)
-    # HF first: megatron's CPU mode patches torch process-wide, and transformers must not run under it.
-    hf_logits, hf_gen = hf_logits_and_greedy(hf_dir, prompts, new_tokens)
     cfg = rt.cpu_config(m)
     rt.init_processes(cfg)
     try:
@@ -84,6 +82,7 @@ def verify(ckpt: str, hf_dir: str, prompts: list[list[int]] | None = None, token
                     p.copy_(p.to(dt).float())
         mc_logits = [rt.logits(chunks, torch.tensor([p]), m.vocab_size)[0] for p in prompts]
         mc_gen = [rt.greedy(chunks, p, new_tokens, m.vocab_size) for p in prompts]
+        hf_logits, hf_gen = hf_logits_and_greedy(hf_dir, prompts, new_tokens)  # CPU mode leaves transformers exact
     finally:
         rt.shutdown_processes()
     max_abs = max_rel = 0.0

@@ -19,10 +19,13 @@ redirects exactly those touch points to the CPU:
 It is only ever activated when the run's device is "cpu" (see `initialize_distributed`), is idempotent,
 and `deactivate()` undoes every patch (tests use it). Nothing else in the project patches torch or megatron.
 
-The patches are process-wide while active: another library in the same process sees them too. One case was seen
-here: transformers' Llama rotary embeddings computed slightly different logits (2e-2 relative) in a process with
-CPU mode active, so code that runs transformers next to a megatron model (the conversion `--verify`) runs
-transformers first and calls `deactivate()` when the megatron side is done.
+The patches are process-wide while active, so they must not change any call that does not target CUDA: another
+library in the same process (transformers, in the conversion `--verify`) gives bitwise the same results before,
+during and after CPU mode. That includes torch's own caches of its functions: `with torch.device("meta")` (how
+transformers' `from_pretrained` builds a model) recognises factories by identity in a set that torch fills on
+first use and keeps for the life of the process; filled while the factories are our wrappers, the device context
+would ignore torch's real factories from then on, even after `deactivate()` (transformers then left its rotary
+`inv_freq` buffer uninitialised: garbage or NaN logits). `activate()` fills such caches before patching.
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ from typing import Any, Callable
 import torch
 
 _CPU = torch.device("cpu")
-_saved: list[tuple[Any, str, Any]] = []  # (owner, attribute, original) for deactivate()
+_saved: list[tuple[Any, str, Any]] = []  # (owner, attribute, original or _ABSENT) for deactivate()
 _active = False
 
 # torch factories that accept `device=`; megatron-core passes torch.cuda.current_device() or "cuda".
@@ -67,9 +70,21 @@ def _is_cuda(device: Any) -> bool:
     return isinstance(device, int)  # a bare index means an accelerator ordinal
 
 
+_ABSENT = object()  # `owner` had no attribute of its own (e.g. Tensor.to lives on TensorBase): delete on undo
+
+
 def _patch(owner: Any, name: str, value: Any) -> None:
-    _saved.append((owner, name, getattr(owner, name, None)))
+    _saved.append((owner, name, vars(owner).get(name, _ABSENT)))
     setattr(owner, name, value)
+
+
+def _fill_torch_identity_caches() -> None:
+    """Caches that torch fills lazily with the identity of its own functions must hold the originals, not our
+    wrappers: they outlive `deactivate()`. The device context manager's set of factories is the one that changes
+    results (see the module docstring)."""
+    from torch.utils import _device
+
+    _device._device_constructors()
 
 
 def _cpu_device_kwarg(fn: Callable) -> Callable:
@@ -142,6 +157,7 @@ def activate() -> None:
         return
     import megatron.core.tensor_parallel.random as mc_random
 
+    _fill_torch_identity_caches()
     cuda = torch.cuda
     # Device.
     _patch(cuda, "current_device", lambda: _CPU)
@@ -210,5 +226,8 @@ def deactivate() -> None:
     global _active
     while _saved:
         owner, name, original = _saved.pop()
-        setattr(owner, name, original)
+        if original is _ABSENT:
+            delattr(owner, name)
+        else:
+            setattr(owner, name, original)
     _active = False
