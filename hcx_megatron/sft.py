@@ -31,6 +31,7 @@ from megatron.core import parallel_state as ps
 from hcx_megatron.config.args import Config, parse_config
 from hcx_megatron.config.sequence import context_parallel_chunks, sequence_multiple_for
 from hcx_megatron.data.context_parallel import packed_batch_for_transformer_engine, slice_batch_for_context_parallel
+from hcx_megatron.inference.generate import add_generation_args
 from hcx_megatron.data.sft_dataset import (
     TRUNCATION_RULES, BatchingConfig, Conversation, DataReport, MicroBatchPlan, SFTDataError, block_causal_mask,
     collate, read_conversations, real_tokens, split_fractions, split_train_valid,
@@ -49,6 +50,7 @@ class SFTOptions:
     gen_eval_data: str | None = None
     gen_eval_output: str | None = None
     gen_max_new_tokens: int = 64
+    generation_kv_cache: bool = True
 
 
 def add_sft_args(parser) -> None:
@@ -69,6 +71,7 @@ def add_sft_args(parser) -> None:
                         "report exact match")
     g.add_argument("--gen-eval-output", default=None, help="JSON file for the generation eval (rank 0)")
     g.add_argument("--gen-max-new-tokens", type=int, default=64)
+    add_generation_args(g)
 
 
 def options_from_args(ns) -> SFTOptions:
@@ -76,6 +79,7 @@ def options_from_args(ns) -> SFTOptions:
         tokens_per_microbatch=ns.sft_tokens_per_microbatch, packing=ns.sft_packing, truncation=ns.sft_truncation,
         strict=ns.sft_strict, pad_to_multiple_of=ns.sft_pad_to_multiple_of, data_report=ns.sft_data_report,
         gen_eval_data=ns.gen_eval_data, gen_eval_output=ns.gen_eval_output, gen_max_new_tokens=ns.gen_max_new_tokens,
+        generation_kv_cache=ns.generation_kv_cache,
     )
 
 
@@ -93,6 +97,12 @@ def check_sft_config(cfg: Config, opts: SFTOptions) -> None:
             except ValueError:
                 continue
             raise ValueError(f"{flag}: {p!r} looks like a blend weight; SFT takes a plain list of JSONL files")
+    if d.dataloader != "torch" or d.num_workers:
+        # The loaders of hcx_megatron/data/loaders.py serve fixed-shape pretraining samples; SFT micro-batches are
+        # planned per step (token budget, length grouping, packing) and built in the training process.
+        raise ValueError(f"--dataloader {d.dataloader} --num-workers {d.num_workers}: SFT builds its micro-batches "
+                         "in the training process; these flags apply to pretraining only (use --dataloader torch "
+                         "--num-workers 0)")
     if opts.pad_to_multiple_of < 1:
         raise ValueError("--sft-pad-to-multiple-of must be >= 1")
     if opts.tokens_per_microbatch is not None and opts.tokens_per_microbatch < t.seq_length:
@@ -278,7 +288,7 @@ class SFTTask:
         if not o.gen_eval_data:
             return None
         result = run_generation_eval(ctx.chunks, self.tokenizer, o.gen_eval_data, o.gen_max_new_tokens,
-                                     self.cfg.training.seq_length)
+                                     self.cfg.training.seq_length, kv_cache=o.generation_kv_cache)
         record = {"kind": "gen_eval", "iteration": ctx.iteration, "exact_match": result["exact_match"],
                   "num_prompts": result["num_prompts"]}
         ctx.writer.write(record)
@@ -292,9 +302,10 @@ class SFTTask:
         return result
 
 
-def run_generation_eval(chunks, tokenizer, path: str, max_new_tokens: int, max_length: int) -> dict:
+def run_generation_eval(chunks, tokenizer, path: str, max_new_tokens: int, max_length: int,
+                        kv_cache: bool = True) -> dict:
     """Greedy-generate the last assistant turn of every conversation in `path`; exact match of the stripped
-    text. Prompts are split across DP replicas."""
+    text. Prompts are split across DP replicas. kv_cache: see `generate`."""
     from hcx_megatron.data.chat import prompt_ids, response_text, split_prompt_and_reference
     from hcx_megatron.data.sft_dataset import parse_conversation_line
     from hcx_megatron.data.jsonl import iter_lines
@@ -315,7 +326,7 @@ def run_generation_eval(chunks, tokenizer, path: str, max_new_tokens: int, max_l
     # so the pre-hooks' gather in the others' forward would wait for it forever.
     sync_params_before_read(chunks)
     out = generate_data_parallel(chunks, prompts, max_new_tokens, temperature=0.0, vocab_size=tokenizer.vocab_size,
-                                 max_seq_length=max_length)
+                                 max_seq_length=max_length, kv_cache=kv_cache)
     answers = [response_text(tokenizer, t) for t in out.tokens]
     hits = [a.strip() == r.strip() for a, r in zip(answers, refs)]
     samples = [{"prompt": p, "reference": r, "answer": a, "match": h}

@@ -1,8 +1,10 @@
-"""Generation utility: sampling primitives (pure), and the same tokens / logprobs from one process and from
-TP=2 x PP=2 (four torchrun processes on gloo) for the same seed, greedy and sampled, with stop ids.
+"""Generation: sampling primitives (pure); the KV-cached path (megatron-core's static inference context) against
+the full-prefix reference path in this process (TP1: greedy, sampled, stop ids, length limits, prompts of different
+lengths, attention of a decode step over the whole cache); and the same tokens / log-probs from both paths under
+TP2, TP2+SP, PP2, TP2xPP2 (with and without SP) and PP2xVPP2 as under TP1 (one four-process torchrun world on gloo).
 
-Run as a script, this file is the worker: it builds a randomly initialised tiny model (initialisation is
-layout-independent, so every layout holds the same weights) and generates."""
+Run as a script, this file is the worker: it builds a randomly initialised tiny model under each layout
+(initialisation is layout-independent, so every layout holds the same weights) and generates."""
 
 from __future__ import annotations
 
@@ -60,16 +62,196 @@ def test_choose_next_greedy_and_seeded_sampling():
     assert torch.allclose(counts / 4000, expected, atol=0.03), (counts / 4000, expected)
 
 
+# -- in this process (TP1) ------------------------------------------------------------------------------------
+KV_TOLERANCE = 1e-5  # log-probs, KV vs full prefix, fp32: the cached matmuls have other shapes
+
+
+@pytest.fixture(scope="module")
+def tiny_model():
+    """A randomly initialised fp32 tiny model on a one-rank gloo world in this process (CPU mode)."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+
+    # megatron's models are imported before CPU mode patches torch, as in a run.
+    from hcx_megatron.config.args import parse_config
+    from hcx_megatron.distributed import cpu_mode
+    from hcx_megatron.distributed.initialize import set_random_seed
+    from hcx_megatron.model.builder import build_model
+
+    if dist.is_initialized():
+        pytest.fail("a process group already exists in this process")
+    cfg, _ = parse_config(["--mock-data", "--device", "cpu", "--num-layers", "2", "--hidden-size", "64",
+                           "--ffn-hidden-size", "128", "--num-attention-heads", "4", "--num-query-groups", "2",
+                           "--vocab-size", "300", "--seed", "7", "--max-position-embeddings", "64",
+                           "--seq-length", "64"])
+    was_active = cpu_mode.is_active()
+    cpu_mode.activate()
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
+    ps.initialize_model_parallel()
+    set_random_seed(7)
+    try:
+        yield build_model(cfg, "cpu", wrap_ddp=False).chunks
+    finally:
+        ps.destroy_model_parallel()
+        dist.destroy_process_group()
+        if not was_active:
+            cpu_mode.deactivate()
+
+
+def _count_kv_steps(monkeypatch) -> list:
+    """Record the token count of every KV-cached forward step (proves the KV path ran, and how)."""
+    from hcx_megatron.inference import kv_generate
+
+    steps = []
+    real = kv_generate._step_logits
+
+    def counting(chunks, context, tokens, n_micro, mbs):
+        steps.append(tokens.shape[1])
+        return real(chunks, context, tokens, n_micro, mbs)
+
+    monkeypatch.setattr(kv_generate, "_step_logits", counting)
+    return steps
+
+
+def _assert_same(full, kv, logprobs: bool = True):
+    assert kv.tokens == full.tokens
+    assert kv.finished == full.finished
+    if logprobs:
+        for a, b in zip(full.logprobs, kv.logprobs):
+            assert len(a) == len(b)
+            assert max((abs(x - y) for x, y in zip(a, b)), default=0.0) < KV_TOLERANCE
+
+
+# Lengths 1..20: rows start generating at different steps (the longer ones are fed their prompt meanwhile).
+MIXED_PROMPTS = PROMPTS + [list(range(100, 120)), [7] * 5]
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("sampling", [dict(), dict(temperature=1.0, top_p=0.9, seed=5),
+                                      dict(temperature=0.7, top_p=1.0, seed=11)], ids=["greedy", "t1_p09", "t07"])
+def test_kv_cache_matches_full_prefix_path(tiny_model, monkeypatch, sampling):
+    from hcx_megatron.inference.generate import generate
+
+    kw = dict(vocab_size=300, return_logprobs=True, **sampling)
+    full = generate(tiny_model, MIXED_PROMPTS, 10, stop_ids=[], kv_cache=False, **kw)
+    steps = _count_kv_steps(monkeypatch)
+    kv = generate(tiny_model, MIXED_PROMPTS, 10, stop_ids=[], **kw)  # kv_cache=True is the default
+    _assert_same(full, kv)
+    assert all(len(t) == 10 for t in kv.tokens) and not any(kv.finished)
+    # One prefill over the shortest prompt, then one token per step until the longest prompt has 10 new tokens.
+    shortest, longest = min(map(len, MIXED_PROMPTS)), max(map(len, MIXED_PROMPTS))
+    assert steps == [shortest] + [1] * (longest + 10 - 1 - shortest)
+
+    # Stop ids (a token some rows produce early), and a length limit that cuts rows at different points.
+    stop_id = full.tokens[0][2]
+    full = generate(tiny_model, MIXED_PROMPTS, 10, stop_ids=[stop_id, 299], kv_cache=False, **kw)
+    kv = generate(tiny_model, MIXED_PROMPTS, 10, stop_ids=[stop_id, 299], kv_cache=True, **kw)
+    _assert_same(full, kv)
+    assert kv.finished[0] and len(kv.tokens[0]) <= 3
+    full = generate(tiny_model, MIXED_PROMPTS, 10, stop_ids=[], max_seq_length=24, kv_cache=False, **kw)
+    kv = generate(tiny_model, MIXED_PROMPTS, 10, stop_ids=[], max_seq_length=24, kv_cache=True, **kw)
+    _assert_same(full, kv)
+    assert [len(t) for t in kv.tokens] == [min(10, 24 - len(p)) for p in MIXED_PROMPTS]
+    # max_new_tokens cuts the KV path exactly where it cuts the reference.
+    _assert_same(generate(tiny_model, MIXED_PROMPTS, 3, stop_ids=[], kv_cache=False, **kw),
+                 generate(tiny_model, MIXED_PROMPTS, 3, stop_ids=[], kv_cache=True, **kw))
+    empty = generate(tiny_model, MIXED_PROMPTS, 0, **kw)
+    assert empty.tokens == [[]] * len(MIXED_PROMPTS) and not any(empty.finished)
+
+
+@pytest.mark.timeout(120)
+def test_kv_samples_do_not_depend_on_the_batch(tiny_model):
+    from hcx_megatron.inference.generate import generate
+
+    kw = dict(temperature=1.0, top_p=0.95, seed=3, stop_ids=[], vocab_size=300)
+    together = generate(tiny_model, MIXED_PROMPTS, 6, **kw).tokens
+    alone = [generate(tiny_model, [p], 6, seed_indices=[i], **kw).tokens[0] for i, p in enumerate(MIXED_PROMPTS)]
+    assert alone == together
+
+
+@pytest.mark.timeout(120)
+def test_decode_step_attends_to_the_whole_cache(tiny_model):
+    """Two prompts that differ ONLY in their first token, generated next to a one-token prompt: their tokens are
+    fed one per step through the cache, so every log-prob they get depends on key 0 through cached decode steps."""
+    from hcx_megatron.inference.generate import generate
+
+    common = list(range(30, 45))
+    prompts = [[5], [1] + common, [2] + common]
+    kw = dict(stop_ids=[], vocab_size=300, return_logprobs=True)
+    kv = generate(tiny_model, prompts, 4, kv_cache=True, **kw)
+    full = generate(tiny_model, prompts, 4, kv_cache=False, **kw)
+    _assert_same(full, kv)
+    # The first token reaches the answer (a decode step that missed key 0 could not tell the two apart).
+    assert abs(kv.logprobs[1][0] - kv.logprobs[2][0]) > 1e-4 or kv.tokens[1][0] != kv.tokens[2][0]
+
+
+@pytest.mark.timeout(60)
+def test_sdpa_attention_aligns_a_short_query_block_with_the_end_of_the_keys():
+    """SDPAAttention with a causal mask type and fewer queries than keys (KV-cached steps): query j is position
+    k_len - q_len + j and sees keys 0..that position; a one-token query sees every key. Reference: explicit
+    softmax attention with GQA."""
+    from megatron.core.transformer.enums import AttnMaskType
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    from hcx_megatron.model.spec import SDPAAttention
+
+    config = TransformerConfig(num_layers=1, hidden_size=32, num_attention_heads=4, num_query_groups=2,
+                               kv_channels=8)
+    attention = SDPAAttention(config, 1, AttnMaskType.causal, "self").eval()
+    torch.manual_seed(0)
+    k_len, b = 6, 2
+    key, value = torch.randn(k_len, b, 2, 8), torch.randn(k_len, b, 2, 8)
+    for q_len in (1, 3, k_len):
+        query = torch.randn(q_len, b, 4, 8)
+        out = attention(query, key, value, None, attn_mask_type=AttnMaskType.causal)
+        k, v = (t.repeat_interleave(2, dim=2).permute(1, 2, 0, 3) for t in (key, value))  # [b, n, s, d]
+        q = query.permute(1, 2, 0, 3)
+        scores = q @ k.transpose(-1, -2) / 8 ** 0.5
+        visible = torch.arange(k_len)[None, :] <= (k_len - q_len + torch.arange(q_len))[:, None]
+        expected = torch.softmax(scores.masked_fill(~visible, float("-inf")), -1) @ v
+        expected = expected.permute(2, 0, 1, 3).reshape(q_len, b, -1)
+        assert torch.allclose(out, expected, atol=1e-5), q_len
+
+
+def test_fp8_models_generate_without_the_kv_cache():
+    from types import SimpleNamespace
+
+    from hcx_megatron.inference.kv_generate import kv_cache_unsupported_reason
+
+    assert "FP8" in kv_cache_unsupported_reason(SimpleNamespace(fp8="hybrid"))
+    assert kv_cache_unsupported_reason(SimpleNamespace(fp8=None)) is None
+
+
+def test_drivers_take_the_kv_cache_switch():
+    import argparse
+
+    from hcx_megatron.inference.chat import build_parser
+    from hcx_megatron.rlhf.ppo import add_ppo_args
+    from hcx_megatron.sft import add_sft_args, options_from_args
+
+    assert build_parser().parse_args(["--load", "x"]).generation_kv_cache is True
+    assert build_parser().parse_args(["--load", "x", "--no-generation-kv-cache"]).generation_kv_cache is False
+    sft = argparse.ArgumentParser()
+    add_sft_args(sft)
+    assert options_from_args(sft.parse_args(["--no-generation-kv-cache"])).generation_kv_cache is False
+    ppo = argparse.ArgumentParser()
+    add_ppo_args(ppo)
+    assert ppo.parse_args(["--prompt-data", "p", "--no-generation-kv-cache"]).generation_kv_cache is False
+    assert ppo.parse_args(["--prompt-data", "p"]).generation_kv_cache is True
+
+
+# -- several layouts (torchrun) ------------------------------------------------------------------------------------
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
-def _run_layout(out_path: str, tp: int, pp: int) -> dict:
-    nproc = tp * pp
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", f"--master-port={_free_port()}",
-           os.path.abspath(__file__), out_path, str(tp), str(pp)]
+def _run_layouts(out_path: str) -> dict:
+    """One 4-process torchrun world that builds the model under every layout of LAYOUTS in turn (megatron's
+    parallel state re-initialised between them) and generates with the KV cache and with the full-prefix path."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=4", f"--master-port={_free_port()}",
+           os.path.abspath(__file__), out_path]
     env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
@@ -77,16 +259,26 @@ def _run_layout(out_path: str, tp: int, pp: int) -> dict:
         return json.load(f)
 
 
+# name -> extra flags; 4 ranks each (the rest is data parallelism, every DP replica generating the same prompts).
+LAYOUTS = {
+    "tp1": [],
+    "tp2": ["--tensor-model-parallel-size", "2"],
+    "tp2_sp": ["--tensor-model-parallel-size", "2", "--sequence-parallel"],
+    "pp2": ["--pipeline-model-parallel-size", "2"],
+    "tp2_pp2": ["--tensor-model-parallel-size", "2", "--pipeline-model-parallel-size", "2"],
+    "tp2_pp2_sp": ["--tensor-model-parallel-size", "2", "--pipeline-model-parallel-size", "2", "--sequence-parallel"],
+    "pp2_vpp2": ["--pipeline-model-parallel-size", "2", "--virtual-pipeline-model-parallel-size", "2"],
+}
+LOGPROB_TOLERANCE = 1e-4  # across layouts and paths: TP splits and cached attention sum in other orders
+
+
 @pytest.mark.timeout(900)
-def test_same_generations_at_tp1_and_tp2_pp2(tmp_path):
-    ref = _run_layout(str(tmp_path / "tp1.json"), 1, 1)
-    par = _run_layout(str(tmp_path / "tp2pp2.json"), 2, 2)
+def test_same_generations_in_every_layout_with_and_without_kv_cache(tmp_path):
+    runs = _run_layouts(str(tmp_path / "layouts.json"))
+    assert set(runs) == set(LAYOUTS)
+    ref = runs["tp1"]["full_prefix"]
     assert [len(t) for t in ref["greedy"]] == [8] * len(PROMPTS)
-    assert par["greedy"] == ref["greedy"]
-    assert par["sampled"] == ref["sampled"]
     assert ref["sampled"] != ref["greedy"]
-    for a, b in zip(ref["greedy_logprobs"], par["greedy_logprobs"]):
-        assert max(abs(x - y) for x, y in zip(a, b)) < 1e-4
     assert all(lp <= 0 for row in ref["greedy_logprobs"] for lp in row)
     # Stop ids: the response ends with the first stop token and is marked finished; others run to the limit.
     stop = ref["stop_id"]
@@ -95,33 +287,76 @@ def test_same_generations_at_tp1_and_tp2_pp2(tmp_path):
             assert cut == full[: full.index(stop) + 1] and done
         else:
             assert cut == full and not done
-    assert par["stopped"] == ref["stopped"]
+    assert any(ref["stopped_finished"]) and not all(ref["stopped_finished"])
+    for name, run in runs.items():
+        for path in ("full_prefix", "kv_cache"):
+            out = run[path]
+            where = f"{name} {path}"
+            for key in ("greedy", "sampled", "stopped", "stopped_finished", "dp_split"):
+                assert out[key] == ref[key], f"{where}: {key} differs from TP1's full-prefix path"
+            for key in ("greedy_logprobs", "sampled_logprobs"):
+                for a, b in zip(ref[key], out[key]):
+                    assert max(abs(x - y) for x, y in zip(a, b)) < LOGPROB_TOLERANCE, (where, key)
+    # Sequence parallelism really ran in tp2_sp's full-prefix path and is restored switch by switch after the KV path.
+    for name in ("tp2_sp", "tp2_pp2_sp"):
+        before, after = runs[name]["sequence_parallel"]
+        assert before["config"] is True and sum(v is True for v in before.values()) > 4
+        assert after == before
+    # The DP split sample equals the one-batch sample (seeded per prompt index).
+    assert ref["dp_split"] == ref["sampled"]
 
 
-def _worker(out_path: str, tp: int, pp: int) -> None:
+def _sequence_parallel_state(chunks) -> dict:
+    """Every sequence-parallel switch of the model (the KV path turns them off during a call)."""
+    from hcx_megatron.inference.kv_generate import SEQUENCE_PARALLEL_ATTRS
+
+    state = {"config": chunks[0].config.sequence_parallel}
+    for c, chunk in enumerate(chunks):
+        for name, module in chunk.named_modules():
+            for attr in SEQUENCE_PARALLEL_ATTRS:
+                if hasattr(module, attr):
+                    state[f"{c}.{name}.{attr}"] = getattr(module, attr)
+    return state
+
+
+def _worker(out_path: str) -> None:
     import torch.distributed as dist
+    from megatron.core import parallel_state as ps
 
     from hcx_megatron.config.args import parse_config
     from hcx_megatron.distributed.initialize import initialize_distributed, shutdown
-    from hcx_megatron.inference.generate import generate
+    from hcx_megatron.inference.generate import generate, generate_data_parallel
     from hcx_megatron.model.builder import build_model
 
-    cfg, _ = parse_config(["--mock-data", "--device", "cpu", "--num-layers", "2", "--hidden-size", "64",
-                           "--ffn-hidden-size", "128", "--num-attention-heads", "4", "--num-query-groups", "2",
-                           "--vocab-size", "300", "--seed", "7", "--tensor-model-parallel-size", str(tp),
-                           "--pipeline-model-parallel-size", str(pp)])
-    _, device = initialize_distributed(cfg)
-    chunks = build_model(cfg, device, wrap_ddp=False).chunks
-    greedy = generate(chunks, PROMPTS, 8, stop_ids=[], vocab_size=300, return_logprobs=True)
-    sampled = generate(chunks, PROMPTS, 8, temperature=1.0, top_p=0.9, stop_ids=[], seed=5, vocab_size=300)
-    stop_id = greedy.tokens[0][3]
-    stopped = generate(chunks, PROMPTS, 8, stop_ids=[stop_id], vocab_size=300)
+    results = {}
+    for name, flags in LAYOUTS.items():
+        if ps.model_parallel_is_initialized():
+            ps.destroy_model_parallel()
+        cfg, _ = parse_config(["--mock-data", "--device", "cpu", "--num-layers", "4", "--hidden-size", "64",
+                               "--ffn-hidden-size", "128", "--num-attention-heads", "4", "--num-query-groups", "2",
+                               "--vocab-size", "300", "--seed", "7", *flags])
+        _, device = initialize_distributed(cfg)
+        chunks = build_model(cfg, device, wrap_ddp=False).chunks
+        results[name] = {}
+        before = _sequence_parallel_state(chunks)
+        for path, kv in (("full_prefix", False), ("kv_cache", True)):
+            greedy = generate(chunks, PROMPTS, 8, stop_ids=[], vocab_size=300, return_logprobs=True, kv_cache=kv)
+            sampled = generate(chunks, PROMPTS, 8, temperature=1.0, top_p=0.9, stop_ids=[], seed=5, vocab_size=300,
+                               return_logprobs=True, kv_cache=kv)
+            stop_id = greedy.tokens[0][3]
+            stopped = generate(chunks, PROMPTS, 8, stop_ids=[stop_id], vocab_size=300, kv_cache=kv)
+            split = generate_data_parallel(chunks, PROMPTS, 8, temperature=1.0, top_p=0.9, stop_ids=[], seed=5,
+                                           vocab_size=300, kv_cache=kv)
+            results[name][path] = {
+                "greedy": greedy.tokens, "greedy_logprobs": greedy.logprobs, "sampled": sampled.tokens,
+                "sampled_logprobs": sampled.logprobs, "stop_id": stop_id,
+                "stopped": stopped.tokens, "stopped_finished": stopped.finished, "dp_split": split.tokens}
+        results[name]["sequence_parallel"] = [before, _sequence_parallel_state(chunks)]
     if dist.get_rank() == 0:
         with open(out_path, "w") as f:
-            json.dump({"greedy": greedy.tokens, "greedy_logprobs": greedy.logprobs, "sampled": sampled.tokens,
-                       "stop_id": stop_id, "stopped": stopped.tokens, "stopped_finished": stopped.finished}, f)
+            json.dump(results, f)
     shutdown()
 
 
 if __name__ == "__main__":
-    _worker(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]))
+    _worker(sys.argv[1])

@@ -283,7 +283,8 @@ def test_generation_pads_to_the_rule_without_changing_tokens(tp, sp, cp, fp8, si
     multiple = sequence_multiple_of_model(config)
     vocab, steps, prompts = 50, 6, [[3, 4, 5], [7], [1, 2, 3, 4, 5, 6, 7, 8, 9]]
     model = _CausalStub(config, vocab)
-    out = generate([model], prompts, max_new_tokens=steps, stop_ids=(), pad_id=49)
+    # The full-prefix path is the one that pads (the KV-cached path feeds no padding; tests/test_generate.py).
+    out = generate([model], prompts, max_new_tokens=steps, stop_ids=(), pad_id=49, kv_cache=False)
 
     expected = []
     for p in prompts:

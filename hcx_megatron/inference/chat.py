@@ -5,8 +5,8 @@
     torchrun --nproc-per-node 2 -m hcx_megatron.inference.chat --load CKPT --tensor-model-parallel-size 2 ...
 
 Under torchrun/Slurm every rank runs the model; rank 0 reads stdin and prints, and broadcasts each user line
-so all ranks generate together. Generation has no KV cache (see hcx_megatron/inference/generate.py for the
-cost): keep --max-new-tokens modest on CPU.
+so all ranks generate together. Generation decodes with megatron-core's KV cache
+(hcx_megatron/inference/kv_generate.py); --no-generation-kv-cache re-runs the whole prefix per token instead.
 """
 
 from __future__ import annotations
@@ -18,6 +18,8 @@ from typing import Sequence
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from hcx_megatron.inference.generate import add_generation_args
+
     p = argparse.ArgumentParser(description="Chat with an hcx_megatron checkpoint", allow_abbrev=False)
     p.add_argument("--load", required=True, help="checkpoint root (uses its latest) or an iter_XXXXXXX directory")
     p.add_argument("--tokenizer-model", default=None, help="default: the tokenizer the checkpoint was trained with")
@@ -32,6 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true", help="print each answer as a JSON line (for scripts)")
+    add_generation_args(p)
     return p
 
 
@@ -67,7 +70,8 @@ def chat_turns(model, user_lines, system: str | None, args, emit) -> list[dict]:
             messages.pop()
             continue
         out = generate(model.chunks, [ids], args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-                       seed=args.seed + len(messages), vocab_size=model.tokenizer.vocab_size, max_seq_length=limit)
+                       seed=args.seed + len(messages), vocab_size=model.tokenizer.vocab_size, max_seq_length=limit,
+                       kv_cache=args.generation_kv_cache)
         answer = response_text(model.tokenizer, out.tokens[0])
         messages.append({"role": "assistant", "content": answer})
         emit({"event": "answer", "user": line, "assistant": answer, "tokens": len(out.tokens[0]),

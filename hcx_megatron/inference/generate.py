@@ -11,19 +11,22 @@ Contract: every rank of one model-parallel group (all TP x PP ranks of a DP repl
 same arguments; every one of them gets the same result. Different DP replicas may pass different prompts
 (split the work across DP yourself). The chunks may be DDP-wrapped or bare; their train/eval mode is restored.
 
-How a step works: all live sequences (prompt + response so far) are right-padded to one length and run
-through megatron-core's forward-only pipeline schedule (so PP stages exchange activations exactly as in
-training); the last stage gathers the vocabulary-parallel logits at each sequence's last real position across
-TP, picks the next tokens and broadcasts them over the pipeline group. Right padding needs no attention mask:
-attention is causal, so a real position never sees the pads after it.
+Two paths, the same tokens (log-probs to float rounding, ~1e-6 in fp32; tests/test_generate.py):
 
-COST — no KV cache. megatron-core's inference contexts (static/dynamic KV caches) drive their own engine
-and p2p path and assume CUDA; instead of forking that for the CPU path we recompute the prefix at every step.
-Generating T tokens after a P-token prompt therefore runs T forward passes over P+1 .. P+T tokens:
-T*P + T(T+1)/2 token-forwards instead of P + T with a cache, i.e. the projection/MLP work grows as O(T*(P+T))
-instead of O(P+T), and attention work as O(T*(P+T)^2) instead of O((P+T)^2). That is fine for tests, evals
-and short PPO rollouts on small models, and wasteful for long responses: for production-scale rollouts use a
-KV-cached engine (megatron-core's inference engine on GPU) behind the same function signature.
+- KV cache (`kv_cache=True`, the default; hcx_megatron/inference/kv_generate.py): megatron-core's
+  StaticInferenceContext through GPTModel.forward. One prefill over the shortest prompt, then one token per row
+  per step (rows with longer prompts are fed their own prompt tokens until they start generating), each step
+  through megatron-core's forward-only pipeline schedule. Cost: P + T token-forwards per row, attention
+  O((P+T)^2); per step a fixed Python/launch overhead (megatron's modules), which dominates on tiny models.
+  Sequence parallelism is switched off for the call (a 1-token step cannot be split over TP); FP8 models take
+  the full-prefix path (1-token steps cannot meet the FP8 token multiple).
+- Full prefix (`kv_cache=False`, drivers' `--no-generation-kv-cache`): the reference. All live sequences (prompt +
+  response so far) are right-padded to one length and run whole through the same schedule at every step; right
+  padding needs no attention mask, since attention is causal and a real position never sees the pads after it.
+  Generating T tokens after a P-token prompt runs T*P + T(T+1)/2 token-forwards and O(T*(P+T)^2) attention.
+
+Either way the last stage gathers the vocabulary-parallel logits of each sequence's next token across TP, picks
+the next tokens and broadcasts them over the pipeline group.
 
 Sampling: temperature <= 0 is greedy (argmax). Otherwise logits / temperature, then nucleus (top-p) filtering,
 then a draw from a per-prompt torch.Generator seeded by (seed, prompt index), so a prompt's sample does not
@@ -35,6 +38,7 @@ sampled tokens, not of the sampling distribution.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -45,6 +49,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.tensor_parallel.mappings import gather_from_tensor_model_parallel_region
 
 from hcx_megatron.config.sequence import pad_length, sequence_multiple_of_model
+from hcx_megatron.inference.kv_generate import decode_with_kv_cache, kv_cache_unsupported_reason, sequence_parallel_off
 from hcx_megatron.model.builder import unwrap
 from hcx_megatron.tokenizer.special_tokens import ENDOFTURN, PAD, SPECIAL_TOKEN_IDS
 
@@ -100,17 +105,23 @@ def _prompt_generator(seed: int, index: int, device: torch.device) -> torch.Gene
     return g
 
 
+def micro_batch_layout(rows: int, n_chunks: int) -> tuple[int, int]:
+    """(micro-batches, rows per micro-batch) for one generation step of `rows` sequences; the last micro-batch is
+    filled up with filler rows whose results are dropped."""
+    pp = ps.get_pipeline_model_parallel_world_size()
+    # Several micro-batches let pipeline stages overlap; each must have the same [s, mbs] shape.
+    n_micro = max(1, min(rows, pp))
+    if n_chunks > 1:
+        n_micro = pp  # the interleaved (VPP) schedule wants a multiple of PP micro-batches: filler rows make them
+    return n_micro, -(-rows // n_micro)
+
+
 def _last_logits(chunks: list, seqs: list[list[int]], pad_id: int, pad_multiple: int,
                  device: torch.device) -> torch.Tensor | None:
     """Full-vocabulary logits at the last real position of each sequence: [b, padded_vocab] float32 on the
     last pipeline stage, None on the others."""
     b = len(seqs)
-    pp = ps.get_pipeline_model_parallel_world_size()
-    # Several micro-batches let pipeline stages overlap; each must have the same [s, mbs] shape.
-    n_micro = max(1, min(b, pp))
-    if len(chunks) > 1:
-        n_micro = pp  # the interleaved (VPP) schedule wants a multiple of PP micro-batches: fill with copies
-    mbs = -(-b // n_micro)
+    n_micro, mbs = micro_batch_layout(b, len(chunks))
     rows = seqs + [seqs[0]] * (n_micro * mbs - b)  # filler rows, results dropped
     length = pad_length(max(len(s) for s in rows), pad_multiple)
     tokens = torch.full((len(rows), length), pad_id, dtype=torch.long)
@@ -167,6 +178,7 @@ def generate(
     pad_id: int = PAD_ID,
     max_seq_length: int | None = None,
     seed_indices: Sequence[int] | None = None,
+    kv_cache: bool = True,
 ) -> GenerationOutput:
     """Generate a response for each prompt (see the module docstring for the contract and the cost).
 
@@ -175,6 +187,9 @@ def generate(
     max_sequence_length).
     seed_indices: the index each prompt's sampling generator is keyed by (default 0..n-1); callers that split
     a prompt list give the global indices so samples do not depend on the split.
+    kv_cache: decode with megatron-core's static KV cache (hcx_megatron/inference/kv_generate.py); False runs
+    the full-prefix path, the reference the KV path is tested against. FP8 models always take the full-prefix
+    path (a notice says so once).
     """
     chunks = _as_list(model_chunks)
     if not prompts_ids:
@@ -190,8 +205,8 @@ def generate(
     too_long = [i for i, p in enumerate(prompts_ids) if len(p) >= limit]
     if too_long:
         raise ValueError(f"generate: prompts {too_long[:5]} already have >= {limit} tokens (max_seq_length)")
-    # Right padding to the layout's sequence multiple (SP/CP splits, FP8 GEMMs); causal attention keeps the
-    # pads from reaching the real last position.
+    # The full-prefix path right-pads to the layout's sequence multiple (SP/CP splits, FP8 GEMMs); causal
+    # attention keeps the pads from reaching the real last position.
     if config.context_parallel_size > 1:
         # Sequences are not split over CP ranks here: every rank would run the whole prompt.
         raise ValueError(f"generate: context_parallel_size {config.context_parallel_size} is not supported; "
@@ -208,48 +223,78 @@ def generate(
     responses: list[list[int]] = [[] for _ in range(n)]
     logprobs: list[list[float]] = [[] for _ in range(n)]
     finished = [False] * n
-    active = list(range(n))
     keys = list(seed_indices) if seed_indices is not None else list(range(n))
     if len(keys) != n:
         raise ValueError(f"generate: {len(keys)} seed_indices for {n} prompts")
     generators = [_prompt_generator(seed, k, device) if temperature > 0 else None for k in keys]
 
+    def pick(logits: torch.Tensor | None, rows: list[int]) -> tuple[list[int], list[float]]:
+        """Next token (and its raw log-prob) of each of `rows` from their logits [len(rows), V], which only the
+        last pipeline stage has (None elsewhere); every rank returns the same lists."""
+        picked = torch.empty(len(rows), dtype=torch.long, device=device)
+        lp = torch.zeros(len(rows), dtype=torch.float32, device=device)
+        if last_stage:
+            if vocab_size is not None and vocab_size < logits.shape[-1]:
+                logits = logits[:, :vocab_size]  # Megatron's padding rows are not tokens
+            picked = choose_next(logits, temperature, top_p, [generators[i] for i in rows])
+            if return_logprobs:
+                lp = torch.log_softmax(logits, dim=-1).gather(-1, picked.unsqueeze(-1)).squeeze(-1)
+        if pp > 1:
+            # Only the last stage has logits; every stage must agree on the tokens to continue in step.
+            dist.broadcast(picked, src=pp_src, group=pp_group)
+            if return_logprobs:
+                dist.broadcast(lp, src=pp_src, group=pp_group)
+        return picked.tolist(), lp.tolist()
+
+    def record(i: int, token: int, lp: float) -> bool:
+        """Append a generated token to response i; whether the response goes on."""
+        responses[i].append(token)
+        logprobs[i].append(lp)
+        if token in stop:
+            finished[i] = True
+            return False
+        return len(prompts[i]) + len(responses[i]) < limit and len(responses[i]) < max_new_tokens
+
+    unsupported = kv_cache_unsupported_reason(config) if kv_cache else None
+    if unsupported:
+        _say_no_kv_cache(unsupported)
     modes = [c.training for c in chunks]
     for c in chunks:
         c.eval()
     try:
-        for _ in range(max_new_tokens):
-            seqs = [prompts[i] + responses[i] for i in active]
-            logits = _last_logits(chunks, seqs, pad_id, pad_multiple, device)
-            picked = torch.empty(len(active), dtype=torch.long, device=device)
-            lp = torch.zeros(len(active), dtype=torch.float32, device=device)
-            if last_stage:
-                if vocab_size is not None and vocab_size < logits.shape[-1]:
-                    logits = logits[:, :vocab_size]  # Megatron's padding rows are not tokens
-                picked = choose_next(logits, temperature, top_p, [generators[i] for i in active])
-                if return_logprobs:
-                    lp = torch.log_softmax(logits, dim=-1).gather(-1, picked.unsqueeze(-1)).squeeze(-1)
-            if pp > 1:
-                # Only the last stage has logits; every stage must agree on the tokens to continue in step.
-                dist.broadcast(picked, src=pp_src, group=pp_group)
-                if return_logprobs:
-                    dist.broadcast(lp, src=pp_src, group=pp_group)
-            still = []
-            for k, i in enumerate(active):
-                token = int(picked[k])
-                responses[i].append(token)
-                logprobs[i].append(float(lp[k]))
-                if token in stop:
-                    finished[i] = True
-                elif len(prompts[i]) + len(responses[i]) < limit:
-                    still.append(i)
-            active = still
-            if not active:
-                break
+        if max_new_tokens <= 0:
+            pass  # nothing to generate: empty responses, as the loop below would leave them
+        elif kv_cache and not unsupported:
+            with sequence_parallel_off(chunks):
+                decode_with_kv_cache(chunks, prompts, max_new_tokens, limit, pad_id, device,
+                                     micro_batch_layout(n, len(chunks)), pick, record)
+        else:
+            active = list(range(n))
+            for _ in range(max_new_tokens):
+                seqs = [prompts[i] + responses[i] for i in active]
+                logits = _last_logits(chunks, seqs, pad_id, pad_multiple, device)
+                tokens, lps = pick(logits, active)
+                active = [i for i, token, lp in zip(active, tokens, lps) if record(i, token, lp)]
+                if not active:
+                    break
     finally:
         for c, mode in zip(chunks, modes):
             c.train(mode)
     return GenerationOutput(responses, logprobs if return_logprobs else None, finished)
+
+
+@functools.lru_cache(maxsize=None)
+def _say_no_kv_cache(reason: str) -> None:
+    """Say once per process (and reason) why generation runs without the KV cache."""
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        print(f"[hcx] generate: no KV cache for this model ({reason}); using the full-prefix path", flush=True)
+
+
+def add_generation_args(group) -> None:
+    """The generation flags every driver that generates (PPO, SFT --gen-eval-data, hcx-chat) takes."""
+    group.add_argument("--no-generation-kv-cache", dest="generation_kv_cache", action="store_false", default=True,
+                       help="generate by re-running the whole prefix for every token (the reference path) instead "
+                            "of decoding with megatron-core's KV cache")
 
 
 def generate_data_parallel(model_chunks, prompts_ids: Sequence[Sequence[int]], max_new_tokens: int,
@@ -276,4 +321,4 @@ def generate_data_parallel(model_chunks, prompts_ids: Sequence[Sequence[int]], m
 
 
 __all__ = ["generate", "generate_data_parallel", "GenerationOutput", "choose_next", "top_p_filter",
-           "ENDOFTURN_ID", "PAD_ID"]
+           "micro_batch_layout", "add_generation_args", "ENDOFTURN_ID", "PAD_ID"]

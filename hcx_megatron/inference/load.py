@@ -53,8 +53,9 @@ class InferenceModel:
 
 
 def load_for_inference(load: str, tensor_parallel: int = 1, pipeline_parallel: int = 1, device: str = "auto",
-                       tokenizer_model: str | None = None) -> InferenceModel:
-    """Start processes (torchrun/Slurm/MPI env, or a single process), build the model and load `load`."""
+                       tokenizer_model: str | None = None, with_tokenizer: bool = True) -> InferenceModel:
+    """Start processes (torchrun/Slurm/MPI env, or a single process), build the model and load `load`.
+    with_tokenizer=False: token ids in and out only (benchmarks); the returned tokenizer is None."""
     import torch.distributed as dist
 
     from hcx_megatron.distributed.env import resolve_dist_env
@@ -75,10 +76,10 @@ def load_for_inference(load: str, tensor_parallel: int = 1, pipeline_parallel: i
         raise ValueError(f"world size {env.world_size} is not divisible by TP {tensor_parallel} x PP {pipeline_parallel}")
     cfg = config_from_saved(saved, tensor_parallel, pipeline_parallel, device, env.world_size)
     tok_dir = tokenizer_model or cfg.data.tokenizer_model
-    if not tok_dir:
+    if with_tokenizer and not tok_dir:
         raise ValueError(f"{load}: the run had no --tokenizer-model; pass --tokenizer-model DIR")
-    tokenizer = build_tokenizer(cfg.data.tokenizer_type, tok_dir)
-    if tokenizer.vocab_size != cfg.model.vocab_size:
+    tokenizer = build_tokenizer(cfg.data.tokenizer_type, tok_dir) if with_tokenizer else None
+    if tokenizer is not None and tokenizer.vocab_size != cfg.model.vocab_size:
         raise ValueError(f"--tokenizer-model {tok_dir} has {tokenizer.vocab_size} tokens but the checkpoint was "
                          f"trained with {cfg.model.vocab_size}")
     _, dev = initialize_distributed(cfg)

@@ -138,6 +138,13 @@ class SDPAAttention(MegatronModule):
         gqa = q.shape[1] != k.shape[1]
         if attention_mask is None:
             is_causal, mask = mask_type == AttnMaskType.causal, None
+            q_len, k_len = q.shape[2], k.shape[2]
+            if is_causal and q_len != k_len:
+                # Queries are the LAST q_len positions of the keys (KV-cached inference). SDPA's is_causal aligns
+                # its mask top-left, which would hide the cache from them: align it bottom-right instead.
+                is_causal = False
+                if q_len > 1:
+                    mask = torch.ones(q_len, k_len, dtype=torch.bool, device=q.device).tril(k_len - q_len)
         else:
             is_causal, mask = False, ~attention_mask  # SDPA: True = attend
         plan = sdpa_call_plan(q.dtype, mask is not None, gqa, q.device.type, q.shape[-1])

@@ -38,6 +38,7 @@ from megatron.core import parallel_state as ps
 
 from hcx_megatron.config.args import CheckpointConfig, Config, ConfigError, parse_config, validate_config
 from hcx_megatron.config.sequence import sequence_multiple_for
+from hcx_megatron.inference.generate import add_generation_args
 from hcx_megatron.model.heads import scalar_head_factory, sequence_scores
 from hcx_megatron.pretrain import load_run_tokenizer
 from hcx_megatron.rlhf import ppo_math as pm
@@ -63,6 +64,7 @@ def add_ppo_args(parser) -> None:
     g.add_argument("--ppo-epochs", type=int, default=2, help="passes over each rollout batch")
     g.add_argument("--ppo-rollouts", type=int, default=None, help="number of PPO iterations (sets --train-iters)")
     g.add_argument("--max-new-tokens", type=int, default=64)
+    add_generation_args(g)
     g.add_argument("--rollout-temperature", type=float, default=1.0,
                    help="sampling temperature; log-probs for the ratio and KL are computed at the same one")
     g.add_argument("--rollout-top-p", type=float, default=1.0,
@@ -134,7 +136,7 @@ def rollout_settings(cfg: Config, args, tokenizer) -> RolloutSettings:
         vocab_size=cfg.model.vocab_size, pad_id=pad, micro_batch=cfg.training.micro_batch_size,
         seq_multiple=sequence_multiple_for(cfg),
         kl_kind=args.kl_estimator, gamma=args.gamma, lam=args.lam, repetition_ngram=args.repetition_ngram,
-        seed=cfg.training.seed)
+        seed=cfg.training.seed, kv_cache=args.generation_kv_cache)
 
 
 def _global_means(pairs: dict[str, tuple[float, float]], device: str) -> dict[str, float]:

@@ -132,6 +132,7 @@ class RolloutSettings:
     lam: float = 0.95
     repetition_ngram: int = 2
     seed: int = 1234
+    kv_cache: bool = True  # generate with megatron-core's KV cache (False: the full-prefix reference path)
 
 
 @dataclass
@@ -296,7 +297,7 @@ class RolloutProducer:
         prompts = [self.prompts[i] for i in idx]
         gen = generate(policy_chunks, prompts, s.max_new_tokens, temperature=s.temperature, top_p=s.top_p,
                        stop_ids=s.stop_ids, seed=(s.seed * 7919 + r) % 2**31, vocab_size=s.vocab_size,
-                       pad_id=s.pad_id, seed_indices=positions)
+                       pad_id=s.pad_id, seed_indices=positions, kv_cache=s.kv_cache)
         seq = build_sequences(prompts, gen.tokens, s.pad_id, s.seq_multiple, s.repetition_ngram)
         dev = self.device if self.device == "cuda" else "cpu"
         batch = {k: v.to(dev) for k, v in seq.items()}

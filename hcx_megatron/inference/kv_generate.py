@@ -1,0 +1,176 @@
+"""KV-cached decoding for `generate` (hcx_megatron/inference/generate.py), on megatron-core's own inference
+machinery: `GPTModel.forward(..., inference_context=StaticInferenceContext)`, whose attention layers keep the
+keys/values of every position already run and attend a new token to all of them.
+
+Prompts of different lengths share ONE cache offset, as in megatron-core's static text generation
+(TextGenerationController.generate_all_output_tokens_static_batch): the prefill is one forward over the first
+`min(prompt lengths)` tokens of every prompt; each later step feeds one token per row at the same position. A row
+whose prompt is longer than that position is fed its own next prompt token ("teacher forcing") and samples
+nothing; once its prompt is consumed it feeds the tokens it generates. So the cache holds no padding, attention is
+exactly causal, and a row draws from its sampling generator only for tokens it really generates: the tokens equal
+the full-prefix path's for the same seeds (log-probs to float rounding: the matmuls have other shapes).
+
+Steps run through megatron-core's forward-only pipeline schedule (one step = `seq_length` tokens, the prompt
+prefix or 1), so PP stages exchange activations as in training, VPP included; every stage advances the context by
+the same amount after each step, and each micro-batch sets the context's `batch_size_offset` to its rows before
+its forward, whatever order the (interleaved) schedule runs chunks in.
+
+Memory: one K and one V buffer per layer of [min(longest prompt + max_new_tokens, max_seq_length), prompts
+(rounded up to the micro-batch layout), KV heads per TP rank, head_dim], allocated by megatron on the first step
+and freed when the call returns.
+
+Layout rules:
+- sequence parallelism: a 1-token step cannot be split over TP ranks. megatron-core's static generation refuses
+  SP for dense models and switches it off module by module for MoE (`set_model_to_sequence_parallel`); here SP is
+  switched off on the model (config and every module attribute megatron uses for it) for the duration of the call
+  and restored exactly afterwards: TP layers then all-reduce instead of reduce-scatter + all-gather, same math.
+- FP8 (Transformer Engine): 1-token steps cannot meet the FP8 GEMMs' token multiple (hcx_megatron/config/
+  sequence.py), so FP8 models generate on the full-prefix path (`kv_cache_unsupported_reason`).
+- Attention: prefill steps are causal with as many queries as keys; later steps get megatron's `no_mask` (offset
+  > 0), i.e. the one query sees every cached key. The local spec's SDPAAttention handles both (and aligns a
+  causal mask bottom-right should a step ever have fewer queries than keys); the TE spec's attention takes the
+  same mask types from megatron (correct by construction, not run here: no TE on CPU).
+
+Not wired: megatron-core's CUDA-graph decode (it requires flash-decode with static batching) and its dynamic
+engine (dynamic batching; its own request/engine interface, not a drop-in for this function); see docs/sft.md.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Callable, Sequence
+
+import torch
+from megatron.core import parallel_state as ps
+from megatron.core.inference.contexts import StaticInferenceContext
+from megatron.core.pipeline_parallel import get_forward_backward_func
+
+from hcx_megatron.model.builder import unwrap
+
+# Module attributes megatron-core reads at forward time to run sequence parallelism (the same set its
+# `megatron.core.transformer.utils.set_model_to_sequence_parallel` toggles for inference).
+SEQUENCE_PARALLEL_ATTRS = ("sequence_parallel", "scatter_to_sequence_parallel", "reduce_scatter_embeddings")
+
+
+def kv_cache_unsupported_reason(config) -> str | None:
+    """Why a model cannot decode with the KV cache (it then uses the full-prefix path), or None."""
+    if getattr(config, "fp8", None):
+        return ("FP8: one-token decode steps cannot meet the FP8 GEMMs' token multiple "
+                "(hcx_megatron/config/sequence.py)")
+    return None
+
+
+@contextlib.contextmanager
+def sequence_parallel_off(chunks: Sequence[torch.nn.Module]):
+    """Run with sequence parallelism off on these chunks; every attribute is restored to its own value after.
+    Touches nothing on models without SP (async rollouts run next to the learner's steps)."""
+    saved = []
+    for chunk in chunks:
+        core = unwrap(chunk)
+        if not core.config.sequence_parallel:
+            continue
+        for module in core.modules():
+            for attr in SEQUENCE_PARALLEL_ATTRS:
+                if getattr(module, attr, None) is True:
+                    saved.append((module, attr))
+        saved.append((core.config, "sequence_parallel"))  # shared by all chunks and the schedules
+    try:
+        for owner, attr in saved:
+            setattr(owner, attr, False)
+        yield
+    finally:
+        for owner, attr in saved:
+            setattr(owner, attr, True)
+
+
+def _step_logits(chunks: list, context: StaticInferenceContext, tokens: torch.Tensor, n_micro: int,
+                 mbs: int) -> torch.Tensor | None:
+    """One inference step: `tokens` [rows, s] at positions context.sequence_len_offset .. + s - 1 through the
+    pipeline; returns the full-vocabulary logits after the last of them, [rows, padded_vocab] float32, on the last
+    pipeline stage (None on the others). Advances the context by s on every stage."""
+    rows, length = tokens.shape
+    start = context.sequence_len_offset
+    positions = torch.arange(start, start + length, dtype=torch.long, device=tokens.device)
+    positions = positions.unsqueeze(0).expand(rows, -1)
+    micro = [{"tokens": tokens[k * mbs:(k + 1) * mbs], "position_ids": positions[k * mbs:(k + 1) * mbs],
+              "first_row": k * mbs} for k in range(n_micro)]
+
+    def forward_step(data_iterator, model):
+        batch = next(data_iterator)
+        context.batch_size_offset = batch["first_row"]  # the cache rows this micro-batch reads and writes
+        # runtime_gather_output: inference logits are gathered over TP (megatron asserts it); the context keeps
+        # only the last position's logits (materialize_only_last_token_logits).
+        output = model(batch["tokens"], batch["position_ids"], None, inference_context=context,
+                       runtime_gather_output=True)
+
+        def collect(output_tensor, non_loss_data=False):
+            return output_tensor[:, -1].float()
+
+        return output, collect
+
+    n_chunks = len(chunks)
+    iterators = [iter(micro) for _ in range(n_chunks)]
+    collected = get_forward_backward_func()(
+        forward_step_func=forward_step,
+        data_iterator=iterators if n_chunks > 1 else iterators[0],
+        model=chunks if n_chunks > 1 else chunks[0],
+        num_microbatches=n_micro,
+        seq_length=length,
+        micro_batch_size=mbs,
+        forward_only=True,
+        collect_non_loss_data=True,
+    )
+    context.increment_sequence_len_offset(length)
+    context.reset_batch_size_offset()
+    if not ps.is_pipeline_last_stage(ignore_virtual=True):
+        return None
+    return torch.cat(list(collected), dim=0)
+
+
+def decode_with_kv_cache(
+    chunks: list,
+    prompts: list[list[int]],
+    max_new_tokens: int,
+    limit: int,
+    pad_id: int,
+    device: torch.device,
+    micro_layout: tuple[int, int],
+    pick: Callable[[torch.Tensor | None, list[int]], tuple[list[int], list[float]]],
+    record: Callable[[int, int, float], bool],
+) -> None:
+    """Generate for `prompts` with a static KV cache (see the module docstring).
+
+    micro_layout: (micro-batches, rows per micro-batch) for the pipeline schedule; rows beyond len(prompts) are
+    filler (pads), their logits dropped. pick(logits of the generating rows or None off the last stage, their
+    indices) -> (tokens, logprobs), identical on every rank. record(row, token, logprob) -> whether the row goes on.
+    """
+    n = len(prompts)
+    n_micro, mbs = micro_layout
+    rows = n_micro * mbs
+    lengths = [len(p) for p in prompts]
+    # A row never holds more than prompt + max_new_tokens tokens, nor more than the length limit.
+    cache_length = max(min(length + max_new_tokens, limit) for length in lengths)
+    context = StaticInferenceContext(max_batch_size=rows, max_sequence_length=cache_length)
+    # Every row's tokens so far (prompt, then response), in the positions the model sees them.
+    table = torch.full((rows, cache_length), pad_id, dtype=torch.long)
+    for i, p in enumerate(prompts):
+        table[i, : len(p)] = torch.as_tensor(p, dtype=torch.long)
+    active = list(range(n))
+    position = min(lengths)  # index of the token the next logits predict
+    logits = _step_logits(chunks, context, table[:, :position].to(device), n_micro, mbs)
+    while True:
+        generating = [i for i in active if lengths[i] <= position]
+        if generating:
+            tokens, logprobs = pick(None if logits is None else logits[generating], generating)
+            table[generating, position] = torch.as_tensor(tokens, dtype=torch.long)
+            stopped = {i for i, token, lp in zip(generating, tokens, logprobs) if not record(i, token, lp)}
+            active = [i for i in active if i not in stopped]
+        if not active:
+            return
+        if all(length <= position + 1 for length in lengths):
+            context.enable_decode_mode()  # every prompt consumed: from here on only generated tokens are fed
+        logits = _step_logits(chunks, context, table[:, position:position + 1].to(device), n_micro, mbs)
+        position += 1
+
+
+__all__ = ["decode_with_kv_cache", "kv_cache_unsupported_reason", "sequence_parallel_off"]

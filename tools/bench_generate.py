@@ -1,0 +1,144 @@
+#!/usr/bin/env python
+"""Generation speed: hcx_megatron's generate() with the KV cache and without it (the old full-prefix path) against
+transformers' `generate` (KV cache) on the Hugging Face export of the SAME checkpoint, in one invocation.
+
+Each measurement runs in its own process (1 thread, greedy, no stop id so every side produces exactly
+`new` tokens), with the model already loaded and one short warm-up call; only the generate call is timed.
+Prompts are random token ids (seeded, identical on every side) of `prompt` tokens, `batch` of them.
+
+    make demo                                  # writes runs/demo/checkpoints and runs/demo/hf
+    python tools/bench_generate.py             # batch 1 and 8; 32+128 and 256+256 tokens
+    python tools/bench_generate.py --checkpoint CKPT --hf HF_DIR --cases 1x32+128 --json out.json
+
+Prints seconds and generated tokens/s per side, the ratios against transformers, and whether the tokens of the
+three sides are equal (greedy decoding of the same weights; a differing token means a near-tie broken
+differently by differently ordered float sums, or a bug — the first differing position is printed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+_OURS = r"""
+import json, sys, time, torch
+def main():
+    torch.set_num_threads(1)
+    ckpt, prompts, new, kv = sys.argv[1], json.loads(sys.argv[2]), int(sys.argv[3]), sys.argv[4] == "kv"
+    from hcx_megatron.inference.generate import generate
+    from hcx_megatron.inference.load import load_for_inference
+    model = load_for_inference(ckpt, device="cpu", with_tokenizer=False)
+    generate(model.chunks, [p[:8] for p in prompts], 2, stop_ids=(), kv_cache=kv)  # warm-up
+    start = time.perf_counter()
+    out = generate(model.chunks, prompts, new, stop_ids=(), kv_cache=kv, vocab_size=model.cfg.model.vocab_size)
+    seconds = time.perf_counter() - start
+    print("RESULT " + json.dumps({"seconds": seconds, "tokens": out.tokens}))
+if __name__ == "__main__":
+    main()
+"""
+
+_TRANSFORMERS = r"""
+import json, sys, time, torch
+def main():
+    torch.set_num_threads(1)
+    hf, prompts, new = sys.argv[1], json.loads(sys.argv[2]), int(sys.argv[3])
+    from transformers import LlamaForCausalLM
+    model = LlamaForCausalLM.from_pretrained(hf, torch_dtype=torch.float32).eval()
+    ids = torch.tensor(prompts)
+    kw = dict(do_sample=False, eos_token_id=None, pad_token_id=0, attention_mask=torch.ones_like(ids))
+    with torch.no_grad():
+        model.generate(ids[:, :8], max_new_tokens=2, min_new_tokens=2, **{**kw, "attention_mask": torch.ones_like(ids[:, :8])})
+        start = time.perf_counter()
+        out = model.generate(ids, max_new_tokens=new, min_new_tokens=new, **kw)
+        seconds = time.perf_counter() - start
+    print("RESULT " + json.dumps({"seconds": seconds, "tokens": out[:, ids.shape[1]:].tolist()}))
+if __name__ == "__main__":
+    main()
+"""
+
+
+def _run(code: str, args: list[str]) -> dict:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", "PYTHONPATH": REPO}
+    proc = subprocess.run([sys.executable, "-c", code, *args], cwd=REPO, env=env, capture_output=True, text=True)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    if proc.returncode != 0 or not lines:
+        raise RuntimeError(f"benchmark worker failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return json.loads(lines[-1][len("RESULT "):])
+
+
+def parse_case(text: str) -> tuple[int, int, int]:
+    """'8x256+256' -> (batch 8, prompt 256, new 256)."""
+    try:
+        batch, rest = text.split("x")
+        prompt, new = rest.split("+")
+        return int(batch), int(prompt), int(new)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"case {text!r}: expected BATCHxPROMPT+NEW, e.g. 8x256+256") from None
+
+
+def first_difference(a: list[list[int]], b: list[list[int]]) -> str:
+    for row, (x, y) in enumerate(zip(a, b)):
+        for pos, (s, t) in enumerate(zip(x, y)):
+            if s != t:
+                return f"row {row} position {pos}: {s} vs {t}"
+    return "equal"
+
+
+def bench_case(batch: int, prompt: int, new: int, a: argparse.Namespace, vocab: int) -> dict:
+    import random
+
+    rng = random.Random(a.seed)
+    prompts = [[rng.randrange(16, vocab) for _ in range(prompt)] for _ in range(batch)]
+    blob = json.dumps(prompts)
+    print(f"[bench] batch {batch}, {prompt}+{new}", flush=True)
+    kv = _run(_OURS, [a.checkpoint, blob, str(new), "kv"])
+    old = _run(_OURS, [a.checkpoint, blob, str(new), "old"]) if not a.skip_old else None
+    hf = _run(_TRANSFORMERS, [a.hf, blob, str(new)])
+    tokens = batch * new
+    row = {"batch": batch, "prompt": prompt, "new": new, "hf_s": hf["seconds"], "kv_s": kv["seconds"],
+           "kv_vs_hf": first_difference(kv["tokens"], hf["tokens"])}
+    row.update({"hf_tok_s": tokens / hf["seconds"], "kv_tok_s": tokens / kv["seconds"],
+                "kv_ratio": kv["seconds"] / hf["seconds"]})
+    if old is not None:
+        row.update({"old_s": old["seconds"], "old_tok_s": tokens / old["seconds"], "old_ratio": old["seconds"] / hf["seconds"],
+                    "kv_vs_old": first_difference(kv["tokens"], old["tokens"])})
+    return row
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", default=os.path.join(REPO, "runs", "demo", "checkpoints"))
+    p.add_argument("--hf", default=os.path.join(REPO, "runs", "demo", "hf"), help="the HF export of --checkpoint")
+    p.add_argument("--cases", nargs="+", type=parse_case, default=[parse_case(c) for c in
+                   ("1x32+128", "8x32+128", "1x256+256", "8x256+256")])
+    p.add_argument("--skip-old", action="store_true", help="do not time the old full-prefix path (slow)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", default=None)
+    a = p.parse_args(argv)
+    for path, what in ((a.checkpoint, "--checkpoint"), (a.hf, "--hf")):
+        if not os.path.exists(path):
+            print(f"bench_generate: {what} {path} does not exist; `make demo` writes runs/demo/checkpoints and "
+                  "runs/demo/hf", file=sys.stderr)
+            return 2
+    vocab = json.load(open(os.path.join(a.hf, "config.json")))["vocab_size"]
+    rows = [bench_case(b, s, n, a, vocab) for b, s, n in a.cases]
+    print("\n| batch | prompt+new | transformers s | KV s | KV / transformers | old s | old / transformers | "
+          "KV tok/s | tokens KV vs transformers | KV vs old |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        old = (f"{r['old_s']:.2f} | {r['old_ratio']:.2f}x" if "old_s" in r else "- | -")
+        print(f"| {r['batch']} | {r['prompt']}+{r['new']} | {r['hf_s']:.2f} | {r['kv_s']:.2f} | {r['kv_ratio']:.2f}x | "
+              f"{old} | {r['kv_tok_s']:.0f} | {r['kv_vs_hf']} | {r.get('kv_vs_old', '-')} |")
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(rows, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
