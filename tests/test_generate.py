@@ -272,6 +272,7 @@ LAYOUTS = {
 LOGPROB_TOLERANCE = 1e-4  # across layouts and paths: TP splits and cached attention sum in other orders
 
 
+@pytest.mark.dist
 @pytest.mark.timeout(900)
 def test_same_generations_in_every_layout_with_and_without_kv_cache(tmp_path):
     runs = _run_layouts(str(tmp_path / "layouts.json"))
