@@ -306,7 +306,8 @@ def run_generation_eval(chunks, tokenizer, path: str, max_new_tokens: int, max_l
                         kv_cache: bool = True) -> dict:
     """Greedy-generate the last assistant turn of every conversation in `path`; exact match of the stripped
     text. Prompts are split across DP replicas. kv_cache: see `generate`."""
-    from hcx_megatron.data.chat import prompt_ids, response_text, split_prompt_and_reference
+    from hcx_megatron.data.chat import (generation_stop_and_pad_ids, prompt_ids, response_text,
+                                        split_prompt_and_reference)
     from hcx_megatron.data.sft_dataset import parse_conversation_line
     from hcx_megatron.data.jsonl import iter_lines
     from hcx_megatron.inference.generate import generate_data_parallel
@@ -325,8 +326,9 @@ def run_generation_eval(chunks, tokenizer, path: str, max_new_tokens: int, max_l
     # Gather the last step's shards here, on every DP rank: a DP rank left without prompts runs no forward,
     # so the pre-hooks' gather in the others' forward would wait for it forever.
     sync_params_before_read(chunks)
+    stop_ids, pad_id = generation_stop_and_pad_ids(tokenizer)
     out = generate_data_parallel(chunks, prompts, max_new_tokens, temperature=0.0, vocab_size=tokenizer.vocab_size,
-                                 max_seq_length=max_length, kv_cache=kv_cache)
+                                 max_seq_length=max_length, kv_cache=kv_cache, stop_ids=stop_ids, pad_id=pad_id)
     answers = [response_text(tokenizer, t) for t in out.tokens]
     hits = [a.strip() == r.strip() for a, r in zip(answers, refs)]
     samples = [{"prompt": p, "reference": r, "answer": a, "match": h}

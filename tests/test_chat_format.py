@@ -107,3 +107,17 @@ def test_jinja_template_matches_renderer(tok, tiny_tokenizer_dir):
     assert hf.apply_chat_template(INJECTION, tokenize=False) == render_text(INJECTION)
     with pytest.raises(Exception, match="unknown chat role"):
         hf.apply_chat_template([{"role": "tool", "content": "x"}], tokenize=False)
+
+
+def test_generation_stops_on_the_tokenizers_own_endofturn(tok):
+    """An extended open-model tokenizer has <|endofturn|> at its own id: generation (SFT eval, hcx-chat, PPO)
+    must stop there, not at HCX's fixed id."""
+    from types import SimpleNamespace
+
+    from hcx_megatron.data.chat import generation_stop_and_pad_ids
+    from hcx_megatron.tokenizer.special_tokens import ENDOFTURN, SPECIAL_TOKEN_IDS
+
+    assert generation_stop_and_pad_ids(tok) == ((SPECIAL_TOKEN_IDS[ENDOFTURN],), tok.pad)
+    ids = {ENDOFTURN: 1007}
+    extended = SimpleNamespace(special_id=lambda name: ids.get(name, 1000), pad=-1, eod=3)
+    assert generation_stop_and_pad_ids(extended) == ((1007,), 3)  # no pad token: pad with eod

@@ -109,21 +109,32 @@ def render_text(messages: Sequence[dict], add_generation_prompt: bool = False) -
     return "".join(parts)
 
 
+def chat_token_ids(tokenizer) -> tuple[dict[str, int], int]:
+    """(role -> id, <|endofturn|> id) of `tokenizer`. HCX tokenizers give the fixed ids above; an open model's
+    HuggingFaceTokenizer looks the literals up in its vocabulary and raises MissingSpecialTokenError naming a
+    missing one and the fix."""
+    special_id = getattr(tokenizer, "special_id", None)
+    if special_id is None:
+        return ROLE_IDS, ENDOFTURN_ID
+    return {role: special_id(tok) for role, tok in ROLE_TOKENS.items()}, special_id(ENDOFTURN)
+
+
 def render_ids(tokenizer, messages: Sequence[dict], add_generation_prompt: bool = False) -> RenderedChat:
     """Token ids, loss mask and user mask of a conversation (see the module docstring for the rules)."""
+    role_ids, endofturn_id = chat_token_ids(tokenizer)
     ids: list[int] = []
     loss: list[int] = []
     user: list[int] = []
     for m in validate_messages(messages):
-        body = list(tokenizer.tokenize(m["content"])) + [ENDOFTURN_ID]
-        ids.append(ROLE_IDS[m["role"]])
+        body = list(tokenizer.tokenize(m["content"])) + [endofturn_id]
+        ids.append(role_ids[m["role"]])
         loss.append(0)
         user.append(0)
         ids.extend(body)
         loss.extend([1 if m["role"] == "assistant" else 0] * len(body))
         user.extend([1 if m["role"] == "user" else 0] * len(body))
     if add_generation_prompt:
-        ids.append(ASSISTANT_ID)
+        ids.append(role_ids["assistant"])
         loss.append(0)
         user.append(0)
     return RenderedChat(ids, loss, user)
@@ -143,15 +154,23 @@ def split_prompt_and_reference(messages: Sequence[dict]) -> tuple[list[dict], st
     return msgs[:last], msgs[last]["content"]
 
 
+def generation_stop_and_pad_ids(tokenizer) -> tuple[tuple[int, ...], int]:
+    """What generation of an assistant turn stops on (`<|endofturn|>` of this tokenizer: an open model's extended
+    tokenizer has it at another id than HCX's) and pads with (the tokenizer's pad, else its eod)."""
+    _, endofturn_id = chat_token_ids(tokenizer)
+    return (endofturn_id,), (tokenizer.pad if tokenizer.pad >= 0 else tokenizer.eod)
+
+
 def response_text(tokenizer, response_ids: Sequence[int]) -> str:
     """Assistant text of generated ids: cut at the first <|endofturn|>."""
     ids = list(response_ids)
-    if ENDOFTURN_ID in ids:
-        ids = ids[: ids.index(ENDOFTURN_ID)]
+    _, endofturn_id = chat_token_ids(tokenizer)
+    if endofturn_id in ids:
+        ids = ids[: ids.index(endofturn_id)]
     return tokenizer.detokenize(ids)
 
 
 __all__ = [
     "CHAT_TEMPLATE_JINJA", "ROLES", "ROLE_IDS", "ENDOFTURN_ID", "ASSISTANT_ID", "ChatFormatError", "RenderedChat",
-    "validate_messages", "render_text", "render_ids", "prompt_ids", "split_prompt_and_reference", "response_text",
+    "chat_token_ids", "validate_messages", "render_text", "render_ids", "prompt_ids", "split_prompt_and_reference", "response_text",
 ]

@@ -50,7 +50,7 @@ def _broadcast_line(line: str | None) -> str | None:
 def chat_turns(model, user_lines, system: str | None, args, emit) -> list[dict]:
     """Run a conversation: for each user line generate the assistant turn. `user_lines` yields str (or None to
     stop, "/reset" to start over). Returns the final conversation."""
-    from hcx_megatron.data.chat import prompt_ids, response_text
+    from hcx_megatron.data.chat import generation_stop_and_pad_ids, prompt_ids, response_text
     from hcx_megatron.inference.generate import generate
 
     base = [{"role": "system", "content": system}] if system else []
@@ -69,9 +69,10 @@ def chat_turns(model, user_lines, system: str | None, args, emit) -> list[dict]:
             emit({"event": "error", "error": f"conversation is {len(ids)} tokens, the model's limit is {limit}; /reset"})
             messages.pop()
             continue
+        stop_ids, pad_id = generation_stop_and_pad_ids(model.tokenizer)
         out = generate(model.chunks, [ids], args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                        seed=args.seed + len(messages), vocab_size=model.tokenizer.vocab_size, max_seq_length=limit,
-                       kv_cache=args.generation_kv_cache)
+                       kv_cache=args.generation_kv_cache, stop_ids=stop_ids, pad_id=pad_id)
         answer = response_text(model.tokenizer, out.tokens[0])
         messages.append({"role": "assistant", "content": answer})
         emit({"event": "answer", "user": line, "assistant": answer, "tokens": len(out.tokens[0]),

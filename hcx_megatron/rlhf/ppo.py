@@ -38,6 +38,7 @@ from megatron.core import parallel_state as ps
 
 from hcx_megatron.config.args import CheckpointConfig, Config, ConfigError, parse_config, validate_config
 from hcx_megatron.config.sequence import sequence_multiple_for
+from hcx_megatron.data.chat import generation_stop_and_pad_ids
 from hcx_megatron.inference.generate import add_generation_args
 from hcx_megatron.model.heads import scalar_head_factory, sequence_scores
 from hcx_megatron.pretrain import load_run_tokenizer
@@ -118,13 +119,12 @@ def read_prompts(path: str, tokenizer) -> list[list[int]]:
 
 
 def stop_and_pad_ids(args, tokenizer) -> tuple[tuple[int, ...], int]:
+    """--stop-ids, else the tokenizer's <|endofturn|> (its eod when it has no chat tokens); its pad id."""
     if args.stop_ids is not None:
-        stop = tuple(args.stop_ids)
-    elif hasattr(tokenizer, "endofturn_id"):
-        stop = (tokenizer.endofturn_id,)
-    else:
-        stop = (tokenizer.eod,)
-    return stop, (tokenizer.pad if tokenizer.pad >= 0 else tokenizer.eod)
+        return tuple(args.stop_ids), (tokenizer.pad if tokenizer.pad >= 0 else tokenizer.eod)
+    if hasattr(tokenizer, "endofturn_id"):
+        return generation_stop_and_pad_ids(tokenizer)
+    return (tokenizer.eod,), (tokenizer.pad if tokenizer.pad >= 0 else tokenizer.eod)
 
 
 def rollout_settings(cfg: Config, args, tokenizer) -> RolloutSettings:
