@@ -17,6 +17,7 @@ from megatron.core import parallel_state as ps
 from hcx_megatron.config.args import Config, parse_config
 from hcx_megatron.data.context_parallel import slice_batch_for_context_parallel
 from hcx_megatron.data.gpt_datasets import GlobalBatchIterator, build_gpt_datasets, sample_counts
+from hcx_megatron.data.loaders import build_step_loader
 from hcx_megatron.training.loop import StepBatches, main_wrapper, run
 
 
@@ -55,12 +56,32 @@ def sequence_phases(cfg: Config) -> list[Phase]:
 
 def load_run_tokenizer(cfg: Config):
     """The run's tokenizer. A real tokenizer defines the vocabulary (Megatron padding goes on top of it);
-    --mock-data without one uses a NullTokenizer over the preset's vocabulary."""
+    --mock-data without one uses a NullTokenizer over the preset's vocabulary.
+
+    With --load, a tokenizer smaller than the checkpoint's vocabulary takes the checkpoint's size: open models
+    (imported with `from-hf`) often have more embedding rows than their tokenizer has tokens. A tokenizer
+    larger than the checkpoint's vocabulary is refused, naming tools/extend_vocab.py (which resizes both)."""
     from hcx_megatron.tokenizer import build_tokenizer
 
     if cfg.data.tokenizer_model:
         tokenizer = build_tokenizer(cfg.data.tokenizer_type, cfg.data.tokenizer_model)
         cfg.model.vocab_size = tokenizer.vocab_size
+        if cfg.checkpoint.load:
+            from hcx_megatron.training.checkpoint import read_saved_config
+
+            try:
+                saved = read_saved_config(cfg.checkpoint.load)
+            except FileNotFoundError:  # auto-resume before the first save: nothing to match
+                saved = {}
+            saved_vocab = (saved.get("model") or {}).get("vocab_size")
+            if saved_vocab is not None and saved_vocab > tokenizer.vocab_size:
+                cfg.model.vocab_size = int(saved_vocab)
+            elif saved_vocab is not None and saved_vocab < tokenizer.vocab_size:
+                raise ValueError(
+                    f"--tokenizer-model {cfg.data.tokenizer_model} has {tokenizer.vocab_size} tokens but the checkpoint "
+                    f"at --load {cfg.checkpoint.load} has a vocabulary of {saved_vocab}: resize the checkpoint's "
+                    "embedding and output layers with tools/extend_vocab.py (--load CKPT --save NEW_CKPT "
+                    "--new-vocab-size N, or together with the tokenizer extension) and load NEW_CKPT")
         return tokenizer
     return build_tokenizer("NullTokenizer", None, cfg.model.vocab_size)
 
@@ -94,8 +115,12 @@ class PretrainTask:
             counts = sample_counts(cfg, end - phase.start_iteration)
             train, valid, _ = build_gpt_datasets(cfg, self.tokenizer, phase.seq_length, counts)
             t = cfg.training
+            for loader, _ in self._phase_data.values():
+                loader.close()  # an earlier phase's queue (and its workers) is not read again
+            # Training steps come from a prefetching loader (--dataloader); evaluation reads synchronously.
             self._phase_data[idx] = (
-                GlobalBatchIterator(train, t.global_batch_size, t.micro_batch_size),
+                build_step_loader(cfg, train, end - phase.start_iteration, self.device,
+                                  ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()),
                 GlobalBatchIterator(valid, t.global_batch_size, t.micro_batch_size) if valid is not None else None,
             )
         return self._phase_data[idx]
@@ -108,9 +133,10 @@ class PretrainTask:
 
     def train_batches(self, iteration: int) -> StepBatches:
         idx, phase = self._phase(iteration)
-        train, _ = self._datasets(idx)
-        consumed = (iteration - phase.start_iteration) * self.cfg.training.global_batch_size
-        return self._step(train, consumed, phase.seq_length)
+        loader, _ = self._datasets(idx)
+        t = self.cfg.training
+        micro = loader.step(iteration - phase.start_iteration)  # already on the device
+        return StepBatches(micro, phase.seq_length, t.micro_batch_size, t.global_batch_size * phase.seq_length)
 
     def eval_batches(self, eval_index: int) -> list[StepBatches]:
         idx, phase = self._phase(max(0, eval_index * self.cfg.training.eval_interval - 1))

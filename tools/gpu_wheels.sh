@@ -19,7 +19,8 @@
 #                          in the test)
 #   transformer-engine     its CUDA 13 build is hundreds of MB (over the 64 MiB a lent machine carries) and needs a
 #                          matching toolkit; step 8 of the check reports SKIP with TE's import error instead
-#   nvidia-dali, mpi4py    --dataloader dali is not implemented; MPI launch is not part of the check
+#   nvidia-dali, mpi4py    the DALI wheel is 424 MB (over the 64 MiB a lent machine carries) and the check does not
+#                          use --dataloader dali; MPI launch is not part of the check
 #   setuptools             megatron-core imports torch.utils.cpp_extension, which imports setuptools; torch's own
 #                          wheel requires setuptools, so it is there wherever torch was pip-installed
 # (Checked on CPU: the check's steps 1-7 pass with kiwipiepy, zstandard, einops, boto3/botocore, dateutil, six,

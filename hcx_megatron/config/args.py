@@ -72,8 +72,10 @@ class DataConfig:
     fim_rate: float = 0.0
     fim_spm_rate: float = 0.5
     fim_split_unit: str = "char"  # "char" | "token"
-    num_workers: int = 0
+    num_workers: int = 0  # loader worker processes (torch DataLoader workers, DALI parallel external_source)
     dataloader: str = "torch"  # "torch" | "dali"
+    data_prefetch_depth: int = 2  # micro-batches queued ahead (per torch worker; DALI's prefetch queue)
+    dali_num_threads: int = 2
     data_cache_path: str | None = None
     eod_mask_loss: bool = False
 
@@ -212,13 +214,20 @@ def build_parser(description: str = "hcx_megatron training") -> argparse.Argumen
     g.add_argument("--valid-data-path", nargs="*", default=[])
     g.add_argument("--split", default="969,30,1")
     g.add_argument("--mock-data", action="store_true")
-    g.add_argument("--tokenizer-type", default=None, help="HCXTokenizer (default when --tokenizer-model is given)")
+    g.add_argument("--tokenizer-type", default=None, help="HCXTokenizer (default when --tokenizer-model is given), "
+                   "HuggingFaceTokenizer (an open model's tokenizer.json directory) or NullTokenizer")
     g.add_argument("--tokenizer-model", default=None, help="directory written by tools/train_tokenizer.py")
     g.add_argument("--fim-rate", type=float, default=0.0)
     g.add_argument("--fim-spm-rate", type=float, default=0.5)
     g.add_argument("--fim-split-unit", choices=["char", "token"], default="char")
-    g.add_argument("--num-workers", type=int, default=0)
-    g.add_argument("--dataloader", choices=["torch", "dali"], default="torch")
+    g.add_argument("--num-workers", type=int, default=0,
+                   help="pretraining loader worker processes (torch DataLoader workers; DALI Python workers)")
+    g.add_argument("--dataloader", choices=["torch", "dali"], default="torch",
+                   help="pretraining micro-batch loader; both yield bitwise the same batches (data/loaders.py)")
+    g.add_argument("--data-prefetch-depth", type=int, default=2,
+                   help="micro-batches prepared ahead: per worker for torch (its prefetch_factor; needs "
+                        "--num-workers > 0), the pipeline's prefetch_queue_depth for DALI")
+    g.add_argument("--dali-num-threads", type=int, default=2, help="DALI pipeline CPU threads")
     g.add_argument("--data-cache-path", default=None)
     g.add_argument("--eod-mask-loss", action="store_true")
 
@@ -395,9 +404,17 @@ def validate_config(cfg: Config) -> None:
             raise ConfigError("--fp8-format needs GPUs with Transformer Engine; not available in CPU mode")
         if cfg.runtime.transformer_impl == "transformer_engine":
             raise ConfigError("--transformer-impl transformer_engine is not available in CPU mode")
+    for name, v, low in (("--num-workers", d.num_workers, 0), ("--data-prefetch-depth", d.data_prefetch_depth, 1),
+                         ("--dali-num-threads", d.dali_num_threads, 1)):
+        if v < low:
+            raise ConfigError(f"{name} must be >= {low}, got {v}")
     if d.dataloader == "dali":
-        raise ConfigError("--dataloader dali is not implemented yet (planned: DALI external_source with GPU prefetch); "
-                          "use --dataloader torch")
+        from hcx_megatron.data.loaders import dali_import_error
+
+        error = dali_import_error()
+        if error is not None:
+            raise ConfigError(f"--dataloader dali needs NVIDIA DALI, which does not import here ({error}); "
+                              "install it (pip install .[dali]) or use --dataloader torch")
     if cfg.runtime.fp8_format and cfg.runtime.transformer_impl == "local":
         raise ConfigError("--fp8-format needs --transformer-impl transformer_engine (or auto with TE installed)")
     if cfg.runtime.fp8_format and device == "cuda":

@@ -216,8 +216,10 @@ def train(ctx: TrainContext, task: Task, on_step: Callable[[TrainContext, dict],
     output_size = getattr(unwrap(ctx.chunks[0]), "output_size", None)  # scalar heads: 1, LM: the vocabulary
     saved_at = None
     while ctx.iteration < t.train_iters:
+        requested = time.time()
         batches = task.train_batches(ctx.iteration)
         start = time.time()
+        data_wait = start - requested  # how long the step waited for its data (prefetching loaders hide it)
         stats, grad_norm, ok = train_step(ctx, task, batches)
         step_time = time.time() - start
         ctx.iteration += 1
@@ -229,6 +231,7 @@ def train(ctx: TrainContext, task: Task, on_step: Callable[[TrainContext, dict],
             "grad_norm": grad_norm,
             "update_skipped": not ok,
             "step_time_s": step_time,
+            "data_wait_s": data_wait,
             **step_throughput(cfg, batches.seq_length, batches.global_tokens, step_time, dist.get_world_size(),
                               output_size),
             "consumed_samples": ctx.iteration * t.global_batch_size,
