@@ -96,3 +96,13 @@ def test_scalar_heads_are_not_credited_with_an_lm_head():
     head = step_throughput(cfg, 128, 1024, 1.0, 1, output_size=ScalarHeadGPT.output_size)
     missing = 3 * 2 * cfg.model.hidden_size * (cfg.padded_vocab_size - 1) * 1024
     assert (lm["tflops_per_gpu"] - head["tflops_per_gpu"]) * 1e12 == pytest.approx(missing)
+
+
+@needs_no_te
+def test_dry_run_plans_fp8_jobs_on_a_node_without_te():
+    """A login node has no TE: the dry run checks the layout only; the ranks check TE where they train."""
+    from launch.layout import parallel_layout_from_argv
+
+    layout = parallel_layout_from_argv(["--mock-data", "--fp8-format", "hybrid", "--bf16",
+                                        "--tensor-model-parallel-size", "2"], world_size=8)
+    assert (layout.tp, layout.dp) == (2, 4)

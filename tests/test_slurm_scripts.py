@@ -229,6 +229,8 @@ def test_built_flags_are_accepted_by_the_driver(script, env):
     module = importlib.import_module(driver_argv[0])
     parser = build_parser()
     for name in dir(module):
-        if name.startswith("add_") and name.endswith("_args"):
-            getattr(module, name)(parser)
+        fn = getattr(module, name)
+        # the driver's own add_*_args (an imported one, e.g. add_generation_args, is called by them)
+        if name.startswith("add_") and name.endswith("_args") and getattr(fn, "__module__", None) == module.__name__:
+            fn(parser)
     parser.parse_args(driver_argv[1:])  # argparse exits (SystemExit 2) on an unknown flag

@@ -318,8 +318,10 @@ def resolve_device(requested: str) -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def validate_config(cfg: Config) -> None:
-    """Every check that can fail before torch.distributed starts. Messages name the flags."""
+def validate_config(cfg: Config, check_installed: bool = True) -> None:
+    """Every check that can fail before torch.distributed starts. Messages name the flags.
+    check_installed=False skips the checks of what this machine has installed (TE for FP8, DALI): a dry run plans
+    on a login node, and the job's own ranks run those checks where they train."""
     m, p, t, d = cfg.model, cfg.parallel, cfg.training, cfg.data
     tp, pp, cp, vpp = (p.tensor_model_parallel_size, p.pipeline_model_parallel_size,
                        p.context_parallel_size, p.virtual_pipeline_model_parallel_size)
@@ -408,7 +410,7 @@ def validate_config(cfg: Config) -> None:
                          ("--dali-num-threads", d.dali_num_threads, 1)):
         if v < low:
             raise ConfigError(f"{name} must be >= {low}, got {v}")
-    if d.dataloader == "dali":
+    if d.dataloader == "dali" and check_installed:
         from hcx_megatron.data.loaders import dali_import_error
 
         error = dali_import_error()
@@ -417,7 +419,7 @@ def validate_config(cfg: Config) -> None:
                               "install it (pip install .[dali]) or use --dataloader torch")
     if cfg.runtime.fp8_format and cfg.runtime.transformer_impl == "local":
         raise ConfigError("--fp8-format needs --transformer-impl transformer_engine (or auto with TE installed)")
-    if cfg.runtime.fp8_format and device == "cuda":
+    if cfg.runtime.fp8_format and device == "cuda" and check_installed:
         # Without TE, megatron's FP8 context is a null context and the local spec would train in bf16 while the
         # user asked for FP8: refuse, and say why TE does not import.
         from hcx_megatron.model.spec import transformer_engine_import_error
