@@ -20,7 +20,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--input", nargs="+", required=True, help="JSONL files (.jsonl, .gz, .zst), concatenated in order")
     p.add_argument("--output-prefix", required=True)
     p.add_argument("--tokenizer-model", default=None, help="tokenizer directory (tools/train_tokenizer.py)")
-    p.add_argument("--tokenizer-type", default=None, help="HCXTokenizer (default) or NullTokenizer")
+    p.add_argument("--tokenizer-type", default=None, help="HCXTokenizer (default), HuggingFaceTokenizer "
+                   "(a tokenizer.json directory; eod = its eos) or NullTokenizer")
     p.add_argument("--vocab-size", type=int, default=None, help="NullTokenizer only")
     p.add_argument("--json-keys", nargs="+", default=["text"])
     p.add_argument("--append-eod", action="store_true", help="end every document with <|endoftext|>")
