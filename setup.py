@@ -18,6 +18,7 @@ setup(
         "tqdm",
         "tensorboard",
         "tokenizers>=0.19",
+        "regex",  # preprocessing's fast encoder splits words with the same pattern tokenizers uses
         "sentencepiece",
         "kiwipiepy>=0.20",
         "safetensors",
