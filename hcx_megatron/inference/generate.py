@@ -45,11 +45,11 @@ from typing import Sequence
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state as ps
-from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.tensor_parallel.mappings import gather_from_tensor_model_parallel_region
 
 from hcx_megatron.config.sequence import pad_length, sequence_multiple_of_model
-from hcx_megatron.inference.kv_generate import decode_with_kv_cache, kv_cache_unsupported_reason, sequence_parallel_off
+from hcx_megatron.inference.kv_generate import (decode_with_kv_cache, forward_only_collect, kv_cache_unsupported_reason,
+                                                sequence_parallel_off)
 from hcx_megatron.model.builder import unwrap
 from hcx_megatron.tokenizer.special_tokens import ENDOFTURN, PAD, SPECIAL_TOKEN_IDS
 
@@ -147,21 +147,10 @@ def _last_logits(chunks: list, seqs: list[list[int]], pad_id: int, pad_multiple:
 
         return output, collect
 
-    n_chunks = len(chunks)
-    iterators = [iter(micro) for _ in range(n_chunks)]
-    collected = get_forward_backward_func()(
-        forward_step_func=forward_step,
-        data_iterator=iterators if n_chunks > 1 else iterators[0],
-        model=chunks if n_chunks > 1 else chunks[0],
-        num_microbatches=n_micro,
-        seq_length=length,
-        micro_batch_size=mbs,
-        forward_only=True,
-        collect_non_loss_data=True,
-    )
-    if not ps.is_pipeline_last_stage(ignore_virtual=True):
+    collected = forward_only_collect(chunks, micro, forward_step, length, mbs)
+    if collected is None:
         return None
-    return torch.cat(list(collected), dim=0)[:b]
+    return torch.cat(collected, dim=0)[:b]
 
 
 @torch.no_grad()

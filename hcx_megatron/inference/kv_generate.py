@@ -83,6 +83,27 @@ def sequence_parallel_off(chunks: Sequence[torch.nn.Module]):
             setattr(owner, attr, True)
 
 
+def forward_only_collect(chunks: list, micro: list, forward_step, seq_length: int, micro_batch_size: int):
+    """Run `micro` through megatron-core's forward-only pipeline schedule (any PP, interleaved with several chunks;
+    each chunk reads every micro-batch) and return what forward_step's collect function returned per micro-batch,
+    on the last pipeline stage; None on the others."""
+    n_chunks = len(chunks)
+    iterators = [iter(micro) for _ in range(n_chunks)]
+    collected = get_forward_backward_func()(
+        forward_step_func=forward_step,
+        data_iterator=iterators if n_chunks > 1 else iterators[0],
+        model=chunks if n_chunks > 1 else chunks[0],
+        num_microbatches=len(micro),
+        seq_length=seq_length,
+        micro_batch_size=micro_batch_size,
+        forward_only=True,
+        collect_non_loss_data=True,
+    )
+    if not ps.is_pipeline_last_stage(ignore_virtual=True):
+        return None
+    return list(collected)
+
+
 def _step_logits(chunks: list, context: StaticInferenceContext, tokens: torch.Tensor, n_micro: int,
                  mbs: int) -> torch.Tensor | None:
     """One inference step: `tokens` [rows, s] at positions context.sequence_len_offset .. + s - 1 through the
@@ -108,23 +129,12 @@ def _step_logits(chunks: list, context: StaticInferenceContext, tokens: torch.Te
 
         return output, collect
 
-    n_chunks = len(chunks)
-    iterators = [iter(micro) for _ in range(n_chunks)]
-    collected = get_forward_backward_func()(
-        forward_step_func=forward_step,
-        data_iterator=iterators if n_chunks > 1 else iterators[0],
-        model=chunks if n_chunks > 1 else chunks[0],
-        num_microbatches=n_micro,
-        seq_length=length,
-        micro_batch_size=mbs,
-        forward_only=True,
-        collect_non_loss_data=True,
-    )
+    collected = forward_only_collect(chunks, micro, forward_step, length, mbs)
     context.increment_sequence_len_offset(length)
     context.reset_batch_size_offset()
-    if not ps.is_pipeline_last_stage(ignore_virtual=True):
+    if collected is None:
         return None
-    return torch.cat(list(collected), dim=0)
+    return torch.cat(collected, dim=0)
 
 
 def decode_with_kv_cache(
@@ -173,4 +183,4 @@ def decode_with_kv_cache(
         position += 1
 
 
-__all__ = ["decode_with_kv_cache", "kv_cache_unsupported_reason", "sequence_parallel_off"]
+__all__ = ["decode_with_kv_cache", "forward_only_collect", "kv_cache_unsupported_reason", "sequence_parallel_off"]

@@ -277,15 +277,9 @@ class PreprocessEncoder:
     loaded without megatron-core/torch.  Validates like HCXTokenizer: metadata file, fixed special ids."""
 
     def __init__(self, path: str):
-        from hcx_megatron.tokenizer.train import HF_FILE, METADATA_FILE
+        from hcx_megatron.tokenizer.train import HF_FILE, read_tokenizer_metadata
 
-        meta_path = os.path.join(path, METADATA_FILE)
-        if not os.path.exists(meta_path):
-            raise FileNotFoundError(
-                f"--tokenizer-model {path}: no {METADATA_FILE}; expected a directory written by "
-                "tools/train_tokenizer.py")
-        with open(meta_path) as f:
-            meta = json.load(f)
+        meta_path, meta = read_tokenizer_metadata(path)
         if meta.get("backend") != "hf":
             raise ValueError(f"{meta_path}: backend {meta.get('backend')!r}, PreprocessEncoder needs 'hf'")
         self.encoder = FastBPEEncoder(os.path.join(path, meta.get("model_file") or HF_FILE))

@@ -16,7 +16,6 @@ them (preprocessing counts such documents as invalid_utf8); pass errors="replace
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 from collections import OrderedDict
 from functools import cached_property
@@ -28,7 +27,7 @@ from hcx_megatron.tokenizer.special_tokens import (
     ASSISTANT, ENDOFTEXT, ENDOFTURN, FIM_MIDDLE, FIM_PAD, FIM_PREFIX, FIM_SUFFIX, PAD, SPECIAL_TOKENS,
     SYSTEM, USER, special_token_id,
 )
-from hcx_megatron.tokenizer.train import HF_FILE, METADATA_FILE, SPM_FILE
+from hcx_megatron.tokenizer.train import HF_FILE, SPM_FILE, read_tokenizer_metadata
 
 
 def byte_to_unicode() -> dict[int, str]:
@@ -52,13 +51,7 @@ class HCXTokenizer(MegatronTokenizerBase):
     """Load with `load_tokenizer(dir)`."""
 
     def __init__(self, path: str):
-        meta_path = os.path.join(path, METADATA_FILE)
-        if not os.path.exists(meta_path):
-            raise FileNotFoundError(
-                f"--tokenizer-model {path}: no {METADATA_FILE}; expected a directory written by "
-                "tools/train_tokenizer.py")
-        with open(meta_path) as f:
-            meta = json.load(f)
+        meta_path, meta = read_tokenizer_metadata(path)
         backend = meta.get("backend")
         if backend not in ("hf", "sentencepiece"):
             raise ValueError(f"{meta_path}: unknown backend {backend!r}")

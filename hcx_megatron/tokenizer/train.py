@@ -35,6 +35,17 @@ PRETOKENIZE_REGEX = (
 )
 
 
+def read_tokenizer_metadata(path: str) -> tuple[str, dict]:
+    """(path of the metadata file, its content) of a tokenizer directory written by tools/train_tokenizer.py;
+    a FileNotFoundError naming --tokenizer-model when the directory is not one."""
+    meta_path = os.path.join(path, METADATA_FILE)
+    if not os.path.exists(meta_path):
+        raise FileNotFoundError(
+            f"--tokenizer-model {path}: no {METADATA_FILE}; expected a directory written by tools/train_tokenizer.py")
+    with open(meta_path) as f:
+        return meta_path, json.load(f)
+
+
 @dataclass
 class TrainConfig:
     vocab_size: int = 100_000
