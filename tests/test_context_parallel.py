@@ -237,6 +237,20 @@ def test_generation_refuses_context_parallel(tmp_path):
         generate([CPModel()], [[1, 2, 3]], max_new_tokens=2)
 
 
+def test_reward_and_ppo_refuse_pretraining_loader_flags():
+    from hcx_megatron.rlhf.common import reject_pretraining_loader_flags
+
+    cfg = types.SimpleNamespace(data=types.SimpleNamespace(dataloader="dali", num_workers=0))
+    with pytest.raises(SystemExit, match="hcx-reward: --dataloader dali --num-workers 0: these flags apply to "
+                                         "pretraining only"):
+        reject_pretraining_loader_flags(cfg, "hcx-reward")
+    cfg.data.dataloader, cfg.data.num_workers = "torch", 2
+    with pytest.raises(SystemExit, match="--num-workers 2"):
+        reject_pretraining_loader_flags(cfg, "hcx-ppo")
+    cfg.data.num_workers = 0
+    reject_pretraining_loader_flags(cfg, "hcx-ppo")
+
+
 def test_reward_and_ppo_refuse_context_parallel():
     from hcx_megatron.rlhf.common import reject_context_parallel
 

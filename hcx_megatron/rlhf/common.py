@@ -103,6 +103,15 @@ def reject_context_parallel(cfg: Config, program: str) -> None:
                          "(their batches are not split per context-parallel rank); use 1")
 
 
+def reject_pretraining_loader_flags(cfg: Config, program: str) -> None:
+    """--dataloader dali / --num-workers drive the pretraining loaders (hcx_megatron/data/loaders.py); reward and
+    PPO batches are built in the training process. Refuse them rather than ignore them."""
+    d = cfg.data
+    if d.dataloader != "torch" or d.num_workers:
+        raise SystemExit(f"{program}: --dataloader {d.dataloader} --num-workers {d.num_workers}: these flags apply to "
+                         "pretraining only; use --dataloader torch --num-workers 0")
+
+
 def rank0() -> bool:
     return not dist.is_initialized() or dist.get_rank() == 0
 
@@ -127,4 +136,5 @@ def copy_weights(dst_chunks, src_chunks) -> None:
 
 
 __all__ = ["load_model_weights", "apply_checkpoint_model_shape", "with_data_flag", "flag_given", "rank0",
-           "freeze", "copy_weights", "model_keys", "reject_context_parallel"]
+           "freeze", "copy_weights", "model_keys", "reject_context_parallel",
+           "reject_pretraining_loader_flags"]

@@ -44,7 +44,8 @@ from hcx_megatron.model.heads import scalar_head_factory, sequence_scores
 from hcx_megatron.pretrain import load_run_tokenizer
 from hcx_megatron.rlhf import ppo_math as pm
 from hcx_megatron.rlhf.common import (apply_checkpoint_model_shape, freeze, load_model_weights,
-                                      rank0, reject_context_parallel, with_data_flag)
+                                      rank0, reject_context_parallel, reject_pretraining_loader_flags,
+                                      with_data_flag)
 from hcx_megatron.rlhf import placement as ppo_placement
 from hcx_megatron.rlhf.rollout import (AsyncRollouts, Rollout, RolloutProducer, RolloutSettings, finalize,
                                        forward_collect, scaled_logits, split_micro, token_logprobs)
@@ -463,6 +464,7 @@ def main(argv=None) -> int:
     # Validated below, per rank partition when the models get their own (the actor's world is then its own).
     cfg, args = parse_config(argv, extra_args=add_ppo_args, description="HCX PPO (RLHF)", validate=False)
     reject_context_parallel(cfg, "hcx-ppo")
+    reject_pretraining_loader_flags(cfg, "hcx-ppo")
     if bool(args.rm_checkpoint) == bool(args.rule_reward):
         raise SystemExit("hcx-ppo: give exactly one of --rm-checkpoint or --rule-reward")
     if args.sft_checkpoint or args.rm_checkpoint:

@@ -35,7 +35,8 @@ from hcx_megatron.data.preference import (LoadStats, PreferenceBatcher, build_ex
 from hcx_megatron.model.heads import scalar_head_factory, sequence_scores
 from hcx_megatron.pretrain import load_run_tokenizer, to_device
 from hcx_megatron.rlhf.common import (apply_checkpoint_model_shape, flag_given, load_model_weights, rank0,
-                                      reject_context_parallel, with_data_flag)
+                                      reject_context_parallel, reject_pretraining_loader_flags,
+                                      with_data_flag)
 from hcx_megatron.training.checkpoint import read_latest_iteration
 from hcx_megatron.training.loop import StepBatches, TrainContext, evaluate, main_wrapper, setup, train
 
@@ -241,6 +242,7 @@ def main(argv=None) -> int:
     argv = with_data_flag(argv)
     cfg, args = parse_config(argv, extra_args=add_reward_args, description="HCX reward model (Bradley-Terry)")
     reject_context_parallel(cfg, "hcx-reward")
+    reject_pretraining_loader_flags(cfg, "hcx-reward")
     if args.sft_checkpoint:
         apply_checkpoint_model_shape(cfg, args.sft_checkpoint)
     if not args.tokenizer_model:
