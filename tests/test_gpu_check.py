@@ -113,8 +113,7 @@ def test_shell_scripts_parse():
 @pytest.mark.timeout(120)
 def test_shell_scripts_are_shellcheck_clean():
     exe = shutil.which("shellcheck")
-    if exe is None:
-        pytest.skip("shellcheck not installed (tools/install_system_deps.sh installs it)")
+    assert exe is not None, "shellcheck not installed: `make test` installs it (tools/install_system_deps.sh)"
     proc = subprocess.run([exe, *SCRIPTS], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout + proc.stderr
 

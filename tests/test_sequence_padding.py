@@ -173,8 +173,8 @@ def single_rank_world():
     import hcx_megatron.rlhf.reward  # noqa: F401
     import hcx_megatron.sft  # noqa: F401
 
-    if dist.is_initialized():
-        pytest.skip("a process group already exists in this process")
+    # A leftover process group from another in-process test would be a bug there: fail, do not skip.
+    assert not dist.is_initialized(), "a process group already exists in this process"
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
