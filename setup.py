@@ -19,6 +19,7 @@ setup(
         "tensorboard",
         "tokenizers>=0.19",
         "regex",  # preprocessing's fast encoder splits words with the same pattern tokenizers uses
+        "einops",  # megatron-core's Megatron-FSDP (--use-megatron-fsdp) builds its device mesh with it
         "sentencepiece",
         "kiwipiepy>=0.20",
         "safetensors",

@@ -14,11 +14,13 @@ from functools import partial
 import torch
 from megatron.core import parallel_state as ps
 
-from hcx_megatron.config.args import Config, parse_config
+from hcx_megatron.config.args import Config, ConfigError, parse_config
+from hcx_megatron.config.frozen import freeze
 from hcx_megatron.data.context_parallel import slice_batch_for_context_parallel
 from hcx_megatron.data.gpt_datasets import GlobalBatchIterator, build_gpt_datasets, sample_counts
 from hcx_megatron.data.loaders import build_step_loader
-from hcx_megatron.training.loop import StepBatches, main_wrapper, run
+from hcx_megatron.distributed.env import world_size_from_env
+from hcx_megatron.training.loop import StepBatches, TaskBase, TaskSetup, main_wrapper, run, start_of_run
 
 
 def lm_loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
@@ -55,38 +57,43 @@ def sequence_phases(cfg: Config) -> list[Phase]:
 
 
 def load_run_tokenizer(cfg: Config):
-    """The run's tokenizer. A real tokenizer defines the vocabulary (Megatron padding goes on top of it);
-    --mock-data without one uses a NullTokenizer over the preset's vocabulary.
-
-    With --load, a tokenizer smaller than the checkpoint's vocabulary takes the checkpoint's size: open models
-    (imported with `from-hf`) often have more embedding rows than their tokenizer has tokens. A tokenizer
-    larger than the checkpoint's vocabulary is refused, naming tools/extend_vocab.py (which resizes both)."""
+    """The run's tokenizer: --tokenizer-model, or without one (--mock-data) a NullTokenizer over the preset's
+    vocabulary. Reads files only; the model's vocabulary follows from it (`run_vocab_size`)."""
     from hcx_megatron.tokenizer import build_tokenizer
 
     if cfg.data.tokenizer_model:
-        tokenizer = build_tokenizer(cfg.data.tokenizer_type, cfg.data.tokenizer_model)
-        cfg.model.vocab_size = tokenizer.vocab_size
-        if cfg.checkpoint.load:
-            from hcx_megatron.training.checkpoint import read_saved_config
-
-            try:
-                saved = read_saved_config(cfg.checkpoint.load)
-            except FileNotFoundError:  # auto-resume before the first save: nothing to match
-                saved = {}
-            saved_vocab = (saved.get("model") or {}).get("vocab_size")
-            if saved_vocab is not None and saved_vocab > tokenizer.vocab_size:
-                cfg.model.vocab_size = int(saved_vocab)
-            elif saved_vocab is not None and saved_vocab < tokenizer.vocab_size:
-                raise ValueError(
-                    f"--tokenizer-model {cfg.data.tokenizer_model} has {tokenizer.vocab_size} tokens but the checkpoint "
-                    f"at --load {cfg.checkpoint.load} has a vocabulary of {saved_vocab}: resize the checkpoint's "
-                    "embedding and output layers with tools/extend_vocab.py (--load CKPT --save NEW_CKPT "
-                    "--new-vocab-size N, or together with the tokenizer extension) and load NEW_CKPT")
-        return tokenizer
+        return build_tokenizer(cfg.data.tokenizer_type, cfg.data.tokenizer_model)
     return build_tokenizer("NullTokenizer", None, cfg.model.vocab_size)
 
 
-class PretrainTask:
+def run_vocab_size(cfg: Config, tokenizer) -> int:
+    """The vocabulary the model is built with (Megatron padding goes on top of it): a real tokenizer's size, or
+    the preset's with --mock-data. A run starting from a checkpoint (`start_of_run`) whose vocabulary is larger
+    takes the checkpoint's size: open models (imported with `from-hf`) often have more embedding rows than their
+    tokenizer has tokens. A tokenizer larger than the checkpoint's vocabulary is refused, naming
+    tools/extend_vocab.py (which resizes both)."""
+    from hcx_megatron.training.checkpoint import read_saved_config
+
+    if not cfg.data.tokenizer_model:
+        return cfg.model.vocab_size
+    start = start_of_run(cfg)
+    saved_vocab = (read_saved_config(start.path).get("model") or {}).get("vocab_size") if start.path else None
+    if saved_vocab is not None and saved_vocab < tokenizer.vocab_size:
+        raise ValueError(
+            f"--tokenizer-model {cfg.data.tokenizer_model} has {tokenizer.vocab_size} tokens but the checkpoint "
+            f"at {start.path} has a vocabulary of {saved_vocab}: resize the checkpoint's embedding and output "
+            "layers with tools/extend_vocab.py (--load CKPT --save NEW_CKPT --new-vocab-size N, or together with "
+            "the tokenizer extension) and load NEW_CKPT")
+    return max(tokenizer.vocab_size, int(saved_vocab or 0))
+
+
+def check_pretrain_config(cfg: Config) -> None:
+    """Pretraining's own checks (the shared validate_config knows nothing of the drivers' data)."""
+    if not (cfg.data.mock_data or cfg.data.data_path):
+        raise ConfigError("give --data-path PREFIX [...] or --mock-data")
+
+
+class PretrainTask(TaskBase):
     metric_keys = ["lm loss"]
 
     def __init__(self):
@@ -96,13 +103,11 @@ class PretrainTask:
         self._phase_data: dict[int, tuple] = {}
 
     # -- set-up ---------------------------------------------------------------------------------------
-    def setup(self, cfg: Config, device: str) -> None:
+    def setup(self, cfg: Config, device: str) -> TaskSetup:
         self.cfg, self.device = cfg, device
         self.tokenizer = load_run_tokenizer(cfg)
         self.phases = sequence_phases(cfg)
-
-    def model_factory(self, cfg, impl):
-        return None
+        return TaskSetup(vocab_size=run_vocab_size(cfg, self.tokenizer))
 
     def _phase(self, iteration: int) -> tuple[int, Phase]:
         idx = max(i for i, p in enumerate(self.phases) if p.start_iteration <= iteration)
@@ -154,20 +159,20 @@ class PretrainTask:
         output = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
         return output, partial(lm_loss_func, batch["loss_mask"])
 
-    def state_dict(self):
-        return {}
-
-    def load_state_dict(self, state):
-        pass
+    def close(self) -> None:
+        for loader, _ in self._phase_data.values():
+            loader.close()
 
 
 def main(argv=None) -> int:
-    cfg, _ = parse_config(argv, description="HCX pretraining on megatron-core")
-    return run(cfg, PretrainTask())
+    cfg, _ = parse_config(argv, description="HCX pretraining on megatron-core", world_size=world_size_from_env(),
+                          extra_checks=check_pretrain_config)
+    return run(freeze(cfg), PretrainTask())
 
 
 if __name__ == "__main__":  # the dist-checkpoint writer spawns processes: keep this guard
     main_wrapper(main)
 
 
-__all__ = ["PretrainTask", "lm_loss_func", "sequence_phases", "main", "ps"]
+__all__ = ["PretrainTask", "lm_loss_func", "sequence_phases", "load_run_tokenizer", "run_vocab_size",
+           "check_pretrain_config", "main", "ps"]

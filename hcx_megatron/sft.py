@@ -6,7 +6,7 @@ optional packing, a validation split, and an optional greedy-generation exact-ma
 
     torchrun --nproc-per-node 2 -m hcx_megatron.sft --device cpu --tensor-model-parallel-size 2 \
         --tokenizer-model TOK --data-path train.jsonl --valid-data-path valid.jsonl \
-        --load runs/pretrain/ckpt --finetune --save runs/sft/ckpt --seq-length 512 \
+        --pretrained-checkpoint runs/pretrain/ckpt --load runs/sft/ckpt --save runs/sft/ckpt --seq-length 512 \
         --sft-tokens-per-microbatch 4096 --micro-batch-size 1 --global-batch-size 8 --train-iters 1000 --lr 1e-5
 
 Steps and batches: each optimizer step takes GBS / (MBS x DP) micro-batches on every DP rank (Megatron's
@@ -29,6 +29,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
 from hcx_megatron.config.args import Config, parse_config
+from hcx_megatron.config.frozen import freeze
 from hcx_megatron.config.sequence import context_parallel_chunks, sequence_multiple_for
 from hcx_megatron.data.context_parallel import packed_batch_for_transformer_engine, slice_batch_for_context_parallel
 from hcx_megatron.inference.generate import add_generation_args
@@ -36,10 +37,11 @@ from hcx_megatron.data.sft_dataset import (
     TRUNCATION_RULES, BatchingConfig, Conversation, DataReport, MicroBatchPlan, SFTDataError, block_causal_mask,
     collate, read_conversations, real_tokens, split_fractions, split_train_valid,
 )
-from hcx_megatron.training.loop import StepBatches, TrainContext, main_wrapper, run
+from hcx_megatron.distributed.env import world_size_from_env
+from hcx_megatron.training.loop import StepBatches, TaskBase, TaskSetup, TrainContext, main_wrapper, run
 
 
-@dataclass
+@dataclass(frozen=True)
 class SFTOptions:
     tokens_per_microbatch: int | None = None
     packing: bool = False
@@ -88,6 +90,8 @@ def check_sft_config(cfg: Config, opts: SFTOptions) -> None:
     d, t = cfg.data, cfg.training
     if d.mock_data:
         raise ValueError("SFT reads chat JSONL: give --data-path FILE.jsonl [...] instead of --mock-data")
+    if not d.data_path:
+        raise ValueError("SFT needs --data-path FILE.jsonl [...] (chat JSONL)")
     if not d.tokenizer_model:
         raise ValueError("SFT needs --tokenizer-model (the chat format uses its special tokens)")
     for flag, paths in (("--data-path", d.data_path), ("--valid-data-path", d.valid_data_path)):
@@ -146,7 +150,7 @@ def sft_loss_func(loss_mask: torch.Tensor, user_mask: torch.Tensor, output_tenso
     }
 
 
-class SFTTask:
+class SFTTask(TaskBase):
     metric_keys = ["lm loss", "user loss"]
 
     def __init__(self, opts: SFTOptions):
@@ -161,9 +165,9 @@ class SFTTask:
         self._valid_steps: list[StepBatches] | None = None
 
     # -- set-up ---------------------------------------------------------------------------------------
-    def setup(self, cfg: Config, device: str) -> None:
+    def setup(self, cfg: Config, device: str) -> TaskSetup:
         from hcx_megatron.model.spec import select_layer_spec
-        from hcx_megatron.pretrain import load_run_tokenizer
+        from hcx_megatron.pretrain import load_run_tokenizer, run_vocab_size
 
         self.cfg, self.device = cfg, device
         _, self.impl = select_layer_spec(cfg.runtime.transformer_impl, device)
@@ -204,9 +208,7 @@ class SFTTask:
         if rank0:
             print(f"[sft] {self.train_plan.num_batches} train micro-batches per epoch, "
                   f"{cfg.num_microbatches} per step per DP rank", flush=True)
-
-    def model_factory(self, cfg, impl):
-        return None
+        return TaskSetup(vocab_size=run_vocab_size(cfg, self.tokenizer))
 
     # -- batches --------------------------------------------------------------------------------------
     def _microbatch(self, convs: list[Conversation], batch) -> dict[str, torch.Tensor]:
@@ -283,6 +285,9 @@ class SFTTask:
                   f"written with {saved.get('num_train')}: the data order after resume differs", flush=True)
 
     # -- generation eval ------------------------------------------------------------------------------
+    def after_train(self, ctx: TrainContext) -> None:
+        self.generation_eval(ctx)
+
     def generation_eval(self, ctx: TrainContext) -> dict | None:
         o = self.opts
         if not o.gen_eval_data:
@@ -338,7 +343,8 @@ def run_generation_eval(chunks, tokenizer, path: str, max_new_tokens: int, max_l
 
 
 def main(argv=None) -> int:
-    cfg, ns = parse_config(argv, extra_args=add_sft_args, description="HCX supervised fine-tuning on megatron-core")
+    cfg, ns = parse_config(argv, extra_args=add_sft_args, description="HCX supervised fine-tuning on megatron-core",
+                           world_size=world_size_from_env())
     opts = options_from_args(ns)
     try:
         check_sft_config(cfg, opts)
@@ -346,8 +352,7 @@ def main(argv=None) -> int:
         raise SystemExit(f"hcx-sft: error: {e}") from None
     # Micro-batches differ in length: pipeline p2p must exchange shapes first.
     cfg.training.variable_seq_lengths = True
-    task = SFTTask(opts)
-    return run(cfg, task, after_train=lambda ctx: task.generation_eval(ctx))
+    return run(freeze(cfg), SFTTask(opts))
 
 
 if __name__ == "__main__":  # the dist-checkpoint writer spawns processes: keep this guard

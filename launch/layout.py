@@ -104,9 +104,6 @@ def parallel_layout_from_argv(driver_argv: Sequence[str], world_size: int, valid
         # A dry run happens on a login node without GPUs; the job itself will find them.
         ns = argparse.Namespace(**{**vars(ns), "device": "cuda"})
         planned_device = "cuda"
-    if not ns.data_path and not ns.mock_data:
-        # Drivers with their own data flags (PPO's --prompt-data) pass neither; data is not a layout matter.
-        ns = argparse.Namespace(**{**vars(ns), "mock_data": True})
     cfg = config_from_args(ns, world_size=world_size)
     if validate:
         validate_config(cfg, check_installed=False)  # TE/DALI are checked by the ranks, on the nodes that train
@@ -144,6 +141,19 @@ def rank_coordinates(layout: ParallelLayout) -> list[dict[str, int]]:
             for idx, rank in enumerate(group):
                 coords[rank][token] = idx
     return coords
+
+
+def groups_spanning_nodes(hosts: JobHosts, layout: ParallelLayout, kind: str = "tp") -> list[list[int]]:
+    """megatron-core's `kind` groups (tp, cp, dp, pp; RankGenerator, the order parallel_state uses) whose ranks
+    sit on more than one host. Tensor parallelism all-reduces in every layer, so a TP group must stay inside a
+    node (NVLink); this is empty for every shipped layout (tests/test_slurm_placement.py)."""
+    from megatron.core.parallel_state import RankGenerator
+
+    if layout.world_size != hosts.world_size:
+        raise ValueError(f"layout world size {layout.world_size} != job ranks {hosts.world_size}")
+    gen = RankGenerator(tp=layout.tp, ep=1, dp=layout.dp, pp=layout.pp, cp=layout.cp, order=MCORE_ORDER)
+    return [group for group in gen.get_ranks(kind)
+            if len({hosts.host_of_rank(r)[0] for r in group}) > 1]
 
 
 def _ranges(values: Sequence[int]) -> str:
@@ -184,6 +194,12 @@ def format_layout(hosts: JobHosts, layout: ParallelLayout | None, per_rank_limit
             lines.append(f"WARNING: layout world size {layout.world_size} != job ranks {hosts.world_size}")
         else:
             coords = rank_coordinates(layout)
+            spanning = groups_spanning_nodes(hosts, layout, "tp")
+            if spanning:
+                lines.append(f"WARNING: {len(spanning)} TP group(s) span nodes (first: ranks {_ranges(spanning[0])}); "
+                             f"tensor-parallel traffic would leave the node: use TP <= tasks per node")
+            else:
+                lines.append("placement: every TP group inside one node")
     rank = 0
     for host, n in zip(hosts.hosts, hosts.tasks_per_node):
         ranks = list(range(rank, rank + n))

@@ -27,6 +27,10 @@
 #   MAX_RESTARTS     never requeue once SLURM_RESTART_COUNT reaches this (default 50)
 #   MAX_FAILURES     stop after this many consecutive crashes that saved no new checkpoint (default 3)
 #   HCX_DRY_RUN=1    print the resolved ranks/hosts/layout and the srun line, train nothing
+#   HANG_TIMEOUT_S   hang watchdog (launch/watchdog.py): end the step when a rank sent no heartbeat, or no
+#                    rank finished a step, for this many seconds; 0 = off (default 1200; keep it above the
+#                    longest step + checkpoint save + eval, and below DIST_TIMEOUT_MIN so it speaks first)
+#   HCX_HEARTBEAT_INTERVAL_S  how often each rank's heartbeat thread writes (default 5)
 #
 # Exit code contract with the drivers: 17 = "preempted: finished the step, saved a checkpoint"
 # (hcx_megatron.training.signals.EXIT_CODE_PREEMPTED).
@@ -201,19 +205,6 @@ hcx_layout_defaults() {
     : "${CP:=1}"
 }
 
-# Fine-tuning start: resume our own checkpoint when there is one, else start from INIT_CKPT with fresh
-# optimizer, scheduler and iteration (--finetune). So a requeued SFT/PPO job never restarts from the
-# pretrained weights.
-hcx_finetune_load_args() {
-    local init=$1 what=$2
-    if [[ -s "$CKPT_DIR/latest_checkpointed_iteration.txt" ]]; then
-        HCX_ARGS+=(--load "$CKPT_DIR")
-    else
-        [[ -n "$init" ]] || hcx_die "set $what (the checkpoint to start from); nothing to resume in $CKPT_DIR"
-        HCX_ARGS+=(--load "$init" --finetune)
-    fi
-}
-
 # --load for auto-resume: our own checkpoint dir. The driver starts fresh when it holds no checkpoint
 # yet and otherwise resumes from latest_checkpointed_iteration.txt (written last, so always complete).
 hcx_resume_args() {
@@ -335,11 +326,27 @@ hcx_launch() {
     # launch.run appends its rank here when the driver exits 17, and then exits 0 (see below).
     export HCX_PREEMPT_MARKER="$RUN_DIR/.preempted-${SLURM_JOB_ID}-${restarts}"
     rm -f "$HCX_PREEMPT_MARKER"
+    # Heartbeats of this attempt only (a previous attempt's files would look like stalled ranks).
+    local hang_timeout=${HANG_TIMEOUT_S:-1200} hang_report="" watchdog_pid=""
+    if ((hang_timeout > 0)); then
+        export HCX_HEARTBEAT_DIR="$RUN_DIR/heartbeats/${SLURM_JOB_ID}-${restarts}"
+        hang_report="$RUN_DIR/.hang-${SLURM_JOB_ID}-${restarts}"
+        rm -rf "$HCX_HEARTBEAT_DIR" "$hang_report"
+        mkdir -p "$HCX_HEARTBEAT_DIR"
+    fi
     trap _hcx_on_usr1 USR1
     trap _hcx_on_term TERM
     cd "$HCX_REPO" || hcx_die "cannot cd to HCX_REPO=$HCX_REPO"
     srun "${srun_args[@]}" "${launcher[@]}" -- "$module" "${HCX_ARGS[@]}" &
     HCX_STEP_PID=$!
+    if ((hang_timeout > 0)); then
+        # Stdlib only, on the batch host: in container mode the host's python3, not the container's.
+        local watchdog_python=$PYTHON
+        if [[ -n "${CONTAINER_IMAGE:-}" ]]; then watchdog_python=python3; fi
+        "$watchdog_python" -m launch.watchdog --dir "$HCX_HEARTBEAT_DIR" --ranks "${SLURM_NTASKS:-1}" \
+            --timeout "$hang_timeout" --step-pid "$HCX_STEP_PID" --report "$hang_report" &
+        watchdog_pid=$!
+    fi
     # `wait` returns early (128+signal) when a trapped signal arrives; wait again for the real status. If
     # the first wait already returned the real status, the second finds no such job (127): keep the first.
     local rc prev=""
@@ -356,6 +363,15 @@ hcx_launch() {
         prev=$rc
     done
     trap - USR1 TERM
+    if [[ -n "$watchdog_pid" ]]; then
+        kill "$watchdog_pid" 2>/dev/null || true
+        wait "$watchdog_pid" 2>/dev/null || true
+        rm -rf "$HCX_HEARTBEAT_DIR"
+    fi
+    if [[ -s "$hang_report" ]]; then
+        hcx_log "step killed by the hang watchdog (HANG_TIMEOUT_S=$hang_timeout): $(cat "$hang_report")"
+        rm -f "$hang_report"
+    fi
     if ((rc != HCX_EXIT_PREEMPTED)) && [[ -s "$HCX_PREEMPT_MARKER" ]]; then
         # launch.run turns the driver's 17 into task exit 0 plus this marker (so srun's --kill-on-bad-exit
         # does not kill ranks still exiting); a non-zero rc here is a rank that failed after the save.

@@ -19,12 +19,13 @@
 #   HCX_DRY_RUN=1 PRETRAINED_CKPT=x DATA_PATH=x TOKENIZER_MODEL=x bash slurm/sft_hcx.sh   # plan only
 #
 # Layout: the preset's pretraining layout (hcx-s: TP2 x DP8 on 2 nodes; hcx-l: TP8 x PP4 x VPP4 x DP4
-# on 16 nodes), so the pretrained torch_dist checkpoint loads without resharding work. The first run
-# loads PRETRAINED_CKPT with --finetune (fresh optimizer/scheduler/iteration); every requeued run resumes
-# this run's own CKPT_DIR instead. Preemption, requeue and failure bounds as in pretrain_hcx_l.sh.
+# on 16 nodes), so the pretrained torch_dist checkpoint loads without resharding work. Always
+# --load CKPT_DIR --pretrained-checkpoint PRETRAINED_CKPT: the driver (hcx_megatron.training.loop.start_of_run)
+# starts from PRETRAINED_CKPT's weights while CKPT_DIR holds no checkpoint (fresh optimizer/scheduler/
+# iteration) and resumes CKPT_DIR on every requeue. Preemption, requeue and failure bounds as in pretrain_hcx_l.sh.
 #
 # Environment (default in brackets; paths, venv/container and NCCL: see slurm/common.sh):
-#   PRETRAINED_CKPT [] (required for the first run)  DATA_PATH [] (SFT JSONL, required)
+#   PRETRAINED_CKPT [] (required)  DATA_PATH [] (SFT JSONL, required)
 #   VALID_DATA_PATH []  TOKENIZER_MODEL [] (required)  MODEL_PRESET [hcx-s]  DEVICE [cuda]  PRECISION [bf16]
 #   TP PP VP_LAYERS CP SP DIST_OPT OVERLAP RECOMPUTE [per preset, see hcx_layout_defaults in common.sh]
 #   MICRO_BATCH [1]  GLOBAL_BATCH [128]  SEQ_LENGTH [4096]  TRAIN_ITERS [3000]  LR [1e-5]  MIN_LR [1e-6]
@@ -67,7 +68,9 @@ hcx_comm_env
 HCX_ARGS=()
 hcx_model_args
 hcx_train_args
-hcx_finetune_load_args "${PRETRAINED_CKPT:-}" PRETRAINED_CKPT
+[[ -n "${PRETRAINED_CKPT:-}" ]] || hcx_die "set PRETRAINED_CKPT (the checkpoint SFT starts from)"
+hcx_resume_args
+HCX_ARGS+=(--pretrained-checkpoint "$PRETRAINED_CKPT")
 if [[ -n "${SFT_TOKENS_PER_MICROBATCH:-}" ]]; then HCX_ARGS+=(--sft-tokens-per-microbatch "$SFT_TOKENS_PER_MICROBATCH"); fi
 if hcx_true "${SFT_PACKING:-0}"; then HCX_ARGS+=(--sft-packing); fi
 hcx_extra_args

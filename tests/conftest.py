@@ -71,11 +71,12 @@ def trained_reward_model(tmp_path_factory, tiny_tokenizer_dir, tiny_indexed_data
     checkpoint standing in for SFT. Its test checks what it learnt; PPO tests score with it."""
     from types import SimpleNamespace
 
-    from hcx_megatron.rlhf.synthetic import torchrun, write_preference_jsonl
+    from hcx_megatron.rlhf.synthetic import write_preference_jsonl
+    from torchrun_utils import torchrun
 
     root = tmp_path_factory.mktemp("reward_model")
     sft = str(root / "sft")
-    proc = torchrun("hcx_megatron.pretrain", 1, [
+    proc = torchrun("hcx_megatron.pretrain", nproc=1, check=False, args=[
         "--device", "cpu", "--model-preset", "hcx-tiny", "--tokenizer-model", tiny_tokenizer_dir,
         "--data-path", tiny_indexed_dataset, "--split", "100,0,0", "--seq-length", "64", "--micro-batch-size", "2",
         "--global-batch-size", "4", "--train-iters", "2", "--save", sft], timeout=180)
@@ -83,7 +84,7 @@ def trained_reward_model(tmp_path_factory, tiny_tokenizer_dir, tiny_indexed_data
     prefs = str(root / "prefs.jsonl")
     write_preference_jsonl(prefs, 600, seed=0)
     rm, metrics = str(root / "rm"), str(root / "rm.jsonl")
-    proc = torchrun("hcx_megatron.rlhf.reward", 2, [
+    proc = torchrun("hcx_megatron.rlhf.reward", nproc=2, check=False, args=[
         "--device", "cpu", "--tokenizer-model", tiny_tokenizer_dir, "--sft-checkpoint", sft,
         "--preference-data", prefs, "--valid-fraction", "0.1", "--global-batch-size", "16",
         "--micro-batch-size", "4", "--seq-length", "64", "--lr", "1e-3", "--min-lr", "1e-4",
@@ -95,11 +96,12 @@ def trained_reward_model(tmp_path_factory, tiny_tokenizer_dir, tiny_indexed_data
 @pytest.fixture(scope="session")
 def ppo_small_vocab(tmp_path_factory):
     """An 'SFT' checkpoint (a few pretraining steps on mock data, vocabulary 64) and id prompts for PPO."""
-    from hcx_megatron.rlhf.synthetic import torchrun, write_prompt_ids_jsonl
+    from hcx_megatron.rlhf.synthetic import write_prompt_ids_jsonl
+    from torchrun_utils import torchrun
 
     root = tmp_path_factory.mktemp("ppo_small")
     sft = str(root / "sft")
-    proc = torchrun("hcx_megatron.pretrain", 1, [
+    proc = torchrun("hcx_megatron.pretrain", nproc=1, check=False, args=[
         "--device", "cpu", "--mock-data", "--vocab-size", "64", "--make-vocab-size-divisible-by", "64",
         "--num-layers", "2", "--seq-length", "32", "--micro-batch-size", "4", "--global-batch-size", "8",
         "--train-iters", "3", "--save", sft, "--log-interval", "100"], timeout=180)

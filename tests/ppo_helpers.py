@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from hcx_megatron.rlhf.synthetic import read_jsonl
+from hcx_megatron.training.metrics import read_metrics
+from torchrun_utils import torchrun
 
 
-def check(proc):
-    assert proc.returncode == 0, proc.stdout[-3000:] + "\n" + proc.stderr[-6000:]
-    return proc
+def run_ppo(nproc: int, args: list[str], timeout: float):
+    """The PPO driver on `nproc` CPU processes; fails the test with its output when it exits non-zero."""
+    return torchrun("hcx_megatron.rlhf.ppo", args, nproc, timeout=timeout)
 
 
 def ppo_args(sft: str, prompts: str, extra: list[str], **overrides) -> list[str]:
@@ -24,4 +25,4 @@ def ppo_args(sft: str, prompts: str, extra: list[str], **overrides) -> list[str]
 
 
 def records(path: str, kind: str) -> list[dict]:
-    return [r for r in read_jsonl(path) if r["kind"] == kind]
+    return read_metrics(path, kind)

@@ -83,10 +83,10 @@ def test_bad_loader_flags_name_the_flag(argv, flag):
 
 
 def test_dali_without_dali_names_the_flag_and_the_import_error(monkeypatch):
-    import hcx_megatron.data.loaders as loaders
+    import hcx_megatron.data.dali_probe as dali_probe
 
     validate_config(make_config(["--mock-data", "--device", "cpu", "--dataloader", "dali", "--num-workers", "2"]))
-    monkeypatch.setattr(loaders, "dali_import_error", lambda: "ModuleNotFoundError: No module named 'nvidia'")
+    monkeypatch.setattr(dali_probe, "dali_import_error", lambda: "ModuleNotFoundError: No module named 'nvidia'")
     with pytest.raises(ConfigError, match=r"--dataloader dali needs NVIDIA DALI.*No module named 'nvidia'"):
         validate_config(make_config(["--mock-data", "--device", "cpu", "--dataloader", "dali"]))
 

@@ -140,11 +140,14 @@ def test_step_time_bubble_and_comm_behave():
     a = step_time(w, parse_layout("tp=8,pp=4,dp=2,mb=1"), c)
     b = step_time(w, parse_layout("tp=8,pp=4,vpp=5,dp=2,mb=1"), c)
     assert a.bubble_fraction == pytest.approx(3 / 256) and b.bubble_fraction == pytest.approx(3 / (256 * 5))
-    assert b.bubble_s < a.bubble_s and b.pp_comm_s > a.pp_comm_s
+    assert b.bubble_s < a.bubble_s
+    # the interleaved schedule sends v times as much; overlapped (Megatron's default) only latency is exposed
+    b_no = step_time(w, dataclasses.replace(parse_layout("tp=8,pp=4,vpp=5,dp=2,mb=1"), overlap_p2p_comm=False), c)
+    assert b_no.pp_comm_s > a.pp_comm_s > b.pp_comm_s
     # TP across nodes (4-GPU nodes) is far slower than inside one 8-GPU node
     x = step_time(w, parse_layout("tp=8,pp=8,dp=1,mb=1"), c)
     y = step_time(w, parse_layout("tp=8,pp=8,dp=1,mb=1"), dataclasses.replace(c, gpus_per_node=4))
-    assert 0 < x.tp_comm_s and y.tp_comm_s > 5 * x.tp_comm_s
+    assert 0 < x.tp_comm_s and y.tp_comm_s > 2 * x.tp_comm_s  # 4 NICs per node (multi-rail) vs NVLink
     assert x.compute_s == y.compute_s
     # the MFU and token rate are consistent with each other
     assert a.mfu == pytest.approx(a.tflops_per_gpu / c.peak_tflops)
@@ -223,10 +226,13 @@ def test_context_parallel_splits_work_and_memory():
     c = default_cluster()
     base = parse_layout("tp=8,pp=4,dp=2,mb=1")
     cp = parse_layout("tp=8,pp=4,cp=2,dp=1,mb=1")
-    t0, t1 = step_time(w, base, c), step_time(w, cp, c)
+    flat = c.with_perf(attention_half_length=0.0)  # attention rate independent of the block length
+    t0, t1 = step_time(w, base, flat), step_time(w, cp, flat)
     # same GPUs: CP halves the tokens per GPU per micro-batch but DP=1 doubles the micro-batches
     assert t1.compute_s == pytest.approx(t0.compute_s, rel=1e-9)
     assert t1.num_microbatches == 2 * t0.num_microbatches
+    # with the H100 default the shorter (s/CP) attention blocks run slower
+    assert step_time(w, cp, c).compute_s > step_time(w, base, c).compute_s
     m0, m1 = peak_memory(w, base, c), peak_memory(w, cp, c)
     assert m1.activations_bytes < m0.activations_bytes
     # the distributed optimizer shards over DP x CP, so optimizer bytes are unchanged

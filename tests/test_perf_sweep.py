@@ -40,7 +40,7 @@ def test_planner_ranks_fitting_layouts_the_driver_accepts():
     assert n > len(entries) > 10  # some were dropped for memory
     rates = [e.time.tokens_per_sec_per_gpu for e in entries]
     assert rates == sorted(rates, reverse=True)
-    assert all(e.fits and e.memory.total_bytes <= 0.95 * 80 * GIB for e in entries)
+    assert all(e.fits and e.memory.total_bytes <= c.usable_memory_fraction * c.hbm_gib * GIB for e in entries)
     for e in entries[:25]:
         assert e.layout.world_size == 16
         _driver_accepts(["--model-preset", "hcx-s", "--seq-length", "4096", "--global-batch-size", "256",

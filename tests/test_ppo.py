@@ -15,8 +15,9 @@ import os
 
 import pytest
 
-from hcx_megatron.rlhf.synthetic import torchrun, write_repetitive_indexed_dataset
-from ppo_helpers import check, ppo_args, records
+from hcx_megatron.rlhf.synthetic import write_repetitive_indexed_dataset
+from ppo_helpers import ppo_args, records, run_ppo
+from torchrun_utils import torchrun
 
 pytestmark = pytest.mark.dist  # starts processes; not in `make test-fast`
 
@@ -28,8 +29,8 @@ KL_BOUND = 3.0  # nats, sum over the response, mean over sequences, at every ite
 def test_ppo_reward_rises_kl_bounded_and_resumes_exactly(ppo_small_vocab):
     root, sft, prompts = ppo_small_vocab
     full, metrics = str(root / "full"), str(root / "full.jsonl")
-    proc = check(torchrun("hcx_megatron.rlhf.ppo", 2, ppo_args(sft, prompts, [
-        "--save", full, "--metrics-jsonl", metrics]), timeout=400))
+    proc = run_ppo(2, ppo_args(sft, prompts, [
+        "--save", full, "--metrics-jsonl", metrics]), timeout=400)
     assert "on the same 2 ranks" in proc.stdout  # stated placement
     ppo = records(metrics, "ppo")
     assert [r["rollout"] for r in ppo] == list(range(1, 11))
@@ -65,11 +66,11 @@ def test_ppo_reward_rises_kl_bounded_and_resumes_exactly(ppo_small_vocab):
     # Preempted in the middle of PPO iteration 2 (4 steps per iteration), resumed, stopped at its end:
     # every step and every rollout record equals the uninterrupted run's.
     part, pm = str(root / "part"), str(root / "part.jsonl")
-    check(torchrun("hcx_megatron.rlhf.ppo", 2, ppo_args(sft, prompts, [
-        "--save", part, "--load", part, "--exit-interval", "6", "--metrics-jsonl", pm]), timeout=300))
+    run_ppo(2, ppo_args(sft, prompts, [
+        "--save", part, "--load", part, "--exit-interval", "6", "--metrics-jsonl", pm]), timeout=300)
     assert os.path.isdir(os.path.join(part, "ppo_rollouts", "iter_0000006"))
-    check(torchrun("hcx_megatron.rlhf.ppo", 2, ppo_args(sft, prompts, [
-        "--save", part, "--load", part, "--exit-interval", "8", "--metrics-jsonl", pm]), timeout=300))
+    run_ppo(2, ppo_args(sft, prompts, [
+        "--save", part, "--load", part, "--exit-interval", "8", "--metrics-jsonl", pm]), timeout=300)
     a = {r["iteration"]: r for r in records(metrics, "train")}
     b = records(pm, "train")
     assert [r["iteration"] for r in b] == list(range(1, 9))
@@ -87,7 +88,7 @@ def test_ppo_async_rollouts_respect_staleness_bound(ppo_small_vocab):
     metrics = str(root / "async.jsonl")
     args = ppo_args(sft, prompts, ["--async-rollouts", "--max-staleness", "1", "--metrics-jsonl", metrics],
                     ppo_rollouts=3)
-    proc = check(torchrun("hcx_megatron.rlhf.ppo", 2, args, timeout=240))
+    proc = run_ppo(2, args, timeout=240)
     assert "async rollouts, max staleness 1" in proc.stdout
     ppo = records(metrics, "ppo")
     assert [r["rollout"] for r in ppo] == [1, 2, 3]
@@ -100,12 +101,12 @@ def test_unlikelihood_lowers_repetition(tmp_path, tiny_tokenizer_dir):
     # Repetition-prone actor: pretrained on documents that repeat one token id (100..163).
     data = write_repetitive_indexed_dataset(str(tmp_path / "rep"), 400, 100, 163, 33, seed=0)
     sft = str(tmp_path / "sft")
-    check(torchrun("hcx_megatron.pretrain", 1, [
+    torchrun("hcx_megatron.pretrain", [
         "--device", "cpu", "--tokenizer-model", tiny_tokenizer_dir, "--data-path", data, "--split", "100,0,0",
         "--num-layers", "1",
         "--seq-length", "16", "--micro-batch-size", "16", "--global-batch-size", "16", "--train-iters", "40",
         "--lr", "5e-3", "--min-lr", "1e-3", "--lr-warmup-iters", "5", "--save", sft, "--log-interval", "100"],
-        timeout=300))
+        1, timeout=300)
     prompts = tmp_path / "prompts.jsonl"
     import random
 
@@ -115,12 +116,12 @@ def test_unlikelihood_lowers_repetition(tmp_path, tiny_tokenizer_dir):
     reps = {}
     for weight in ("0", "1.0"):
         metrics = str(tmp_path / f"ul{weight}.jsonl")
-        check(torchrun("hcx_megatron.rlhf.ppo", 2, [
+        run_ppo(2, [
             "--device", "cpu", "--sft-checkpoint", sft, "--tokenizer-model", tiny_tokenizer_dir,
             "--prompt-data", str(prompts), "--rule-reward", "share:100-163", "--rollout-batch-size", "16",
             "--global-batch-size", "8", "--micro-batch-size", "4", "--ppo-epochs", "2", "--ppo-rollouts", "3",
             "--max-new-tokens", "12", "--lr", "5e-4", "--min-lr", "5e-4", "--seq-length", "32",
-            "--log-interval", "100", "--unlikelihood-weight", weight, "--metrics-jsonl", metrics], timeout=300))
+            "--log-interval", "100", "--unlikelihood-weight", weight, "--metrics-jsonl", metrics], timeout=300)
         reps[weight] = [r["repetition"] for r in records(metrics, "ppo")]
     off, on = reps["0"], reps["1.0"]
     # Repetition-prone start (> 40% of response bigrams repeat; ~0 for a uniform policy), same first rollout.
@@ -140,7 +141,7 @@ def test_ppo_same_result_under_tp_and_pp(ppo_small_vocab):
         metrics = str(root / f"{name}.jsonl")
         args = ppo_args(sft, prompts, [*layout, "--metrics-jsonl", metrics], ppo_rollouts=2, rollout_batch_size=8,
                         global_batch_size=8, micro_batch_size=4, max_new_tokens=8)
-        check(torchrun("hcx_megatron.rlhf.ppo", 2, args, timeout=240))
+        run_ppo(2, args, timeout=240)
         out[name] = records(metrics, "ppo")
     assert len(out["tp2"]) == len(out["pp2"]) == 2
     for a, b in zip(out["tp2"], out["pp2"]):

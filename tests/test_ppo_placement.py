@@ -106,6 +106,22 @@ def test_driver_rejects_a_bad_placement_before_any_process_group(monkeypatch, tm
     assert not dist.is_initialized()
 
 
+def test_one_critic_path_rule_reads_load_and_writes_save(tmp_path):
+    """Both placements build the critic's config with ppo_models.critic_config: with --load A --save B it resumes
+    A/critic at A's iteration and saves to B/critic; a --load without a checkpoint starts a new critic."""
+    from hcx_megatron.rlhf.ppo_models import critic_config
+    from hcx_megatron.rlhf.ppo_options import PPOOptions
+
+    a, b = tmp_path / "A", tmp_path / "B"
+    (a / "iter_0000006").mkdir(parents=True)
+    (a / "latest_checkpointed_iteration.txt").write_text("6")
+    opts = PPOOptions(prompt_data="p", rule_reward="share:1-2", critic_lr=1e-5)
+    c = critic_config(_cfg(["--load", str(a), "--save", str(b), "--lr", "1e-4"]), opts).checkpoint
+    assert (c.load, c.save) == (str(a / "critic" / "iter_0000006"), str(b / "critic"))
+    fresh = critic_config(_cfg(["--load", str(b), "--save", str(b)]), opts)
+    assert fresh.checkpoint.load is None and fresh.training.lr == 1e-5 and fresh.logging.metrics_jsonl is None
+
+
 def test_rows_round_trip_between_data_parallel_sizes():
     prompts = [[1, 2, 3], [4], [5, 6], [7, 8, 9, 10], [11], [12, 13]]
     responses = [[20, 21], [22, 23, 24, 25], [26], [27, 28], [29, 30, 31], [32]]

@@ -22,8 +22,9 @@ import time
 
 import pytest
 
-from hcx_megatron.rlhf.synthetic import free_port, read_jsonl, torchrun
-from ppo_helpers import check, ppo_args, records
+from hcx_megatron.training.metrics import read_metrics
+from ppo_helpers import ppo_args, records, run_ppo
+from torchrun_utils import free_port
 
 pytestmark = pytest.mark.dist  # starts processes; not in `make test-fast`
 
@@ -32,8 +33,8 @@ COMPARED = ("reward_mean", "kl", "entropy", "value_loss", "pg_loss", "response_l
 
 
 def _run(nproc, sft, prompts, metrics, extra, timeout=300, **overrides):
-    return check(torchrun("hcx_megatron.rlhf.ppo", nproc, ppo_args(
-        sft, prompts, [*extra, "--metrics-jsonl", metrics], **{**SMALL, **overrides}), timeout=timeout))
+    return run_ppo(nproc, ppo_args(
+        sft, prompts, [*extra, "--metrics-jsonl", metrics], **{**SMALL, **overrides}), timeout=timeout)
 
 
 def _same(a, b, exact):
@@ -67,7 +68,7 @@ def test_separate_partitions_reproduce_the_colocated_run(ppo_small_vocab, separa
     assert "on the same 1 ranks" in proc.stdout
     _same(records(colo, "ppo"), records(sep, "ppo"), exact=True)
     assert [r["lm_loss"] for r in records(colo, "train")] == [r["lm_loss"] for r in records(sep, "train")]
-    (event,) = [r for r in read_jsonl(sep) if r.get("event") == "placement"]
+    (event,) = [r for r in read_metrics(sep, None) if r.get("event") == "placement"]
     assert set(event["roles"]) == {"actor", "critic", "reference"}
     assert all(r["exchange_seconds"] >= 0 for r in records(sep, "ppo"))
 
@@ -119,7 +120,7 @@ def test_separate_resume_is_exact_and_a_signal_anywhere_stops_every_partition(pp
     finally:
         if proc.poll() is None:
             proc.kill()
-    (stop,) = [r for r in read_jsonl(prem) if r.get("event") == "preempted"]
+    (stop,) = [r for r in read_metrics(prem, None) if r.get("event") == "preempted"]
     # Actor and critic (each its partition's rank 0) both took the preemption exit at the same iteration, the
     # reference was released; the first process to end exited 17. (torchrun then SIGTERMs the others, which
     # may already be in interpreter shutdown with default handlers: after the job-wide barrier, so harmless.
@@ -131,6 +132,23 @@ def test_separate_resume_is_exact_and_a_signal_anywhere_stops_every_partition(pp
     for root_dir in (pre, os.path.join(pre, "critic")):
         with open(os.path.join(root_dir, "latest_checkpointed_iteration.txt")) as f:
             assert int(f.read()) == stop["iteration"] < 1000
+
+
+@pytest.mark.timeout(400)
+def test_both_placements_resume_the_critic_from_load(ppo_small_vocab, separate_run):
+    """--load A --save B: the critic resumes from A/critic in both placements (with partitions it used to be
+    looked for in B/critic and silently started over), so one more PPO iteration from A is the same run."""
+    root, sft, prompts = ppo_small_vocab
+    _, full, _ = separate_run
+    out = {}
+    for name, nproc, extra in (("colocated", 1, ["--placement", "colocated"]), ("separate", 3, [])):
+        save, metrics = str(root / f"from_load_{name}"), str(root / f"from_load_{name}.jsonl")
+        proc = _run(nproc, sft, prompts, metrics, [*extra, "--load", full, "--save", save], ppo_rollouts=4)
+        assert f"resume: loaded {os.path.join(full, 'critic', 'iter_0000006')}" in proc.stdout, name
+        assert os.path.isfile(os.path.join(save, "critic", "iter_0000008", "metadata.json")), name
+        out[name] = records(metrics, "ppo")
+    assert [r["rollout"] for r in out["separate"]] == [4]
+    _same(out["colocated"], out["separate"], exact=True)
 
 
 def _signal_rank(launcher_pid: int, rank: str) -> None:
@@ -200,8 +218,7 @@ def test_reward_model_partition_scores_as_colocated(trained_reward_model, tmp_pa
                                ("separate", 5, ["--placement", "separate", "--reward-ranks", "2",
                                                 "--reward-tensor-model-parallel-size", "2"])):
         metrics = str(tmp_path / f"{name}.jsonl")
-        proc = check(torchrun("hcx_megatron.rlhf.ppo", nproc, [*base, *extra, "--metrics-jsonl", metrics],
-                              timeout=300))
+        proc = run_ppo(nproc, [*base, *extra, "--metrics-jsonl", metrics], timeout=300)
         out[name] = records(metrics, "ppo")
     assert "reward ranks 3-4 (TP 2, PP 1, DP 1)" in proc.stdout
     assert "[ppo:reward] served 2 rollouts" in proc.stdout

@@ -48,7 +48,7 @@ def test_resume_is_exact(tmp_path, tiny_tokenizer_dir, tiny_indexed_dataset):
 
 
 @pytest.mark.timeout(900)
-def test_reshard_tp2pp2_to_tp1pp1_and_tp1pp2(tmp_path):
+def test_reshard_tp2pp2_to_tp1pp1_and_uneven_tp1pp2(tmp_path):
     args = [*BASE, "--mock-data", "--use-distributed-optimizer"]
     ckpt = tmp_path / "ckpt"
     cont = tmp_path / "cont.jsonl"
@@ -59,11 +59,12 @@ def test_reshard_tp2pp2_to_tp1pp1_and_tp1pp2(tmp_path):
               "--load", str(ckpt), "--metrics-jsonl", str(cont)], nproc=4)
     ref = read_metrics(str(cont))
     assert [r["iteration"] for r in ref] == [4, 5]
-    for tp, pp in ((1, 1), (1, 2)):
+    # TP1xPP2 with uneven stages (layers 0-2 | 3): the even TP2xPP2 checkpoint reshards by global layer index.
+    for tp, pp, uneven in ((1, 1, []), (1, 2, ["--decoder-first-pipeline-num-layers", "3"])):
         out = tmp_path / f"tp{tp}pp{pp}.jsonl"
         pretrain([*args, "--train-iters", "5", "--tensor-model-parallel-size", str(tp),
-                  "--pipeline-model-parallel-size", str(pp), "--load", str(ckpt), "--metrics-jsonl", str(out)],
-                 nproc=tp * pp)
+                  "--pipeline-model-parallel-size", str(pp), "--load", str(ckpt), "--metrics-jsonl", str(out),
+                  *uneven], nproc=tp * pp)
         got = read_metrics(str(out))
         assert [r["iteration"] for r in got] == [4, 5]
         # First step after loading: a forward pass of the loaded weights on the same batch.

@@ -21,7 +21,7 @@ def _tail(proc) -> str:
 def test_reward_model_learns_hidden_rule(trained_reward_model):
     proc, rm, metrics = trained_reward_model.proc, trained_reward_model.rm, trained_reward_model.metrics
     assert proc.returncode == 0, _tail(proc)
-    assert "backbone from" in proc.stdout and "value_head.weight" in proc.stdout  # SFT init, fresh head
+    assert "weights only; fresh: " in proc.stdout and "value_head.weight" in proc.stdout  # SFT init, fresh head
 
     records = read_jsonl(metrics)
     train = [r for r in records if r["kind"] == "train"]

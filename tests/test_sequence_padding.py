@@ -228,7 +228,7 @@ def test_sft_rows_pad_to_the_rule(tp, sp, cp, fp8, single_rank_world, tiny_token
 @pytest.mark.parametrize("tp,sp,cp,fp8", DRIVER_LAYOUTS)
 def test_reward_rows_pad_to_the_rule(tp, sp, cp, fp8, single_rank_world, tiny_tokenizer_dir, tmp_path):
     from hcx_megatron.config.args import parse_config
-    from hcx_megatron.rlhf.reward import RewardModelTask, add_reward_args
+    from hcx_megatron.rlhf.reward import RewardModelTask, add_reward_args, rm_options_from_args
     from hcx_megatron.rlhf.synthetic import write_preference_jsonl
 
     prefs = str(tmp_path / "prefs.jsonl")
@@ -237,7 +237,7 @@ def test_reward_rows_pad_to_the_rule(tp, sp, cp, fp8, single_rank_world, tiny_to
                               "--preference-data", prefs, "--global-batch-size", "4", "--micro-batch-size", "2",
                               *layout_flags(tp, sp, cp, fp8)], extra_args=add_reward_args, world_size=tp * cp,
                              validate=False)
-    task = RewardModelTask(args)
+    task = RewardModelTask(rm_options_from_args(args))
     task.setup(cfg, "cpu")
     assert task.multiple_of == sequence_multiple_for(cfg)
     for mb in task.batcher.microbatches(task.batcher.step_examples(0)):

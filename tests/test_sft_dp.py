@@ -6,23 +6,12 @@ per token over the whole step) would make the two runs diverge from the first st
 from __future__ import annotations
 
 import json
-import os
 import random
-import socket
-import subprocess
-import sys
 
 import pytest
+from torchrun_utils import torchrun
 
 pytestmark = pytest.mark.dist  # starts processes; not in `make test-fast`
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _write_chat_data(path, n: int, seed: int) -> None:
@@ -41,16 +30,13 @@ def test_dp1_and_dp2_train_identically(tiny_tokenizer_dir, tmp_path):
     losses = {}
     for nproc in (1, 2):
         metrics = tmp_path / f"dp{nproc}.jsonl"
-        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
-               f"--master-port={_free_port()}", "-m", "hcx_megatron.sft", "--device", "cpu",
-               "--tokenizer-model", tiny_tokenizer_dir, "--data-path", str(tmp_path / "train.jsonl"), "--split", "1,0,0",
-               "--num-layers", "2", "--hidden-size", "64", "--ffn-hidden-size", "128", "--num-attention-heads", "4",
-               "--num-query-groups", "2", "--seq-length", "64", "--micro-batch-size", "1", "--global-batch-size", "4",
-               "--sft-tokens-per-microbatch", "96", "--train-iters", "4", "--lr", "3e-3", "--log-interval", "100",
-               "--metrics-jsonl", str(metrics), "--sft-data-report", str(tmp_path / f"report{nproc}.json")]
-        env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
-        proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=500)
-        assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-4000:]}"
+        torchrun("hcx_megatron.sft", nproc=nproc, timeout=500, args=[
+            "--device", "cpu", "--tokenizer-model", tiny_tokenizer_dir, "--data-path", str(tmp_path / "train.jsonl"),
+            "--split", "1,0,0", "--num-layers", "2", "--hidden-size", "64", "--ffn-hidden-size", "128",
+            "--num-attention-heads", "4", "--num-query-groups", "2", "--seq-length", "64", "--micro-batch-size", "1",
+            "--global-batch-size", "4", "--sft-tokens-per-microbatch", "96", "--train-iters", "4", "--lr", "3e-3",
+            "--log-interval", "100", "--metrics-jsonl", str(metrics),
+            "--sft-data-report", str(tmp_path / f"report{nproc}.json")])
         records = [json.loads(line) for line in metrics.read_text().splitlines()]
         losses[nproc] = [(r["lm_loss"], r["user_loss"], r["tokens_per_sec"] * r["step_time_s"])
                          for r in records if r["kind"] == "train"]

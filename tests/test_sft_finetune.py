@@ -5,34 +5,14 @@ fails the driver naming file and line."""
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
-import sys
 
 import pytest
+from torchrun_utils import torchrun
 
 pytestmark = pytest.mark.dist  # starts processes; not in `make test-fast`
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODEL = ["--num-layers", "2", "--hidden-size", "64", "--ffn-hidden-size", "128", "--num-attention-heads", "4",
          "--num-query-groups", "2", "--seq-length", "64", "--device", "cpu", "--log-interval", "100"]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _torchrun(module: str, args: list[str], nproc: int, check: bool = True) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", f"--master-port={_free_port()}",
-           "-m", module, *args]
-    env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=500)
-    if check:
-        assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-4000:]}"
-    return proc
 
 
 def _records(path) -> list[dict]:
@@ -48,13 +28,13 @@ def test_finetune_from_pretrain_checkpoint_in_another_layout(tiny_tokenizer_dir,
                                              {"role": "assistant", "content": f" {k + 1}"}]}) + "\n")
     tok = ["--tokenizer-model", tiny_tokenizer_dir]
     # Pretraining with a different seed: its weights differ from what SFT would initialise itself.
-    _torchrun("hcx_megatron.pretrain", [*MODEL, *tok, "--mock-data", "--seed", "99", "--micro-batch-size", "2",
+    torchrun("hcx_megatron.pretrain", [*MODEL, *tok, "--mock-data", "--seed", "99", "--micro-batch-size", "2",
                                         "--global-batch-size", "4", "--train-iters", "2", "--save",
                                         str(tmp_path / "pre")], nproc=1)
     sft = [*MODEL, *tok, "--data-path", str(data), "--split", "1,0,0", "--micro-batch-size", "4",
            "--global-batch-size", "8", "--train-iters", "2", "--lr", "0", "--min-lr", "0",
            "--pipeline-model-parallel-size", "2"]
-    _torchrun("hcx_megatron.sft", [*sft, "--load", str(tmp_path / "pre"), "--finetune", "--save",
+    torchrun("hcx_megatron.sft", [*sft, "--load", str(tmp_path / "pre"), "--finetune", "--save",
                                    str(tmp_path / "sft"), "--metrics-jsonl", str(tmp_path / "ft.jsonl")], nproc=2)
     ft = _records(tmp_path / "ft.jsonl")
     load = [r for r in ft if r.get("event") == "load"]
@@ -74,6 +54,6 @@ def test_finetune_from_pretrain_checkpoint_in_another_layout(tiny_tokenizer_dir,
 
     bad = tmp_path / "bad.jsonl"
     bad.write_text(data.read_text() + '{"messages": [{"role": "robot", "content": "x"}]}\n')
-    proc = _torchrun("hcx_megatron.sft", [*sft[:-2], "--data-path", str(bad), "--sft-strict"], nproc=1, check=False)
+    proc = torchrun("hcx_megatron.sft", [*sft[:-2], "--data-path", str(bad), "--sft-strict"], nproc=1, check=False)
     assert proc.returncode != 0
     assert f"{bad}:41" in proc.stdout + proc.stderr and "unknown_role" in proc.stdout + proc.stderr

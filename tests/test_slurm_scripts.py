@@ -168,16 +168,15 @@ def test_missing_data_is_a_clear_error(tmp_path):
 
 
 @pytest.mark.timeout(180)
-def test_sft_starts_from_pretrained_then_resumes_itself(tmp_path):
+def test_sft_passes_its_own_checkpoint_and_the_pretrained_one(tmp_path):
+    """The driver decides which one it starts from (hcx_megatron.training.loop.start_of_run, tested in
+    tests/test_run_lifecycle.py): --load resumes once it holds a checkpoint, so the line never changes."""
     common = dict(PRETRAINED_CKPT="/ckpt/pretrain", DATA_PATH="/d/sft.jsonl", TOKENIZER_MODEL="/tok",
                   RUN_DIR=str(tmp_path / "run"), CKPT_DIR=str(tmp_path / "ck"))
     proc = dry_run("sft_hcx.sh", **common)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "--load /ckpt/pretrain --finetune" in proc.stdout
-    (tmp_path / "ck").mkdir()
-    (tmp_path / "ck" / "latest_checkpointed_iteration.txt").write_text("250")
-    proc = dry_run("sft_hcx.sh", **common)
-    assert f"--load {tmp_path}/ck" in proc.stdout and "--finetune" not in proc.stdout
+    assert f"--load {tmp_path}/ck --pretrained-checkpoint /ckpt/pretrain" in proc.stdout
+    assert "--finetune" not in proc.stdout
     missing = dry_run("sft_hcx.sh", DATA_PATH="/d", TOKENIZER_MODEL="/t", RUN_DIR=str(tmp_path / "r2"))
     assert missing.returncode == 2 and "PRETRAINED_CKPT" in missing.stderr
 
@@ -224,6 +223,8 @@ def test_built_flags_are_accepted_by_the_driver(script, env):
 
     proc = dry_run_cached(script, **env)
     assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
+    # Each script's own allocation and layout: tensor parallelism stays inside a node.
+    assert "placement: every TP group inside one node" in proc.stdout and "span nodes" not in proc.stdout
     line = next(ln for ln in proc.stdout.splitlines() if "would start:" in ln)
     driver_argv = shlex.split(line.split(" -- ", 1)[1])
     module = importlib.import_module(driver_argv[0])

@@ -19,11 +19,12 @@ def free_port() -> int:
 
 
 def torchrun(module: str, args: list[str], nproc: int, timeout: float = 600, check: bool = True,
-             env: dict | None = None) -> subprocess.CompletedProcess:
+             env: dict | None = None, cwd: str = REPO) -> subprocess.CompletedProcess:
+    """`python -m module args` on `nproc` CPU processes; the one torchrun helper of the tests."""
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
            f"--master-port={free_port()}", "-m", module, *args]
     full_env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1", **(env or {})}
-    proc = subprocess.run(cmd, cwd=REPO, env=full_env, capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run(cmd, cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}\n--- stdout ---\n{proc.stdout[-6000:]}"
                              f"\n--- stderr ---\n{proc.stderr[-6000:]}")

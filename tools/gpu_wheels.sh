@@ -11,6 +11,7 @@
 # What the GPU check imports that the lent machine lacks:
 #   megatron-core==0.16.1  the project's base (compiled helpers: a cp312 manylinux wheel)
 #   packaging              megatron-core requires >=24.2; the machine's copy may be older (transformers needs >=20)
+#   einops                 Megatron-FSDP (step 10, --use-megatron-fsdp) lays out its device mesh with it
 # Deliberately NOT downloaded:
 #   kiwipiepy (+ kiwipiepy_model, ~80 MB)  imported lazily, only to train tokenizers with the Korean morpheme
 #                          split; the check trains its tokenizer without it (tests/test_gpu_check.py runs the
@@ -24,13 +25,13 @@
 #   setuptools             megatron-core imports torch.utils.cpp_extension, which imports setuptools; torch's own
 #                          wheel requires setuptools, so it is there wherever torch was pip-installed
 # (Checked on CPU: the check's steps 1-7 pass with kiwipiepy, zstandard, einops, boto3/botocore, dateutil, six,
-# urllib3 and certifi all made unimportable.)
+# urllib3 and certifi all made unimportable; step 10 needs einops.)
 set -euo pipefail
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 DEST="${1:-$REPO/.whl}"
 PYTHON="${PYTHON:-python3}"
-WHEELS=(megatron-core==0.16.1 packaging==25.0)
+WHEELS=(megatron-core==0.16.1 packaging==25.0 einops==0.8.2)
 
 mkdir -p "$DEST"
 "$PYTHON" -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \

@@ -3,11 +3,12 @@
 #   slurm-wlm + munge   real single-node Slurm for tests/test_slurm*.py (slurmctld, slurmd, sbatch, scontrol)
 #   openmpi-bin + libopenmpi-dev + mpi4py   `mpirun -np 2` launch test (tests/test_mpi*.py)
 #   the shellcheck linter: lint test over slurm/*.sh and tools/*.sh
+#   iproute2            `ip netns` / veth / bridge: the 2-node test cluster (tests/test_slurm_multinode.py)
 # Idempotent and quiet: packages already present are not touched, so a second run is a few dpkg queries.
 set -euo pipefail
 
 PYTHON="${PYTHON:-python3}"
-PACKAGES=(slurm-wlm munge openmpi-bin libopenmpi-dev shellcheck)
+PACKAGES=(slurm-wlm munge openmpi-bin libopenmpi-dev shellcheck iproute2)
 
 missing=()
 for pkg in "${PACKAGES[@]}"; do

@@ -11,4 +11,5 @@ from hcx_megatron.config.args import (  # noqa: F401
     parse_config,
     validate_config,
 )
+from hcx_megatron.config.frozen import FrozenConfigError, freeze  # noqa: F401
 from hcx_megatron.config.model import PRESETS, ModelConfig, get_preset  # noqa: F401

@@ -1,6 +1,9 @@
 """Command-line flags (Megatron-LM names) -> typed configs, validated before any process group exists.
 
-Drivers (pretrain, SFT, reward, PPO) share this parser and add their own flags through `extra_args`.
+Drivers (pretrain, SFT, reward, PPO) share this parser and add their own flags through `extra_args`. Each
+driver's `main`: parse -> resolve (what the flags leave open, e.g. a checkpoint's model shape) -> validate once
+-> `freeze` (hcx_megatron/config/frozen.py) -> run. Parsing reads only argv: the world size is an input (drivers
+pass the launcher's, hcx_megatron.distributed.env.world_size_from_env).
 """
 
 from __future__ import annotations
@@ -10,17 +13,14 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
+from hcx_megatron.config.frozen import Freezable
+from hcx_megatron.config.errors import ConfigError
+from hcx_megatron.config.layout_rules import layout_errors, virtual_stages_from_layers_per_stage
 from hcx_megatron.config.model import ModelConfig, get_preset, load_model_yaml
-from hcx_megatron.config.sequence import sequence_multiple_for
-from hcx_megatron.distributed.env import world_size_from_env
-
-
-class ConfigError(ValueError):
-    """A bad flag combination; the message names the flags involved."""
 
 
 @dataclass
-class ParallelConfig:
+class ParallelConfig(Freezable):
     tensor_model_parallel_size: int = 1
     pipeline_model_parallel_size: int = 1
     virtual_pipeline_model_parallel_size: int | None = None
@@ -29,10 +29,26 @@ class ParallelConfig:
     use_distributed_optimizer: bool = False
     overlap_grad_reduce: bool = False
     overlap_param_gather: bool = False
+    # Uneven pipeline stages (Megatron-LM flags; megatron-core TransformerConfig num_layers_in_first/last_
+    # pipeline_stage, account_for_embedding/loss_in_pipeline_split). The split: config/layout_rules.py.
+    decoder_first_pipeline_num_layers: int | None = None
+    decoder_last_pipeline_num_layers: int | None = None
+    account_for_embedding_in_pipeline_split: bool = False
+    account_for_loss_in_pipeline_split: bool = False
+    # Megatron-FSDP (megatron.core.distributed.fsdp) instead of megatron DDP: parameters, gradients and optimizer
+    # state sharded over data parallelism as --data-parallel-sharding-strategy says.
+    use_megatron_fsdp: bool = False
+    data_parallel_sharding_strategy: str = "no_shard"
+
+    @property
+    def distributed_optimizer(self) -> bool:
+        """megatron-core's DistributedOptimizer: --use-distributed-optimizer, and always under Megatron-FSDP (its
+        optimizer over FSDP's sharded buffers)."""
+        return self.use_distributed_optimizer or self.use_megatron_fsdp
 
 
 @dataclass
-class TrainingConfig:
+class TrainingConfig(Freezable):
     micro_batch_size: int = 1
     global_batch_size: int = 8
     train_iters: int = 10
@@ -62,7 +78,7 @@ class TrainingConfig:
 
 
 @dataclass
-class DataConfig:
+class DataConfig(Freezable):
     data_path: list[str] = field(default_factory=list)
     valid_data_path: list[str] = field(default_factory=list)
     split: str = "969,30,1"
@@ -81,18 +97,21 @@ class DataConfig:
 
 
 @dataclass
-class CheckpointConfig:
+class CheckpointConfig(Freezable):
     save: str | None = None
     load: str | None = None
     save_interval: int | None = None
-    finetune: bool = False  # load weights only; fresh optimizer, scheduler and iteration
+    finetune: bool = False  # load --load's weights only; fresh optimizer, scheduler and iteration
+    # Weights only, used only when --load holds no checkpoint (so a requeued job resumes its own run). RM/PPO:
+    # --sft-checkpoint is the same flag. The rule: hcx_megatron.training.loop.start_of_run.
+    pretrained_checkpoint: str | None = None
     no_load_optim: bool = False
     no_load_rng: bool = False
     no_save_optim: bool = False
 
 
 @dataclass
-class LoggingConfig:
+class LoggingConfig(Freezable):
     log_interval: int = 1
     tensorboard_dir: str | None = None
     metrics_jsonl: str | None = None
@@ -101,7 +120,7 @@ class LoggingConfig:
 
 
 @dataclass
-class RuntimeConfig:
+class RuntimeConfig(Freezable):
     device: str = "auto"  # "auto" | "cpu" | "cuda"
     transformer_impl: str = "auto"  # "auto" | "transformer_engine" | "local"
     fp8_format: str | None = None  # None | "e4m3" | "hybrid"
@@ -112,7 +131,7 @@ class RuntimeConfig:
 
 
 @dataclass
-class Config:
+class Config(Freezable):
     model: ModelConfig
     parallel: ParallelConfig
     training: TrainingConfig
@@ -175,12 +194,27 @@ def build_parser(description: str = "hcx_megatron training") -> argparse.Argumen
     g.add_argument("--tensor-model-parallel-size", type=int, default=1)
     g.add_argument("--pipeline-model-parallel-size", type=int, default=1)
     g.add_argument("--num-layers-per-virtual-pipeline-stage", type=int, default=None)
-    g.add_argument("--virtual-pipeline-model-parallel-size", type=int, default=None)
+    g.add_argument("--virtual-pipeline-model-parallel-size", "--num-virtual-stages-per-pipeline-rank",
+                   dest="virtual_pipeline_model_parallel_size", type=int, default=None,
+                   help="virtual stages (model chunks) per pipeline rank: the interleaved 1F1B schedule")
+    g.add_argument("--decoder-first-pipeline-num-layers", type=int, default=None,
+                   help="transformer layers on the first pipeline stage (default: an even split)")
+    g.add_argument("--decoder-last-pipeline-num-layers", type=int, default=None,
+                   help="transformer layers on the last pipeline stage (default: an even split)")
+    g.add_argument("--account-for-embedding-in-pipeline-split", action="store_true",
+                   help="count the embedding as one layer of the first stage when splitting layers")
+    g.add_argument("--account-for-loss-in-pipeline-split", action="store_true",
+                   help="count the output layer + loss as one layer of the last stage when splitting layers")
     g.add_argument("--context-parallel-size", type=int, default=1)
     g.add_argument("--sequence-parallel", action="store_true")
     g.add_argument("--use-distributed-optimizer", action="store_true")
     g.add_argument("--overlap-grad-reduce", action="store_true")
     g.add_argument("--overlap-param-gather", action="store_true")
+    g.add_argument("--use-megatron-fsdp", action="store_true",
+                   help="data parallelism with Megatron-FSDP (megatron.core.distributed.fsdp) instead of DDP")
+    g.add_argument("--data-parallel-sharding-strategy", default="no_shard",
+                   choices=["no_shard", "optim", "optim_grads", "optim_grads_params"],
+                   help="with --use-megatron-fsdp: what is sharded over DP (optim_grads_params: ZeRO-3)")
 
     g = p.add_argument_group("training")
     g.add_argument("--micro-batch-size", type=int, default=1)
@@ -235,7 +269,9 @@ def build_parser(description: str = "hcx_megatron training") -> argparse.Argumen
     g.add_argument("--save", default=None)
     g.add_argument("--load", default=None)
     g.add_argument("--save-interval", type=int, default=None)
-    g.add_argument("--finetune", action="store_true")
+    g.add_argument("--finetune", action="store_true", help="load only the weights of --load; start at iteration 0")
+    g.add_argument("--pretrained-checkpoint", default=None,
+                   help="start from this checkpoint's weights when --load holds no checkpoint (Megatron-LM's flag)")
     g.add_argument("--no-load-optim", action="store_true")
     g.add_argument("--no-load-rng", action="store_true")
     g.add_argument("--no-save-optim", action="store_true")
@@ -270,16 +306,24 @@ def _model_from_args(a: argparse.Namespace) -> ModelConfig:
     return dataclasses.replace(model, **overrides)
 
 
-def config_from_args(a: argparse.Namespace, world_size: int | None = None) -> Config:
+def explicit_model_flags(a: argparse.Namespace) -> dict[str, tuple[str, object]]:
+    """The model-shape flags given on the command line: {flag: (ModelConfig field, value)}."""
+    out = {"--" + d.replace("_", "-"): (f, getattr(a, d)) for d, f in _MODEL_FLAGS.items() if getattr(a, d) is not None}
+    if a.untie is not None:
+        flag = "--untie-embeddings-and-output-weights" if a.untie else "--tie-embeddings-and-output-weights"
+        out[flag] = ("untie_embeddings_and_output_weights", a.untie)
+    return out
+
+
+def config_from_args(a: argparse.Namespace, world_size: int = 1) -> Config:
     model = _model_from_args(a)
     vpp = a.virtual_pipeline_model_parallel_size
     if a.num_layers_per_virtual_pipeline_stage is not None:
-        per_stage = model.num_layers // a.pipeline_model_parallel_size
-        if per_stage % a.num_layers_per_virtual_pipeline_stage:
-            raise ConfigError(
-                f"--num-layers-per-virtual-pipeline-stage {a.num_layers_per_virtual_pipeline_stage} does not divide "
-                f"the {per_stage} layers of each pipeline stage")
-        vpp = per_stage // a.num_layers_per_virtual_pipeline_stage
+        vpp = virtual_stages_from_layers_per_stage(
+            model.num_layers, a.pipeline_model_parallel_size, a.num_layers_per_virtual_pipeline_stage,
+            uneven=a.decoder_first_pipeline_num_layers is not None or a.decoder_last_pipeline_num_layers is not None,
+            account_for_embedding=a.account_for_embedding_in_pipeline_split,
+            account_for_loss=a.account_for_loss_in_pipeline_split)
     cfg = Config(
         model=model,
         parallel=ParallelConfig(
@@ -291,6 +335,12 @@ def config_from_args(a: argparse.Namespace, world_size: int | None = None) -> Co
             use_distributed_optimizer=a.use_distributed_optimizer,
             overlap_grad_reduce=a.overlap_grad_reduce,
             overlap_param_gather=a.overlap_param_gather,
+            decoder_first_pipeline_num_layers=a.decoder_first_pipeline_num_layers,
+            decoder_last_pipeline_num_layers=a.decoder_last_pipeline_num_layers,
+            account_for_embedding_in_pipeline_split=a.account_for_embedding_in_pipeline_split,
+            account_for_loss_in_pipeline_split=a.account_for_loss_in_pipeline_split,
+            use_megatron_fsdp=a.use_megatron_fsdp,
+            data_parallel_sharding_strategy=a.data_parallel_sharding_strategy,
         ),
         training=TrainingConfig(**{f.name: getattr(a, f.name) for f in dataclasses.fields(TrainingConfig)
                                    if hasattr(a, f.name)}),
@@ -304,7 +354,7 @@ def config_from_args(a: argparse.Namespace, world_size: int | None = None) -> Co
             fp8_recipe=a.fp8_recipe,
             fp8_amax_history_len=a.fp8_amax_history_len,
             distributed_timeout_minutes=a.distributed_timeout_minutes,
-            world_size=world_size if world_size is not None else world_size_from_env(),
+            world_size=world_size,
         ),
     )
     return cfg
@@ -326,66 +376,51 @@ def validate_config(cfg: Config, check_installed: bool = True) -> None:
     tp, pp, cp, vpp = (p.tensor_model_parallel_size, p.pipeline_model_parallel_size,
                        p.context_parallel_size, p.virtual_pipeline_model_parallel_size)
     ws = cfg.runtime.world_size
-    for name, v in (("--tensor-model-parallel-size", tp), ("--pipeline-model-parallel-size", pp),
-                    ("--context-parallel-size", cp), ("--micro-batch-size", t.micro_batch_size),
-                    ("--global-batch-size", t.global_batch_size), ("--train-iters", t.train_iters),
-                    ("--seq-length", t.seq_length)):
+    for name, v in (("--train-iters", t.train_iters), ("--seq-length", t.seq_length)):
         if v < 1:
             raise ConfigError(f"{name} must be >= 1, got {v}")
-    if ws % (tp * pp * cp):
-        raise ConfigError(
-            f"world size {ws} is not divisible by --tensor-model-parallel-size ({tp}) x "
-            f"--pipeline-model-parallel-size ({pp}) x --context-parallel-size ({cp}) = {tp * pp * cp}")
-    if m.num_attention_heads % tp:
-        raise ConfigError(
-            f"--num-attention-heads ({m.num_attention_heads}) must be divisible by "
-            f"--tensor-model-parallel-size ({tp})")
-    if m.num_query_groups % tp:
-        raise ConfigError(
-            f"--num-query-groups ({m.num_query_groups}) must be divisible by --tensor-model-parallel-size ({tp})")
-    if m.num_attention_heads % m.num_query_groups:
-        raise ConfigError(
-            f"--num-attention-heads ({m.num_attention_heads}) must be divisible by "
-            f"--num-query-groups ({m.num_query_groups})")
-    if m.kv_channels is None and m.hidden_size % m.num_attention_heads:
-        raise ConfigError(
-            f"--hidden-size ({m.hidden_size}) must be divisible by --num-attention-heads ({m.num_attention_heads}) "
-            "unless --kv-channels is given")
-    if vpp is not None:
-        if pp < 2:
-            raise ConfigError("--virtual-pipeline-model-parallel-size needs --pipeline-model-parallel-size >= 2")
-        if m.num_layers % (pp * vpp):
-            raise ConfigError(
-                f"--num-layers ({m.num_layers}) must be divisible by --pipeline-model-parallel-size ({pp}) x "
-                f"--virtual-pipeline-model-parallel-size ({vpp}) = {pp * vpp}")
-    elif m.num_layers % pp:
-        raise ConfigError(
-            f"--num-layers ({m.num_layers}) must be divisible by --pipeline-model-parallel-size ({pp})")
-    dp = ws // (tp * pp * cp)
-    if t.global_batch_size % (t.micro_batch_size * dp):
-        raise ConfigError(
-            f"--global-batch-size ({t.global_batch_size}) must be divisible by --micro-batch-size "
-            f"({t.micro_batch_size}) x data-parallel size ({dp}) = {t.micro_batch_size * dp}")
-    seq_multiple = sequence_multiple_for(cfg)  # the one padding rule (config/sequence.py); pretraining can't pad
-    for name, seq in (("--seq-length", t.seq_length), ("--long-context-seq-length", t.long_context_seq_length)):
-        if seq is None:
-            continue
-        if seq > m.max_position_embeddings:
-            raise ConfigError(f"{name} ({seq}) exceeds --max-position-embeddings ({m.max_position_embeddings})")
-        if seq % seq_multiple:
-            sp = "on" if p.sequence_parallel else "off"
-            raise ConfigError(
-                f"{name} ({seq}) must be a multiple of {seq_multiple}, the sequence multiple of this layout: "
-                f"--tensor-model-parallel-size ({tp}) with --sequence-parallel ({sp}), "
-                f"--context-parallel-size ({cp}), --fp8-format ({cfg.runtime.fp8_format or 'off'})")
+    # The layout rules (divisibility, pipeline split, batch, sequence multiples): one module shared with the perf
+    # model and PPO placement.
+    errors = layout_errors(
+        m, world_size=ws, tp=tp, pp=pp, cp=cp, vpp=vpp,
+        first_stage_layers=p.decoder_first_pipeline_num_layers, last_stage_layers=p.decoder_last_pipeline_num_layers,
+        account_for_embedding=p.account_for_embedding_in_pipeline_split,
+        account_for_loss=p.account_for_loss_in_pipeline_split,
+        micro_batch_size=t.micro_batch_size, global_batch_size=t.global_batch_size,
+        seq_lengths={"--seq-length": t.seq_length, "--long-context-seq-length": t.long_context_seq_length},
+        sequence_parallel=p.sequence_parallel, fp8=bool(cfg.runtime.fp8_format), use_megatron_fsdp=p.use_megatron_fsdp)
+    if errors:
+        raise ConfigError("; ".join(errors))
+    if p.data_parallel_sharding_strategy != "no_shard" and not p.use_megatron_fsdp:
+        raise ConfigError("--data-parallel-sharding-strategy needs --use-megatron-fsdp")
+    if p.use_megatron_fsdp:
+        if tp > 1:
+            # megatron-core 0.16.1's adapter tests isinstance(module, TELinear) for TP > 1 (mcore_fsdp_adapter.py:184),
+            # a TypeError when Transformer Engine does not import (TELinear is None), whatever the layer spec.
+            from hcx_megatron.model.spec import transformer_engine_import_error
+
+            reason = ("CPU mode has no Transformer Engine" if resolve_device(cfg.runtime.device) == "cpu" else
+                      transformer_engine_import_error() if check_installed else None)
+            if reason:
+                raise ConfigError(f"--use-megatron-fsdp with --tensor-model-parallel-size {tp} needs Transformer "
+                                  f"Engine ({reason}): megatron-core 0.16.1's Megatron-FSDP adapter checks for TE "
+                                  "linear layers when TP > 1; use TP 1 or a GPU node with TE")
+        ckpt = cfg.checkpoint
+        given = [f for f, v in (("--save", ckpt.save), ("--load", ckpt.load),
+                                ("--pretrained-checkpoint", getattr(ckpt, "pretrained_checkpoint", None))) if v]
+        if given:
+            # megatron-core 0.16.1 checkpoints Megatron-FSDP only in Megatron-LM's fsdp_dtensor format; its
+            # torch_dist sharded_state_dict (ours) fails on the FSDP-sharded weights (transformer/mlp.py:289,
+            # apply_swiglu_sharded_factory: ZeroDivisionError) and its optimizer refuses fully_reshardable.
+            raise ConfigError(f"--use-megatron-fsdp cannot be combined with {', '.join(given)}: checkpoints of "
+                              "Megatron-FSDP models need the fsdp_dtensor format, which hcx_megatron does not "
+                              "write yet; use --use-distributed-optimizer without --use-megatron-fsdp")
     if not 0.0 < t.long_context_start_fraction < 1.0:
         raise ConfigError("--long-context-start-fraction must be in (0, 1)")
     if t.recompute_granularity == "full" and t.recompute_method is None:
         raise ConfigError("--recompute-granularity full needs --recompute-method uniform|block")
     if t.recompute_method is not None and t.recompute_granularity != "full":
         raise ConfigError("--recompute-method only applies with --recompute-granularity full")
-    if not (d.mock_data or d.data_path):
-        raise ConfigError("give --data-path PREFIX [...] or --mock-data")
     if d.data_path and not d.tokenizer_model:
         raise ConfigError("--data-path needs --tokenizer-model (the tokenizer the data was preprocessed with)")
     if not 0.0 <= d.fim_rate <= 1.0 or not 0.0 <= d.fim_spm_rate <= 1.0:
@@ -396,6 +431,9 @@ def validate_config(cfg: Config, check_installed: bool = True) -> None:
         raise ConfigError("--save-interval must be >= 1")
     if cfg.checkpoint.save_interval and not cfg.checkpoint.save:
         raise ConfigError("--save-interval needs --save DIR")
+    if cfg.checkpoint.finetune and cfg.checkpoint.pretrained_checkpoint:
+        raise ConfigError("--finetune (weights of --load) and --pretrained-checkpoint are two starts from another "
+                          "run's weights: give one (--pretrained-checkpoint also lets a requeued job resume --load)")
 
     device = resolve_device(cfg.runtime.device)
     if device == "cpu":
@@ -411,7 +449,7 @@ def validate_config(cfg: Config, check_installed: bool = True) -> None:
         if v < low:
             raise ConfigError(f"{name} must be >= {low}, got {v}")
     if d.dataloader == "dali" and check_installed:
-        from hcx_megatron.data.loaders import dali_import_error
+        from hcx_megatron.data.dali_probe import dali_import_error
 
         error = dali_import_error()
         if error is not None:
@@ -434,11 +472,16 @@ def parse_config(
     argv: Sequence[str] | None = None,
     extra_args: Callable[[argparse.ArgumentParser], None] | None = None,
     description: str = "hcx_megatron training",
-    world_size: int | None = None,
+    world_size: int = 1,
     validate: bool = True,
+    extra_checks: Callable[[Config], None] | None = None,
 ) -> tuple[Config, argparse.Namespace]:
-    """Parse and validate. Returns the typed config and the raw namespace (for driver-specific flags).
-    validate=False: the caller validates (PPO validates each rank partition's config once it has sized them)."""
+    """Parse and validate. Returns the typed config (not yet frozen: the driver resolves, then freezes) and the
+    raw namespace (for driver-specific flags). world_size: the launcher's, which drivers read with
+    hcx_megatron.distributed.env.world_size_from_env (1: one process, as tools and tests parse).
+    validate=False: the caller validates (PPO validates each rank partition's config once it has sized them).
+    extra_checks: the driver's own checks (e.g. pretraining's data flags), run after validate_config; a
+    ConfigError they raise is reported like the parser's own errors."""
     parser = build_parser(description)
     if extra_args is not None:
         extra_args(parser)
@@ -447,6 +490,8 @@ def parse_config(
         cfg = config_from_args(a, world_size)
         if validate:
             validate_config(cfg)
+            if extra_checks is not None:
+                extra_checks(cfg)
     except ConfigError as exc:
         parser.error(str(exc))
     return cfg, a

@@ -15,9 +15,11 @@ from typing import Any
 
 import yaml
 
+from hcx_megatron.config.frozen import Freezable
+
 
 @dataclass
-class ModelConfig:
+class ModelConfig(Freezable):
     """Shape of an HCX decoder. Every field maps onto megatron-core's TransformerConfig/GPTModel."""
 
     name: str = "custom"

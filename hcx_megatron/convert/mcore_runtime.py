@@ -34,7 +34,7 @@ def cpu_config(model: ModelConfig, tp: int = 1, pp: int = 1, world_size: int | N
     world = world_size or tp * pp
     seq = min(128, model.max_position_embeddings)
     dp = world // (tp * pp) if world % (tp * pp) == 0 else 1
-    argv = ["--mock-data", "--device", "cpu", "--transformer-impl", "local",
+    argv = ["--device", "cpu", "--transformer-impl", "local",
             "--tensor-model-parallel-size", str(tp), "--pipeline-model-parallel-size", str(pp),
             "--micro-batch-size", "1", "--global-batch-size", str(max(1, dp)), "--seq-length", str(seq),
             "--seed", str(seed)] + (["--bf16"] if bf16 else [])

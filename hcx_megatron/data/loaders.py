@@ -18,6 +18,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from hcx_megatron.data.dali_probe import dali_import_error
 from hcx_megatron.data.gpt_datasets import collate, microbatch_indices
 
 
@@ -136,16 +137,6 @@ class _DaliSampleSource:
             raise StopIteration
         sample = self.stream.sample(self.stream.sample_indices(k)[position])
         return tuple(torch.as_tensor(sample[key]).contiguous().numpy() for key in self.keys)
-
-
-def dali_import_error() -> str | None:
-    """None when NVIDIA DALI imports, otherwise the import error's text."""
-    try:
-        import nvidia.dali  # noqa: F401
-        import nvidia.dali.plugin.pytorch  # noqa: F401
-    except Exception as exc:  # noqa: BLE001 - any failure (missing wheel, missing CUDA libs) means unusable
-        return f"{type(exc).__name__}: {exc}"
-    return None
 
 
 class DaliStepLoader(_StepLoader):

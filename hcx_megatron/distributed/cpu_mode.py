@@ -15,6 +15,9 @@ redirects exactly those touch points to the CPU:
               CudaRNGStatesTracker forks/restores the CPU generator exactly as it would the CUDA one
   type names  Tensor.type() with no argument reports CPU float types under their CUDA names
               ("torch.cuda.FloatTensor"), which is what the optimizers' dtype checks compare against
+  ordinal     `cuda_ordinal()`: a context in which torch.cuda.current_device() is the int 0, as on CUDA, for
+              code that formats it into a device string (Megatron-FSDP's constructor compares its device with
+              torch.device(f"cuda:{torch.cuda.current_device()}")); the model builder wraps only that call in it
 
 It is only ever activated when the run's device is "cpu" (see `initialize_distributed`), is idempotent,
 and `deactivate()` undoes every patch (tests use it). Nothing else in the project patches torch or megatron.
@@ -219,6 +222,22 @@ def activate() -> None:
     _patch(mc_random, "_set_cuda_rng_state",
            lambda new_state, device=-1, graph_safe=False: torch.set_rng_state(new_state))
     _active = True
+
+
+@contextlib.contextmanager
+def cuda_ordinal():
+    """torch.cuda.current_device() returns the CUDA ordinal 0 inside (see the module docstring); factories and
+    Tensor.to still map that ordinal to the CPU. No-op when CPU mode is not active."""
+    if not _active:
+        yield
+        return
+    cuda = torch.cuda
+    current = cuda.current_device
+    cuda.current_device = lambda: 0
+    try:
+        yield
+    finally:
+        cuda.current_device = current
 
 
 def deactivate() -> None:

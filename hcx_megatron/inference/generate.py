@@ -48,9 +48,9 @@ from megatron.core import parallel_state as ps
 from megatron.core.tensor_parallel.mappings import gather_from_tensor_model_parallel_region
 
 from hcx_megatron.config.sequence import pad_length, sequence_multiple_of_model
-from hcx_megatron.inference.kv_generate import (decode_with_kv_cache, forward_only_collect, kv_cache_unsupported_reason,
-                                                sequence_parallel_off)
+from hcx_megatron.inference.kv_generate import decode_with_kv_cache, kv_cache_unsupported_reason, sequence_parallel_off
 from hcx_megatron.model.builder import unwrap
+from hcx_megatron.training.schedule import forward_only_collect
 from hcx_megatron.tokenizer.special_tokens import ENDOFTURN, PAD, SPECIAL_TOKEN_IDS
 
 ENDOFTURN_ID = SPECIAL_TOKEN_IDS[ENDOFTURN]

@@ -41,11 +41,10 @@ import contextlib
 from typing import Callable, Sequence
 
 import torch
-from megatron.core import parallel_state as ps
 from megatron.core.inference.contexts import StaticInferenceContext
-from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from hcx_megatron.model.builder import unwrap
+from hcx_megatron.training.schedule import forward_only_collect
 
 # Module attributes megatron-core reads at forward time to run sequence parallelism (the same set its
 # `megatron.core.transformer.utils.set_model_to_sequence_parallel` toggles for inference).
@@ -81,27 +80,6 @@ def sequence_parallel_off(chunks: Sequence[torch.nn.Module]):
     finally:
         for owner, attr in saved:
             setattr(owner, attr, True)
-
-
-def forward_only_collect(chunks: list, micro: list, forward_step, seq_length: int, micro_batch_size: int):
-    """Run `micro` through megatron-core's forward-only pipeline schedule (any PP, interleaved with several chunks;
-    each chunk reads every micro-batch) and return what forward_step's collect function returned per micro-batch,
-    on the last pipeline stage; None on the others."""
-    n_chunks = len(chunks)
-    iterators = [iter(micro) for _ in range(n_chunks)]
-    collected = get_forward_backward_func()(
-        forward_step_func=forward_step,
-        data_iterator=iterators if n_chunks > 1 else iterators[0],
-        model=chunks if n_chunks > 1 else chunks[0],
-        num_microbatches=len(micro),
-        seq_length=seq_length,
-        micro_batch_size=micro_batch_size,
-        forward_only=True,
-        collect_non_loss_data=True,
-    )
-    if not ps.is_pipeline_last_stage(ignore_virtual=True):
-        return None
-    return list(collected)
 
 
 def _step_logits(chunks: list, context: StaticInferenceContext, tokens: torch.Tensor, n_micro: int,
@@ -183,4 +161,4 @@ def decode_with_kv_cache(
         position += 1
 
 
-__all__ = ["decode_with_kv_cache", "forward_only_collect", "kv_cache_unsupported_reason", "sequence_parallel_off"]
+__all__ = ["decode_with_kv_cache", "kv_cache_unsupported_reason", "sequence_parallel_off"]

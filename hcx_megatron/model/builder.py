@@ -95,6 +95,11 @@ def transformer_config_from(cfg: Config, impl: str, device: str, main_grads: boo
         tensor_model_parallel_size=p.tensor_model_parallel_size,
         pipeline_model_parallel_size=p.pipeline_model_parallel_size,
         virtual_pipeline_model_parallel_size=p.virtual_pipeline_model_parallel_size,
+        # Uneven pipeline stages; validate_config checked them with config/layout_rules.py (megatron's own split).
+        num_layers_in_first_pipeline_stage=p.decoder_first_pipeline_num_layers,
+        num_layers_in_last_pipeline_stage=p.decoder_last_pipeline_num_layers,
+        account_for_embedding_in_pipeline_split=p.account_for_embedding_in_pipeline_split,
+        account_for_loss_in_pipeline_split=p.account_for_loss_in_pipeline_split,
         context_parallel_size=p.context_parallel_size,
         sequence_parallel=p.sequence_parallel and p.tensor_model_parallel_size > 1,
         params_dtype=dtype,
@@ -188,17 +193,32 @@ def build_model(cfg: Config, device: str, factory: ModelFactory | None = None, w
             grad_reduce_in_fp32=True,
             overlap_grad_reduce=cfg.parallel.overlap_grad_reduce,
             overlap_param_gather=cfg.parallel.overlap_param_gather,
-            use_distributed_optimizer=cfg.parallel.use_distributed_optimizer,
+            use_distributed_optimizer=cfg.parallel.distributed_optimizer,
             check_for_nan_in_grad=True,
             # average_in_collective keeps the sum-then-divide order identical across DP sizes.
             average_in_collective=False,
+            use_megatron_fsdp=cfg.parallel.use_megatron_fsdp,
+            data_parallel_sharding_strategy=cfg.parallel.data_parallel_sharding_strategy,
         )
-        chunks = [
-            DistributedDataParallel(config=tconfig, ddp_config=ddp_config, module=c, disable_bucketing=i > 0)
-            for i, c in enumerate(chunks)
-        ]
-        for c in chunks:
-            c.broadcast_params()  # DP replicas start identical (they already are; this is megatron's contract)
+        if cfg.parallel.use_megatron_fsdp:
+            # megatron-core's Megatron-FSDP adapter, wrapped per chunk as Megatron-LM's get_model does (its FSDP
+            # units: TransformerLayer with optim_grads_params, the whole chunk otherwise).
+            from megatron.core.distributed.fsdp import FullyShardedDataParallel
+
+            from hcx_megatron.distributed.cpu_mode import cuda_ordinal
+
+            where = torch.device("cuda", torch.cuda.current_device()) if device == "cuda" else torch.device("cpu")
+            with cuda_ordinal():  # CPU mode: its constructor formats the CUDA ordinal into a device string
+                chunks = [FullyShardedDataParallel(config=tconfig, ddp_config=ddp_config, module=c,
+                                                   disable_bucketing=i > 0, device=where)
+                          for i, c in enumerate(chunks)]
+            # (No broadcast_params() there: it fails on FSDP's DTensor parameters, torch having no sharding rule
+            # for c10d.broadcast_; Megatron-LM calls it only with --data-parallel-random-init.)
+        else:
+            chunks = [DistributedDataParallel(config=tconfig, ddp_config=ddp_config, module=c, disable_bucketing=i > 0)
+                      for i, c in enumerate(chunks)]
+            for c in chunks:
+                c.broadcast_params()  # DP replicas start identical (they already are; this is megatron's contract)
     return BuiltModel(chunks=chunks, config=tconfig, impl=impl)
 
 

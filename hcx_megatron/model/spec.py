@@ -6,7 +6,9 @@ The local spec keeps megatron-core's TransformerLayer/SelfAttention/MLP and only
   kernels on GPU, a fused kernel on CPU; `sdpa_call_plan` says which call each case gets), instead of megatron's
   DotProductAttention, which materialises the [b, n, s, s] score matrix;
 - norms -> `RMSNorm`, which marks its weight `sequence_parallel` so megatron's finalize_model_grads
-  all-reduces its gradient over the TP group (megatron's WrappedTorchNorm refuses sequence parallel).
+  all-reduces its gradient over the TP group (megatron's WrappedTorchNorm refuses sequence parallel);
+- self attention -> `RotatedKeyCacheSelfAttention`, megatron's SelfAttention whose static inference KV cache
+  holds keys with RoPE applied (KV-cached generation), identical outside inference.
 """
 
 from __future__ import annotations
@@ -18,7 +20,12 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
+from megatron.core.models.common.embeddings.rope_utils import apply_rotary_pos_emb
+from megatron.core.models.common.embeddings.yarn_rotary_pos_embedding import (
+    _yarn_get_concentration_factor_from_config,
+)
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+from megatron.core.transformer.attention import SelfAttention
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import ModuleSpec
@@ -162,11 +169,40 @@ class SDPAAttention(MegatronModule):
         return out.permute(2, 0, 1, 3).reshape(s, b, -1)
 
 
+class RotatedKeyCacheSelfAttention(SelfAttention):
+    """megatron-core's SelfAttention, except that its static-batching inference KV cache holds keys with RoPE applied.
+
+    megatron-core 0.16.1 caches keys before RoPE and, at every inference step, re-applies RoPE to the whole cache
+    (`Attention._adjust_key_value_for_inference` slices the key embedding to [:sequence_end]): per layer and decode
+    step, cos/sin and multiplies over every cached position, a cost that grows with the sequence (and with the batch)
+    and dominated long decodes here. Its pre-rotated alternative, flash-decode, needs flash_attn (its fallback
+    without it is wrong). So RoPE is applied here to the step's own queries and keys, at their positions, before
+    megatron stores them; megatron then sees no rotary embedding to apply. Same elementwise ops on the same values:
+    the attention inputs are bitwise those of megatron's path. Training and every other case are megatron's."""
+
+    def _adjust_key_value_for_inference(self, inference_context, query, key, value, rotary_pos_emb, *args, **kwargs):
+        if (inference_context is None or rotary_pos_emb is None or self.config.flash_decode
+                or not inference_context.is_static_batching()):
+            return super()._adjust_key_value_for_inference(inference_context, query, key, value, rotary_pos_emb,
+                                                           *args, **kwargs)
+        q_pos_emb, k_pos_emb = rotary_pos_emb  # [max_sequence_length, 1, 1, rotary dim] each
+        start = inference_context.sequence_len_offset
+        end = start + key.size(0)
+        rope = dict(config=self.config, mscale=_yarn_get_concentration_factor_from_config(self.config),
+                    cp_group=self.pg_collection.cp)
+        if q_pos_emb is not None:
+            query = apply_rotary_pos_emb(query, q_pos_emb[start:end], **rope)
+        if k_pos_emb is not None:
+            key = apply_rotary_pos_emb(key, k_pos_emb[start:end], **rope)
+        return super()._adjust_key_value_for_inference(inference_context, query, key, value, None, *args, **kwargs)
+
+
 def local_layer_spec() -> ModuleSpec:
     spec = get_gpt_layer_local_spec(normalization="RMSNorm")
     sub = spec.submodules
     sub.input_layernorm = RMSNorm
     sub.pre_mlp_layernorm = RMSNorm
+    sub.self_attention.module = RotatedKeyCacheSelfAttention
     sub.self_attention.submodules.core_attention = SDPAAttention
     return spec
 

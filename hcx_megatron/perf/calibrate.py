@@ -26,6 +26,10 @@ BOUNDS: dict[str, tuple[float, float, bool]] = {
     "nvlink_efficiency": (0.02, 1.0, True),
     "internode_efficiency": (0.02, 1.0, True),
     "step_overhead_s": (1e-6, 1e3, False),  # often 0 in the file: no pull toward it
+    "fp8_speedup": (1.0, 2.0, True),
+    "attention_efficiency": (0.05, 1.0, True),
+    "attention_half_length": (1.0, 1e5, True),
+    "elementwise_passes": (0.1, 400.0, True),
 }
 DEFAULT_FIT = ("matmul_efficiency", "matmul_half_width", "nvlink_efficiency", "internode_efficiency")
 

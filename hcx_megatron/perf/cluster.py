@@ -28,7 +28,20 @@ class PerfParams:
     nvlink_efficiency: float = 0.8  # achieved NCCL bus bandwidth / nominal, intra-node
     internode_efficiency: float = 0.8  # achieved / nominal, across nodes
     step_overhead_s: float = 0.0  # fixed per-step cost (optimizer launch, data, logging, Python)
-    activation_memory_factor: float = 1.0  # multiplies the analytical activation bytes (allocator slack)
+    activation_memory_factor: float = 1.0  # multiplies the analytical activation bytes
+    # achieved FP8 GEMM rate / achieved BF16 GEMM rate for the same shapes (nominal 2 on Hopper)
+    fp8_speedup: float = 1.6
+    # fused (flash) attention's achieved fraction of the bf16 peak; 0 = run it at the GEMM rate
+    attention_efficiency: float = 0.0
+    # block length (tokens, per kernel call: s/CP) at which flash attention runs at half its long-sequence rate;
+    # 0 = no length dependence
+    attention_half_length: float = 0.0
+    # memory-bound element-wise traffic per token and layer, fwd + bwd, in units of e·(h + f)/TP bytes
+    # (norms, residual adds, RoPE, SwiGLU); 0 = folded into matmul_efficiency (the pre-FP8 model)
+    elementwise_passes: float = 0.0
+    # 1: a group with k members per node drives k NICs at once (NCCL rings per rail, DGX H100 / NCCL >= 2.12);
+    # 0: one NIC per group (what Narayanan et al.'s 2021 Selene numbers fit)
+    multi_rail: float = 0.0
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -40,14 +53,18 @@ class ClusterConfig:
     gpu: str = "H100-SXM5-80GB"
     gpus_per_node: int = 8
     peak_tflops: float = 989.0  # dense bf16 tensor-core peak per GPU
-    hbm_gib: float = 80.0
+    fp8_peak_tflops: float = 1979.0  # dense FP8 peak (the MFU denominator of fp8 runs)
+    hbm_gib: float = 79.6  # H100 SXM5 "80 GB": 81,559 MiB as nvidia-smi reports it
     hbm_bandwidth_gbps: float = 3350.0
     nvlink_bandwidth_gbps: float = 450.0  # NVLink 4: 900 GB/s bidirectional = 450 per direction
     internode_bandwidth_gbps: float = 50.0  # one 400 Gb/s NDR InfiniBand NIC per GPU
     intra_node_latency_us: float = 10.0
     inter_node_latency_us: float = 20.0
-    memory_overhead_gib: float = 6.0  # CUDA context, NCCL buffers, allocator fragmentation, workspace
-    usable_memory_fraction: float = 0.95  # plan to at most this share of HBM
+    # fixed: CUDA context + kernels (~0.6), NCCL communicators and buffers (~1), cuBLAS/TE workspaces and
+    # userbuffers (~1), the rest of the model's temporaries (~0.4)
+    memory_overhead_gib: float = 3.0
+    allocator_fragmentation: float = 0.05  # caching-allocator slack, as a fraction of the activation bytes
+    usable_memory_fraction: float = 1.0  # plan to at most this share of HBM (the overheads above are explicit)
     perf: PerfParams = dataclasses.field(default_factory=PerfParams)
 
     def to_dict(self) -> dict:
@@ -57,9 +74,20 @@ class ClusterConfig:
         return dataclasses.replace(self, perf=dataclasses.replace(self.perf, **changes))
 
 
+# The H100 knobs (examples/clusters/h100.yaml holds the same): matmul_efficiency and attention_efficiency
+# fitted to the "fit" rows of published_h100.yaml (python -m hcx_megatron.perf.published --refit); the rest
+# are stated priors: fp8_speedup 1.5 (the published rows are all FP8, so only the product
+# matmul_efficiency x fp8_speedup is identified), attention_half_length 512 tokens, elementwise_passes 20, the
+# link efficiencies; multi_rail 1 (DGX H100: one NIC per GPU, NCCL rings per rail).
+H100_PERF = PerfParams(matmul_efficiency=0.741, matmul_half_width=256.0, nvlink_efficiency=0.8,
+                       internode_efficiency=0.8, step_overhead_s=0.0, activation_memory_factor=1.0,
+                       fp8_speedup=1.5, attention_efficiency=0.379, attention_half_length=512.0,
+                       elementwise_passes=20.0, multi_rail=1.0)
+
+
 def default_cluster() -> ClusterConfig:
     """DGX H100: 8 x H100 SXM 80 GB, NVLink 4 / NVSwitch, 8 x 400 Gb/s NDR per node."""
-    return ClusterConfig()
+    return ClusterConfig(perf=dataclasses.replace(H100_PERF))
 
 
 def cluster_from_dict(data: dict, source: str = "<dict>") -> ClusterConfig:
@@ -101,4 +129,5 @@ def save_cluster(cfg: ClusterConfig, path: str | Path) -> None:
         yaml.safe_dump(cfg.to_dict(), f, sort_keys=False)
 
 
-__all__ = ["PerfParams", "ClusterConfig", "default_cluster", "cluster_from_dict", "load_cluster", "save_cluster"]
+__all__ = ["PerfParams", "ClusterConfig", "H100_PERF", "default_cluster", "cluster_from_dict", "load_cluster",
+           "save_cluster"]

@@ -1,7 +1,7 @@
 """A parallel layout (TP, PP, VPP, CP, DP, micro-batch, recompute) and the workload it runs.
 
-`Layout.check(workload)` applies the same divisibility rules as the driver's validate_config
-(hcx_megatron/config/args.py) so that the planner never proposes a layout the driver rejects.
+`Layout.check(workload)` applies the driver's own layout rules (hcx_megatron/config/layout_rules.py, which
+validate_config uses too) so that the planner never proposes a layout the driver rejects.
 """
 
 from __future__ import annotations
@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
+from hcx_megatron.config.layout_rules import layout_errors
 from hcx_megatron.config.model import ModelConfig
 
 
@@ -19,10 +20,28 @@ class Workload:
     model: ModelConfig
     seq_length: int
     global_batch_size: int
-    precision: str = "bf16"  # "bf16" (mixed precision, fp32 main params/grads) | "fp32"
+    # "bf16" (mixed precision, fp32 main params) | "fp32" | "fp8" (bf16 mixed precision with Transformer
+    # Engine FP8 linear layers, Megatron-LM --fp8-format hybrid; see fp8_recipe)
+    precision: str = "bf16"
     flash_attention: bool = True  # fused attention: no s x s score matrix is kept for backward
     hidden_dropout: float = 0.0  # HCX-style pretraining runs without dropout; >0 adds 1-byte masks
     attention_dropout: float = 0.0
+    # Megatron-LM --fp8-recipe: "delayed" (amax history, scale from earlier steps) or "tensorwise"
+    # (current scaling: an extra amax pass over every FP8 GEMM input before its cast)
+    fp8_recipe: str = "delayed"
+    # Megatron-LM --transformer-impl: "transformer_engine" (fused norm+linear, fused SwiGLU/RoPE, flash
+    # attention) or "local" (megatron-core local spec: unfused torch ops that keep their intermediates)
+    transformer_impl: str = "transformer_engine"
+
+    def __post_init__(self):
+        for name, allowed in (("precision", ("bf16", "fp32", "fp8")), ("fp8_recipe", ("delayed", "tensorwise")),
+                              ("transformer_impl", ("transformer_engine", "local"))):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
+
+    @property
+    def fp8(self) -> bool:
+        return self.precision == "fp8"
 
     @property
     def tokens_per_step(self) -> int:
@@ -47,6 +66,19 @@ class Layout:
     use_distributed_optimizer: bool = True
     overlap_grad_reduce: bool = True
     overlap_param_gather: bool = True
+    # Megatron-FSDP (--use-megatron-fsdp, optim_grads_params): weights, gradients and optimizer state all
+    # sharded over DP x CP; each layer's weights all-gathered before its forward and backward
+    use_megatron_fsdp: bool = False
+    grad_reduce_in_fp32: bool = True  # Megatron-LM bf16 default; NVIDIA's benchmark recipes reduce in bf16
+    ddp_bucket_size: int | None = None  # --ddp-bucket-size (params); None: max(40M, 1M x DP)
+    tp_comm_overlap: bool = False  # --tp-comm-overlap (TE userbuffers: TP collectives overlapped with GEMMs)
+    overlap_p2p_comm: bool = True  # Megatron-LM default; only the interleaved schedule overlaps its p2p
+    # uneven pipeline stages (megatron-core TransformerConfig names; Megatron-LM
+    # --decoder-first/last-pipeline-num-layers, --account-for-embedding/loss-in-pipeline-split)
+    num_layers_in_first_pipeline_stage: int | None = None
+    num_layers_in_last_pipeline_stage: int | None = None
+    account_for_embedding_in_pipeline_split: bool = False
+    account_for_loss_in_pipeline_split: bool = False
 
     @property
     def world_size(self) -> int:
@@ -94,7 +126,32 @@ class Layout:
             f.append("--overlap-grad-reduce")
         if self.overlap_param_gather:
             f.append("--overlap-param-gather")
+        if self.use_megatron_fsdp:
+            f.append("--use-megatron-fsdp")
+        if self.ddp_bucket_size:
+            f += ["--ddp-bucket-size", str(self.ddp_bucket_size)]
+        if self.tp_comm_overlap:
+            f.append("--tp-comm-overlap")
+        if self.num_layers_in_first_pipeline_stage is not None:
+            f += ["--decoder-first-pipeline-num-layers", str(self.num_layers_in_first_pipeline_stage)]
+        if self.num_layers_in_last_pipeline_stage is not None:
+            f += ["--decoder-last-pipeline-num-layers", str(self.num_layers_in_last_pipeline_stage)]
+        if self.account_for_embedding_in_pipeline_split:
+            f.append("--account-for-embedding-in-pipeline-split")
+        if self.account_for_loss_in_pipeline_split:
+            f.append("--account-for-loss-in-pipeline-split")
         return f
+
+    def stage_layers(self, num_layers: int) -> list[list[int]]:
+        """Transformer layers on each [pp_rank][virtual chunk], as megatron-core builds them (uneven
+        first/last stages included; the one rule lives in config/layout_rules.py)."""
+        from hcx_megatron.config.layout_rules import pipeline_layer_split
+
+        return pipeline_layer_split(num_layers, self.pp, self.vpp,
+                                    first_stage_layers=self.num_layers_in_first_pipeline_stage,
+                                    last_stage_layers=self.num_layers_in_last_pipeline_stage,
+                                    account_for_embedding=self.account_for_embedding_in_pipeline_split,
+                                    account_for_loss=self.account_for_loss_in_pipeline_split)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -110,54 +167,39 @@ class Layout:
     def check(self, w: Workload) -> list[str]:
         """Reasons this layout cannot run the workload (empty when it can)."""
         m = w.model
-        bad = []
-        for name in ("tp", "pp", "dp", "cp", "micro_batch_size"):
-            if getattr(self, name) < 1:
-                bad.append(f"{name} must be >= 1")
-        if bad:
-            return bad
-        if m.num_attention_heads % self.tp:
-            bad.append(f"num_attention_heads {m.num_attention_heads} not divisible by TP {self.tp}")
-        if m.num_query_groups % self.tp:
-            bad.append(f"num_query_groups {m.num_query_groups} not divisible by TP {self.tp}")
-        if m.ffn_hidden_size % self.tp:
-            bad.append(f"ffn_hidden_size {m.ffn_hidden_size} not divisible by TP {self.tp}")
-        if self.vpp is not None:
-            if self.pp < 2:
-                bad.append("VPP needs PP >= 2")
-            elif m.num_layers % (self.pp * self.vpp):
-                bad.append(f"num_layers {m.num_layers} not divisible by PP x VPP {self.pp * self.vpp}")
-            elif self.num_microbatches(w.global_batch_size) % self.pp:
-                # Megatron's interleaved schedule runs micro-batches in groups of PP.
-                bad.append("interleaved schedule needs the number of micro-batches divisible by PP")
-        elif m.num_layers % self.pp:
-            bad.append(f"num_layers {m.num_layers} not divisible by PP {self.pp}")
-        if w.global_batch_size % (self.micro_batch_size * self.dp):
-            bad.append(f"global batch {w.global_batch_size} not divisible by micro-batch x DP "
-                       f"{self.micro_batch_size * self.dp}")
-        if self.sequence_parallel and (self.tp < 2 or w.seq_length % self.tp):
-            bad.append("sequence parallel needs TP >= 2 dividing seq_length")
-        if self.cp > 1 and w.seq_length % (2 * self.cp):
-            bad.append(f"seq_length {w.seq_length} not divisible by 2 x CP {2 * self.cp}")
+        if self.dp < 1:
+            return [f"dp must be >= 1, got {self.dp}"]
+        # The driver's own rules (config/layout_rules.py), so the planner never proposes a layout it rejects.
+        bad = layout_errors(
+            m, world_size=self.world_size, tp=self.tp, pp=self.pp, cp=self.cp, vpp=self.vpp,
+            first_stage_layers=self.num_layers_in_first_pipeline_stage,
+            last_stage_layers=self.num_layers_in_last_pipeline_stage,
+            account_for_embedding=self.account_for_embedding_in_pipeline_split,
+            account_for_loss=self.account_for_loss_in_pipeline_split,
+            micro_batch_size=self.micro_batch_size, global_batch_size=w.global_batch_size,
+            seq_lengths={"--seq-length": w.seq_length}, sequence_parallel=self.sequence_parallel,
+            fp8=w.precision == "fp8", use_megatron_fsdp=self.use_megatron_fsdp)
         if self.recompute_granularity not in RECOMPUTE:
             bad.append(f"recompute_granularity must be one of {RECOMPUTE}")
         if self.recompute_granularity == "full" and self.recompute_method not in ("uniform", "block"):
             bad.append("full recompute needs recompute_method uniform|block")
-        if w.seq_length > m.max_position_embeddings:
-            bad.append(f"seq_length {w.seq_length} exceeds max_position_embeddings {m.max_position_embeddings}")
         return bad
 
 
 def parse_layout(text: str) -> Layout:
     """'tp=2,pp=2,dp=2,mb=1,vpp=2,cp=1,sp,rc=full' -> Layout (the CLI/sweep short form)."""
     alias = {"mb": "micro_batch_size", "rc": "recompute_granularity", "rcm": "recompute_method",
-             "rcn": "recompute_num_layers", "sp": "sequence_parallel", "distopt": "use_distributed_optimizer"}
+             "rcn": "recompute_num_layers", "sp": "sequence_parallel", "distopt": "use_distributed_optimizer",
+             "fsdp": "use_megatron_fsdp", "tpo": "tp_comm_overlap", "first": "num_layers_in_first_pipeline_stage",
+             "last": "num_layers_in_last_pipeline_stage", "emb": "account_for_embedding_in_pipeline_split",
+             "loss": "account_for_loss_in_pipeline_split"}
     kw: dict = {}
     for item in filter(None, (t.strip() for t in text.split(","))):
         key, _, val = item.partition("=")
         key = alias.get(key.strip(), key.strip())
         if key not in {f.name for f in dataclasses.fields(Layout)}:
-            raise ValueError(f"layout {text!r}: unknown key {item!r} (use tp, pp, dp, cp, vpp, mb, sp, rc, rcm, rcn)")
+            raise ValueError(f"layout {text!r}: unknown key {item!r} (use tp, pp, dp, cp, vpp, mb, sp, rc, rcm, rcn, "
+                             f"fsdp, tpo, first, last, emb, loss or a Layout field name)")
         field_type = {f.name: f.type for f in dataclasses.fields(Layout)}[key]
         if "bool" in str(field_type):
             kw[key] = val.strip().lower() not in ("0", "false", "no") if val else True

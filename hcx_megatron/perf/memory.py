@@ -31,7 +31,14 @@ layers' worth, the (1 + (p−1)/(p·v)) factor of Korthikanti et al.
 Weights/grads/optimizer (mixed bf16, Megatron defaults): 2-byte weights, 4-byte fp32 gradient
 buffer (gradients accumulate and reduce in fp32), 12 bytes of optimizer state (fp32 main weights
 + Adam m and v) per parameter, sharded over the DP x CP group by the distributed optimizer:
-bytes/param = 2 + 4 + 12/(d·c). fp32 training: 4 + 4 + 8/(d·c).
+bytes/param = 2 + 4 + 12/(d·c). fp32 training: 4 + 4 + 8/(d·c). Gradients are 2 bytes without
+grad_reduce_in_fp32; Megatron-FSDP shards all three (plus two layers of gathered weights and gradients).
+
+FP8 (Transformer Engine): the inputs the FP8 linear layers save (norm outputs, proj and fc2 inputs) are their
+1-byte casts; the attention output is kept twice (bf16 by flash attention, FP8 by linear_proj). The local
+(unfused) spec has its own formula, local_layer_activation_bytes, checked byte-for-byte on CPU. Uneven
+pipeline stages take their layer counts from config/layout_rules.pipeline_layer_split; the peak is the worst
+stage. Totals add memory_overhead_gib and allocator_fragmentation x activations (ClusterConfig).
 """
 
 from __future__ import annotations
@@ -53,20 +60,33 @@ def act_bytes(w: Workload) -> int:
     return 4 if w.precision == "fp32" else 2
 
 
+def _fp8_input_bytes(w: Workload) -> int:
+    """Bytes per element of what an FP8 linear layer saves of its input: TE keeps the FP8 cast (1 byte)."""
+    return 1 if w.fp8 else act_bytes(w)
+
+
 def layer_activation_bytes(w: Workload, lay: Layout, *, drop_attention_scores: bool = False) -> float:
     """Bytes one layer keeps for backward, one micro-batch, no recompute (see module docstring)."""
+    if w.transformer_impl == "local":
+        return local_layer_activation_bytes(w, lay, drop_attention_scores=drop_attention_scores)
     m = w.model
     e = act_bytes(w)
+    e_in = _fp8_input_bytes(w)
     s = w.seq_length / lay.cp
     b = lay.micro_batch_size
     h, a, g, d, f = m.hidden_size, m.num_attention_heads, m.num_query_groups, m.head_dim, m.ffn_hidden_size
     t = lay.tp
     sp_div = t if lay.sequence_parallel else 1
-    replicated = 4 * e * s * b * h
+    # the two norms' inputs (bf16) and their outputs = the QKV / fc1 GEMM inputs (FP8 casts under fp8)
+    replicated = 2 * e * s * b * h + 2 * e_in * s * b * h
     if w.hidden_dropout > 0:
         replicated += 2 * s * b * h
     kv_heads = g if w.flash_attention else a
-    sharded = e * s * b * (a * d + 2 * kv_heads * d) + e * s * b * a * d + e * s * b * (_gated(w) * f + f)
+    # attention output: kept by the fused attention (bf16) and, under fp8, also as linear_proj's FP8 input
+    proj_in = e * s * b * a * d + (s * b * a * d if w.fp8 else 0)
+    # fc1 output (SwiGLU input, bf16) and fc2 input (FP8 cast under fp8)
+    mlp = e * s * b * _gated(w) * f + e_in * s * b * f
+    sharded = e * s * b * (a * d + 2 * kv_heads * d) + proj_in + mlp
     if not drop_attention_scores:
         if w.flash_attention:
             sharded += 4 * a * s * b
@@ -75,6 +95,31 @@ def layer_activation_bytes(w: Workload, lay: Layout, *, drop_attention_scores: b
             if w.attention_dropout > 0:
                 sharded += (1 + e) * a * s * s * b
     return replicated / sp_div + sharded / t
+
+
+def local_layer_activation_bytes(w: Workload, lay: Layout, *, drop_attention_scores: bool = False) -> float:
+    """Bytes one layer of megatron-core's LOCAL spec keeps (torch ops, no fusion; measured on CPU):
+    per norm its input, normalised input, weighted output and the fp-rsqrt (3·e·h + e per token), the QKV
+    output (V is a view of it), the rotated Q and K, RoPE's cos/sin tables for Q and for K (4·e·d per
+    position, on every TP rank, over the whole local sequence, shared by the micro-batch), SDPA's output
+    (= linear_proj's input) and log-sum-exp (fp32),
+    fc1's output and three f-wide SwiGLU intermediates (two for a plain MLP)."""
+    if w.fp8:
+        raise ValueError("--precision fp8 needs --transformer-impl transformer_engine")
+    m = w.model
+    e = act_bytes(w)
+    s = w.seq_length / lay.cp
+    b = lay.micro_batch_size
+    h, a, g, d, f = m.hidden_size, m.num_attention_heads, m.num_query_groups, m.head_dim, m.ffn_hidden_size
+    t = lay.tp
+    sp_div = t if lay.sequence_parallel else 1
+    replicated = 2 * (3 * e * h + e) * s * b
+    tables = 4 * e * d * s  # [s, 1, 1, d]: shared by the micro-batch's sequences
+    mlp = (e * 2 * f + 3 * e * f) if _gated(w) == 2 else 2 * e * f
+    sharded = (e * (a + 2 * g) * d + e * (a + g) * d + e * a * d + mlp) * s * b
+    if not drop_attention_scores:
+        sharded += 4 * a * s * b
+    return replicated / sp_div + tables + sharded / t
 
 
 def layer_input_bytes(w: Workload, lay: Layout) -> float:
@@ -91,11 +136,22 @@ def inflight_chunk_microbatches(lay: Layout, num_microbatches: int, pp_rank: int
     return min(2 * (p - pp_rank - 1) + (v - 1) * p + 1, mbs * v)
 
 
+def stage_layer_counts(w: Workload, lay: Layout) -> list[list[int]]:
+    """Layers per [pp_rank][chunk] (uneven stages from megatron-core's split rule)."""
+    if (lay.num_layers_in_first_pipeline_stage is None and lay.num_layers_in_last_pipeline_stage is None
+            and not lay.account_for_embedding_in_pipeline_split and not lay.account_for_loss_in_pipeline_split):
+        n = w.model.num_layers // (lay.pp * lay.chunks)  # the even split, without the rule module's checks
+        return [[n] * lay.chunks for _ in range(lay.pp)]
+    return lay.stage_layers(w.model.num_layers)
+
+
 def stage_activation_bytes(w: Workload, lay: Layout, pp_rank: int) -> float:
     """Peak activation bytes on a GPU of pipeline stage pp_rank (all in-flight micro-batches)."""
-    m = w.model
-    layers_per_chunk = m.num_layers // (lay.pp * lay.chunks)
-    layers_per_stage = layers_per_chunk * lay.chunks
+    chunks = stage_layer_counts(w, lay)[pp_rank]
+    layers_per_stage = sum(chunks)
+    # interleaved: the in-flight chunk-micro-batches cycle over this rank's chunks, so they average its chunk
+    layers_per_chunk = layers_per_stage / lay.chunks
+    largest_chunk = max(chunks) if chunks else 0
     chunks_in_flight = inflight_chunk_microbatches(lay, lay.num_microbatches(w.global_batch_size), pp_rank)
     full = layer_activation_bytes(w, lay)
     rc = lay.recompute_granularity
@@ -106,16 +162,15 @@ def stage_activation_bytes(w: Workload, lay: Layout, pp_rank: int) -> float:
         group = max(1, lay.recompute_num_layers or 1)
         inp = layer_input_bytes(w, lay)
         if lay.recompute_method == "block":
-            # The first `group` layers of each stage are recomputed, the rest keep everything;
-            # spread over chunks the same share applies per chunk.
-            n_rc = min(group, layers_per_stage)
-            per_chunk = (n_rc * inp + (layers_per_stage - n_rc) * full) / lay.chunks
-            total = chunks_in_flight * per_chunk + min(n_rc, layers_per_chunk) * full
+            # The first `group` layers of each chunk are recomputed, the rest keep everything.
+            n_rc = min(group, largest_chunk)
+            per_chunk = sum(min(n_rc, c) * inp + max(0, c - n_rc) * full for c in chunks) / lay.chunks
+            total = chunks_in_flight * per_chunk + min(n_rc, largest_chunk) * full
         else:
             # uniform: a checkpoint (one input) per group of `group` layers, and while one group
             # runs its backward its layers' full activations are live.
-            per_chunk = -(-layers_per_chunk // group) * inp
-            total = chunks_in_flight * per_chunk + min(group, layers_per_chunk) * full
+            per_chunk = sum(-(-c // group) for c in chunks) / lay.chunks * inp
+            total = chunks_in_flight * per_chunk + min(group, largest_chunk) * full
     else:
         total = chunks_in_flight * layers_per_chunk * full
     if pp_rank == lay.pp - 1:
@@ -133,11 +188,21 @@ def last_stage_extra_bytes(w: Workload, lay: Layout) -> float:
 
 
 def bytes_per_param(w: Workload, lay: Layout) -> tuple[float, float, float]:
-    """(weights, gradients, optimizer state) bytes per parameter on one GPU."""
-    shard = lay.dp * lay.cp if lay.use_distributed_optimizer else 1
+    """(weights, gradients, optimizer state) bytes per parameter on one GPU.
+
+    Mixed precision (bf16 and fp8 alike: TE keeps bf16 weights and casts them to FP8 once per step):
+    2-byte weights, a 4-byte gradient buffer (2 without grad_reduce_in_fp32), 12 bytes of fp32 main
+    weights + Adam m, v. The distributed optimizer shards the 12 over DP x CP; Megatron-FSDP shards all
+    three (its per-layer all-gather buffers are counted in stage_memory)."""
+    shard = lay.dp * lay.cp
+    opt_shard = shard if (lay.use_distributed_optimizer or lay.use_megatron_fsdp) else 1
     if w.precision == "fp32":
-        return 4.0, 4.0, 8.0 / shard
-    return 2.0, 4.0, 12.0 / shard
+        wb, gb, ob = 4.0, 4.0, 8.0
+    else:
+        wb, gb, ob = 2.0, (4.0 if lay.grad_reduce_in_fp32 else 2.0), 12.0
+    if lay.use_megatron_fsdp:
+        return wb / shard, gb / shard, ob / shard
+    return wb, gb, ob / opt_shard
 
 
 @dataclass(frozen=True)
@@ -165,19 +230,30 @@ class MemoryBreakdown:
 
 
 def stage_memory(w: Workload, lay: Layout, cluster: ClusterConfig, pp_rank: int) -> MemoryBreakdown:
-    n = params_per_rank(w.model, lay.tp, lay.pp, pp_rank, lay.vpp)
+    layers = sum(stage_layer_counts(w, lay)[pp_rank])
+    n = params_per_rank(w.model, lay.tp, lay.pp, pp_rank, lay.vpp, layers_on_rank=layers)
     bw, bg, bo = bytes_per_param(w, lay)
     act = stage_activation_bytes(w, lay, pp_rank) * cluster.perf.activation_memory_factor
-    return MemoryBreakdown(pp_rank=pp_rank, params=n, weights_bytes=n * bw, grads_bytes=n * bg,
-                           optimizer_bytes=n * bo, activations_bytes=act,
-                           overhead_bytes=cluster.memory_overhead_gib * GIB)
+    extra = 0.0
+    if lay.use_megatron_fsdp and lay.dp * lay.cp > 1:
+        # unsharded weights of the layer being run and of the one prefetched, plus their gradients
+        from hcx_megatron.perf.params import layer_params
+
+        per_layer = sum(k for _, k in layer_params(w.model, lay.tp))
+        extra = 2 * per_layer * (act_bytes(w) + (4.0 if lay.grad_reduce_in_fp32 else 2.0))
+    overhead = cluster.memory_overhead_gib * GIB + cluster.allocator_fragmentation * act
+    return MemoryBreakdown(pp_rank=pp_rank, params=n, weights_bytes=n * bw + extra, grads_bytes=n * bg,
+                           optimizer_bytes=n * bo, activations_bytes=act, overhead_bytes=overhead)
 
 
 def peak_memory(w: Workload, lay: Layout, cluster: ClusterConfig) -> MemoryBreakdown:
     """The most loaded pipeline stage's memory (what decides whether the layout fits)."""
-    # Stage 0 holds the most in-flight micro-batches and the embedding; the last stage holds the
-    # output layer and logits; middle stages have fewer of both, so these two bound the peak.
-    return max((stage_memory(w, lay, cluster, r) for r in sorted({0, lay.pp - 1})), key=lambda mb: mb.total_bytes)
+    # Even stages: stage 0 holds the most in-flight micro-batches and the embedding, the last the output
+    # layer and logits, so those two bound the peak; uneven stages can move it anywhere, so check all.
+    uneven = (lay.num_layers_in_first_pipeline_stage is not None or lay.num_layers_in_last_pipeline_stage
+              is not None or lay.account_for_embedding_in_pipeline_split or lay.account_for_loss_in_pipeline_split)
+    ranks = range(lay.pp) if uneven else sorted({0, lay.pp - 1})
+    return max((stage_memory(w, lay, cluster, r) for r in ranks), key=lambda mb: mb.total_bytes)
 
 
 def fits(mem: MemoryBreakdown, cluster: ClusterConfig) -> bool:
@@ -187,7 +263,9 @@ def fits(mem: MemoryBreakdown, cluster: ClusterConfig) -> bool:
 __all__ = [
     "GIB",
     "layer_activation_bytes",
+    "local_layer_activation_bytes",
     "layer_input_bytes",
+    "stage_layer_counts",
     "inflight_chunk_microbatches",
     "stage_activation_bytes",
     "last_stage_extra_bytes",

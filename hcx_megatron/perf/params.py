@@ -50,18 +50,19 @@ def layer_params(cfg: ModelConfig, tp: int) -> list[tuple[str, int]]:
 
 
 def chunk_params(cfg: ModelConfig, tp: int, pp: int, pp_rank: int, vpp: int | None = None, vpp_rank: int = 0,
-                 padded_vocab: int | None = None) -> list[tuple[str, int]]:
-    """(name, numel) of the model chunk (pp_rank, vpp_rank) on one TP rank, in registration order."""
+                 padded_vocab: int | None = None, *, layers_in_chunk: int | None = None) -> list[tuple[str, int]]:
+    """(name, numel) of the model chunk (pp_rank, vpp_rank) on one TP rank, in registration order.
+    `layers_in_chunk` overrides num_layers / (PP x VPP) for uneven stages (Layout.stage_layers gives it)."""
     v = vpp or 1
     if not (0 <= pp_rank < pp and 0 <= vpp_rank < v):
         raise ValueError(f"pp_rank {pp_rank} / vpp_rank {vpp_rank} outside PP {pp} x VPP {v}")
-    if cfg.num_layers % (pp * v):
+    if layers_in_chunk is None and cfg.num_layers % (pp * v):
         raise ValueError(f"num_layers {cfg.num_layers} not divisible by PP x VPP = {pp * v}")
     vocab = padded_vocab if padded_vocab is not None else cfg.padded_vocab_size(tp)
     h = cfg.hidden_size
     first = pp_rank == 0 and vpp_rank == 0
     last = pp_rank == pp - 1 and vpp_rank == v - 1
-    n_layers = cfg.num_layers // (pp * v)
+    n_layers = cfg.num_layers // (pp * v) if layers_in_chunk is None else layers_in_chunk
     out: list[tuple[str, int]] = []
     if first:
         out.append(("embedding.word_embeddings.weight", vocab // tp * h))
@@ -80,19 +81,21 @@ def chunk_params(cfg: ModelConfig, tp: int, pp: int, pp_rank: int, vpp: int | No
 
 
 def params_per_rank(cfg: ModelConfig, tp: int, pp: int, pp_rank: int, vpp: int | None = None,
-                    padded_vocab: int | None = None) -> int:
+                    padded_vocab: int | None = None, *, layers_on_rank: int | None = None) -> int:
     """Parameters held by one GPU (all its virtual chunks) at pipeline rank pp_rank.
 
     Same rules as chunk_params, summed arithmetically (the planner calls this a lot).
+    `layers_on_rank` overrides num_layers / PP for uneven stages (Layout.stage_layers gives it).
     """
     v = vpp or 1
     if not 0 <= pp_rank < pp:
         raise ValueError(f"pp_rank {pp_rank} outside PP {pp}")
-    if cfg.num_layers % (pp * v):
+    if layers_on_rank is None and cfg.num_layers % (pp * v):
         raise ValueError(f"num_layers {cfg.num_layers} not divisible by PP x VPP = {pp * v}")
     vocab = padded_vocab if padded_vocab is not None else cfg.padded_vocab_size(tp)
     h = cfg.hidden_size
-    n = cfg.num_layers // pp * sum(k for _, k in layer_params(cfg, tp))
+    n_layers = cfg.num_layers // pp if layers_on_rank is None else layers_on_rank
+    n = n_layers * sum(k for _, k in layer_params(cfg, tp))
     if pp_rank == 0:
         n += vocab // tp * h
         if cfg.position_embedding_type == "learned_absolute":

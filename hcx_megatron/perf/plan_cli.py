@@ -38,7 +38,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-gpus", type=int, required=True)
     p.add_argument("--seq-length", type=int, default=4096)
     p.add_argument("--global-batch-size", type=int, default=512)
-    p.add_argument("--precision", choices=["bf16", "fp32"], default="bf16")
+    p.add_argument("--precision", choices=["bf16", "fp32", "fp8"], default="bf16",
+                   help="fp8: bf16 mixed precision with Transformer Engine FP8 linear layers")
+    p.add_argument("--fp8-recipe", choices=["delayed", "tensorwise"], default="delayed",
+                   help="FP8 scaling: delayed (amax history) or tensorwise (current scaling, one more amax pass)")
+    p.add_argument("--transformer-impl", choices=["transformer_engine", "local"], default="transformer_engine",
+                   help="activation-memory formula: TE fused kernels or megatron-core's local (unfused) spec")
+    p.add_argument("--tp-comm-overlap", action="store_true",
+                   help="assume TE userbuffers TP communication overlap in every layout (Megatron-LM flag)")
+    p.add_argument("--grad-reduce-in-bf16", action="store_true",
+                   help="gradients kept and reduced in bf16 (NVIDIA's benchmark recipes) instead of fp32")
+    p.add_argument("--use-megatron-fsdp", action="store_true", help="also consider Megatron-FSDP layouts")
     p.add_argument("--cluster", default=None, help="cluster YAML (default: DGX H100, examples/clusters/h100.yaml)")
     p.add_argument("--micro-batch-sizes", type=int, nargs="+", default=[1, 2, 4, 8])
     p.add_argument("--recompute", type=_recompute_choices, default=(None, "selective", "full"),
@@ -85,9 +95,18 @@ def main(argv: list[str] | None = None) -> int:
         if a.save_cluster:
             save_cluster(cluster, a.save_cluster)
         w = Workload(model=model, seq_length=a.seq_length, global_batch_size=a.global_batch_size,
-                     precision=a.precision)
+                     precision=a.precision, fp8_recipe=a.fp8_recipe, transformer_impl=a.transformer_impl)
+        if a.precision == "fp8" and a.transformer_impl == "local":
+            raise ValueError("--precision fp8 needs --transformer-impl transformer_engine")
+        switches = {}
+        if a.tp_comm_overlap:
+            switches["tp_comm_overlap"] = True
+        if a.grad_reduce_in_bf16:
+            switches["grad_reduce_in_fp32"] = False
         if a.layout:
             lay = parse_layout(a.layout)
+            lay = dataclasses.replace(lay, **{k: v for k, v in switches.items()
+                                              if not (k == "tp_comm_overlap" and lay.tp == 1)})
             if lay.world_size != a.num_gpus:
                 raise ValueError(f"--layout {a.layout!r} uses {lay.world_size} GPUs, --num-gpus is {a.num_gpus}")
             problems = lay.check(w)
@@ -100,7 +119,8 @@ def main(argv: list[str] | None = None) -> int:
             print("step seconds: " + ", ".join(f"{k} {v:.4g}" for k, v in e.time.as_dict().items()))
             return 0 if e.fits else 1
         space = SearchSpace(micro_batch_sizes=tuple(a.micro_batch_sizes), recompute=a.recompute, max_vpp=a.max_vpp,
-                            max_cp=a.max_cp)
+                            max_cp=a.max_cp, layout_switches=tuple(switches.items()),
+                            megatron_fsdp=(False, True) if a.use_megatron_fsdp else (False,))
         entries, n = plan(w, a.num_gpus, cluster, space, include_unfit=a.show_unfit)
     except (ValueError, FileNotFoundError) as exc:
         print(f"hcx-plan-layout: error: {exc}", file=sys.stderr)

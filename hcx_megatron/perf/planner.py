@@ -36,6 +36,8 @@ class SearchSpace:
     max_cp: int = 8
     min_seq_for_cp: int = 8192
     max_tp: int | None = None  # default: GPUs per node
+    layout_switches: tuple[tuple[str, object], ...] = ()  # Layout fields set on every candidate
+    megatron_fsdp: tuple[bool, ...] = (False,)  # (False, True): also Megatron-FSDP (PP = 1) candidates
 
 
 def _divisors(n: int) -> list[int]:
@@ -50,8 +52,12 @@ def enumerate_layouts(w: Workload, num_gpus: int, cluster: ClusterConfig,
         if tp > max_tp or m.num_attention_heads % tp or m.num_query_groups % tp or m.ffn_hidden_size % tp:
             continue
         for pp in _divisors(num_gpus // tp):
-            if m.num_layers % pp:
+            # layers that do not divide over PP: megatron-core's embedding/loss accounting (one slot each on
+            # the first and last stage), when that makes them divide (Llama-3.1-405B: 126 + 2 over PP 8)
+            uneven = m.num_layers % pp != 0
+            if uneven and (pp < 2 or (m.num_layers + 2) % pp):
                 continue
+            slots = m.num_layers + (2 if uneven else 0)
             rest = num_gpus // (tp * pp)
             cps = [c for c in _divisors(rest) if c & (c - 1) == 0 and c <= space.max_cp
                    and (c == 1 or (w.seq_length >= space.min_seq_for_cp and w.seq_length % (2 * c) == 0))]
@@ -59,17 +65,26 @@ def enumerate_layouts(w: Workload, num_gpus: int, cluster: ClusterConfig,
                 dp = rest // cp
                 vpps: list[int | None] = [None]
                 if pp > 1:
-                    vpps += [v for v in _divisors(m.num_layers // pp) if 1 < v <= space.max_vpp]
+                    vpps += [v for v in _divisors(slots // pp) if 1 < v <= space.max_vpp]
                 for vpp in vpps:
                     for mb in space.micro_batch_sizes:
                         if w.global_batch_size % (mb * dp):
                             continue
-                        for rc in space.recompute:
-                            lay = Layout(tp=tp, pp=pp, dp=dp, cp=cp, vpp=vpp, micro_batch_size=mb,
-                                         sequence_parallel=tp > 1, recompute_granularity=rc,
-                                         recompute_method="uniform" if rc == "full" else None)
-                            if not lay.check(w):
-                                yield lay
+                        for fsdp in space.megatron_fsdp:
+                            if fsdp and (pp > 1 or dp * cp == 1):
+                                continue
+                            for rc in space.recompute:
+                                switches = {k: v for k, v in space.layout_switches
+                                            if not (k == "tp_comm_overlap" and tp == 1)}
+                                lay = Layout(tp=tp, pp=pp, dp=dp, cp=cp, vpp=vpp, micro_batch_size=mb,
+                                             sequence_parallel=tp > 1, recompute_granularity=rc,
+                                             recompute_method="uniform" if rc == "full" else None,
+                                             use_megatron_fsdp=fsdp, use_distributed_optimizer=not fsdp,
+                                             overlap_param_gather=not fsdp, overlap_grad_reduce=not fsdp,
+                                             account_for_embedding_in_pipeline_split=uneven,
+                                             account_for_loss_in_pipeline_split=uneven, **switches)
+                                if not lay.check(w):
+                                    yield lay
 
 
 def evaluate(w: Workload, lay: Layout, cluster: ClusterConfig) -> PlanEntry:

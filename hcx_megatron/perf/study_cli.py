@@ -31,7 +31,10 @@ def _generate(a: argparse.Namespace) -> int:
     cluster = load_cluster(a.cluster)
     sweep = Sweep(name=a.name or Path(a.out).name, model_preset=a.model_preset, model_config=a.model_config,
                   seq_length=a.seq_length, cluster=cluster, runs=[], bf16=not a.no_bf16, train_iters=a.train_iters,
-                  device=a.device, extra_args=a.extra_args or [], data_args=_data_args(a))
+                  device=a.device, extra_args=a.extra_args or [], data_args=_data_args(a),
+                  fp8_recipe=a.fp8_recipe if a.precision == "fp8" else None)
+    if a.precision == "fp8" and a.no_bf16:
+        raise ValueError("--precision fp8 runs bf16 mixed precision with FP8 linear layers; drop --no-bf16")
     model = sweep.model()
     runs: list[SweepRun] = []
     for spec in a.layout or []:
@@ -128,6 +131,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--train-iters", type=int, default=20)
     g.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
     g.add_argument("--no-bf16", action="store_true", help="fp32 runs (CPU)")
+    g.add_argument("--precision", choices=["bf16", "fp8"], default="bf16",
+                   help="fp8: the driver's --fp8-format hybrid (Transformer Engine, GPU)")
+    g.add_argument("--fp8-recipe", choices=["delayed", "tensorwise"], default="delayed")
     g.add_argument("--data-path", nargs="+", default=None, help="Megatron blend for real data (default: --mock-data)")
     g.add_argument("--tokenizer-model", default=None)
     g.add_argument("--extra-args", nargs=argparse.REMAINDER, help="passed to the driver verbatim (put last)")

@@ -56,6 +56,7 @@ class Sweep:
     device: str = "cuda"
     extra_args: list[str] = field(default_factory=list)
     data_args: list[str] = field(default_factory=list)  # e.g. --data-path ... --tokenizer-model ...; empty: mock
+    fp8_recipe: str | None = None  # "delayed" | "tensorwise": bf16 runs with TE FP8 linear layers
 
     def model(self) -> ModelConfig:
         m = get_preset(self.model_preset)
@@ -63,7 +64,8 @@ class Sweep:
 
     def workload(self, run: SweepRun) -> Workload:
         return Workload(model=self.model(), seq_length=self.seq_length, global_batch_size=run.global_batch_size,
-                        precision="bf16" if self.bf16 else "fp32")
+                        precision="fp8" if self.fp8_recipe else ("bf16" if self.bf16 else "fp32"),
+                        fp8_recipe=self.fp8_recipe or "delayed")
 
     def driver_flags(self, run: SweepRun, run_dir: str) -> list[str]:
         f = ["--model-preset", self.model_preset]
@@ -76,6 +78,9 @@ class Sweep:
               "--metrics-jsonl", f"{run_dir}/metrics.jsonl"]
         if self.bf16:
             f.append("--bf16")
+        if self.fp8_recipe:
+            f += ["--fp8-format", "hybrid", "--fp8-recipe", self.fp8_recipe,
+                  "--fp8-peak-tflops", str(self.cluster.fp8_peak_tflops)]
         return f + run.layout.megatron_flags() + list(self.extra_args)
 
     def to_dict(self) -> dict:
@@ -226,7 +231,7 @@ def collect(sweep: Sweep, sweep_dir: str | Path, cluster: ClusterConfig | None =
             if tok is None:
                 tok = w.tokens_per_step / summary.step_time_s / run.gpus
             # MFU with our FLOP count and the sweep's peak, so measured and predicted use one definition
-            mfu = st.model_flops_per_token * tok / 1e12 / cluster.peak_tflops
+            mfu = st.model_flops_per_token * tok / 1e12 / st.peak_tflops  # the FP8 peak for fp8 sweeps
         out.append(RunResult(run=run, measured=summary, predicted_step_s=st.total_s,
                              predicted_tokens_per_sec_per_gpu=st.tokens_per_sec_per_gpu, predicted_mfu=st.mfu,
                              predicted_mem_gib=mem.total_gib, measured_mfu=mfu, measured_tokens_per_sec_per_gpu=tok,

@@ -1,6 +1,6 @@
 """Pieces shared by the reward-model and PPO drivers: initialising a model from another model's checkpoint
 (SFT -> reward model backbone, reward model -> critic, SFT -> actor/reference), the checkpoint's model shape,
-and the data-flag shim for the shared parser."""
+and the flags these drivers refuse."""
 
 from __future__ import annotations
 
@@ -9,84 +9,26 @@ from typing import Sequence
 
 import torch
 import torch.distributed as dist
-from megatron.core import dist_checkpointing
-from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
 
-from hcx_megatron.config.args import Config
-from hcx_megatron.training.checkpoint import SHARDING_METADATA, read_saved_config, resolve_checkpoint
-
-
-def model_keys(chunks) -> list[str]:
-    # Same naming as hcx_megatron.training.checkpoint (one key per virtual pipeline chunk).
-    return ["model"] if len(chunks) == 1 else [f"model{i}" for i in range(len(chunks))]
+from hcx_megatron.config.args import Config, ConfigError
+# model_keys and load_model_weights live with the checkpoint module; re-exported for the PPO modules.
+from hcx_megatron.training.checkpoint import load_model_weights, model_keys, read_saved_config  # noqa: F401
 
 
-def _strip(key: str) -> str:
-    return key[len("module."):] if key.startswith("module.") else key
-
-
-def load_model_weights(path: str, chunks, allow_missing: Sequence[str] = ()) -> list[str]:
-    """Load the weights that `path` (a --save root or an iter_ directory) holds for `chunks`, in any layout.
-
-    Keys the checkpoint lacks must start with one of `allow_missing` (e.g. "value_head." when a reward model
-    starts from an SFT checkpoint); they keep their fresh initialisation. Keys only the checkpoint has (e.g. the
-    SFT model's output_layer) are ignored. Returns the missing keys that were allowed."""
-    ckpt = resolve_checkpoint(path)
-    available = set(dist_checkpointing.load_tensors_metadata(ckpt).keys())
-    sd, skipped = {}, []
-    from hcx_megatron.model.builder import unwrap
-
-    # Checkpoint keys are those of the bare model (hcx_megatron.training.checkpoint unwraps DDP); checkpoints
-    # written before that change carry DDP's "module." level, and load through the wrapped chunk.
-    prefixed = any(k.startswith("module.") for k in available)
-    target = [c if prefixed and hasattr(c, "module") else unwrap(c) for c in chunks]
-    for key, chunk in zip(model_keys(chunks), target):
-        full = chunk.sharded_state_dict(metadata=SHARDING_METADATA)
-        if prefixed and not hasattr(chunk, "module"):  # a bare (frozen) model reading an old checkpoint
-            for item in full.values():
-                if isinstance(getattr(item, "key", None), str):
-                    item.key = "module." + item.key
-        keep = {}
-        for name, item in full.items():
-            global_key = getattr(item, "key", None)
-            if not isinstance(item, (ShardedTensor, ShardedTensorFactory)) or global_key in available:
-                keep[name] = item
-            elif any(_strip(name).startswith(p) or _strip(global_key).startswith(p) for p in allow_missing):
-                skipped.append(name)
-            else:
-                raise KeyError(f"{ckpt}: checkpoint has no tensor {global_key!r} needed by this model "
-                               f"(different architecture or model shape?)")
-        sd[key] = keep
-    loaded = dist_checkpointing.load(sd, ckpt)
-    for key, chunk in zip(model_keys(chunks), target):
-        # nn.Module's own load_state_dict: megatron's DDP override returns nothing, and we want missing keys.
-        result = torch.nn.Module.load_state_dict(chunk, loaded[key], strict=False)
-        missing = [k for k in result.missing_keys if not k.endswith("_extra_state")
-                   and not any(_strip(k).startswith(p) for p in allow_missing)]
-        if missing:
-            raise KeyError(f"{ckpt}: weights missing after load: {missing[:5]}")
-    return skipped
-
-
-def apply_checkpoint_model_shape(cfg: Config, path: str) -> None:
-    """Take the model shape (and vocabulary size) from the checkpoint a run starts from, so --model-preset
-    need not repeat it. A shape given on the command line that differs is an error, not silently replaced."""
-    saved = read_saved_config(path)["model"]
+def apply_checkpoint_model_shape(cfg: Config, path: str, explicit: dict[str, tuple[str, object]]) -> None:
+    """Resolve step (before validation and freezing): take the model shape (and vocabulary size) from the
+    checkpoint a run starts from, so --model-preset need not repeat it. `explicit`: the shape flags given on the
+    command line (hcx_megatron.config.args.explicit_model_flags); one that differs from the checkpoint is an error
+    naming the flag, never silently replaced. The caller validates the result."""
     from hcx_megatron.config.model import ModelConfig
 
+    saved = read_saved_config(path)["model"]
+    for flag, (name, value) in explicit.items():
+        if name in saved and saved[name] != value:
+            raise ConfigError(f"{flag} {value} differs from the checkpoint this run starts from ({path}: "
+                              f"{name}={saved[name]}); drop the flag (the shape comes from the checkpoint)")
     names = {f.name for f in dataclasses.fields(ModelConfig)}
     cfg.model = ModelConfig(**{k: v for k, v in saved.items() if k in names})
-
-
-def with_data_flag(argv: Sequence[str] | None) -> list[str]:
-    """The shared parser insists on --data-path or --mock-data (pretraining data). RLHF drivers read their own
-    JSONL flags, so --mock-data is added to satisfy that check; it has no effect on these drivers."""
-    import sys
-
-    args = list(sys.argv[1:] if argv is None else argv)
-    if "--mock-data" not in args and "--data-path" not in args:
-        args.append("--mock-data")
-    return args
 
 
 def flag_given(argv: Sequence[str], flag: str) -> bool:
@@ -135,6 +77,6 @@ def copy_weights(dst_chunks, src_chunks) -> None:
             pd.copy_(ps_)
 
 
-__all__ = ["load_model_weights", "apply_checkpoint_model_shape", "with_data_flag", "flag_given", "rank0",
+__all__ = ["load_model_weights", "apply_checkpoint_model_shape", "flag_given", "rank0",
            "freeze", "copy_weights", "model_keys", "reject_context_parallel",
            "reject_pretraining_loader_flags"]

@@ -22,10 +22,12 @@ and the layouts validate, colocated otherwise; the run's first line says which, 
 
 from __future__ import annotations
 
-import copy
+import dataclasses
+import os
 from dataclasses import dataclass
 
 from hcx_megatron.config.args import Config, ConfigError, validate_config
+from hcx_megatron.config.layout_rules import GBS, PP, TP, WORLD, layout_errors
 
 FROZEN_AND_CRITIC = ("critic", "reference", "reward")
 ORDER = ("actor", "rollout", "critic", "reference", "reward")
@@ -47,10 +49,17 @@ class Placement:
     mode: str  # "colocated" | "separate"
     roles: dict[str, RoleLayout]  # separate only, in ORDER
     reason: str = ""
+    # async with a rollout layout of its own: where the actor writes each weights version for it to load
+    weights_dir: str | None = None
 
-    def describe(self) -> str:
+    def describe(self, cfg: Config | None = None) -> str:
         if self.mode == "colocated":
-            return f"colocated: actor, critic, reference and reward on the same ranks ({self.reason})"
+            if cfg is None:
+                return f"colocated: actor, critic, reference and reward on the same ranks ({self.reason})"
+            p = cfg.parallel
+            return (f"actor, critic, reference and reward on the same {cfg.runtime.world_size} ranks ({self.reason}) "
+                    f"(TP {p.tensor_model_parallel_size}, PP {p.pipeline_model_parallel_size}, "
+                    f"DP {cfg.data_parallel_size})")
         parts, start = [], 0
         for name, r in self.roles.items():
             span = f"rank {start}" if r.ranks == 1 else f"ranks {start}-{start + r.ranks - 1}"
@@ -98,38 +107,48 @@ def _flag(role: str, what: str) -> str:
 
 
 def role_config(cfg: Config, role: str, layout: RoleLayout, rollout_batch: int) -> Config:
-    """The actor's config with this role's layout and world size. Frozen roles only run forward passes over
-    their share of a rollout batch, so their 'global batch' is the rollout batch."""
-    c = copy.deepcopy(cfg)
-    c.runtime.world_size = layout.ranks
+    """The actor's config with this role's layout and world size (a new value: `cfg` may be frozen). Frozen
+    roles only run forward passes over their share of a rollout batch, so their 'global batch' is the rollout
+    batch."""
+    c = dataclasses.replace(cfg, runtime=dataclasses.replace(cfg.runtime, world_size=layout.ranks))
     if role == "actor" or (role == "rollout" and _mirrors_actor(cfg, layout)):
         return c
-    p = c.parallel
-    p.tensor_model_parallel_size, p.pipeline_model_parallel_size = layout.tp, layout.pp
-    p.virtual_pipeline_model_parallel_size = None
-    p.sequence_parallel = cfg.parallel.sequence_parallel and layout.tp > 1
-    if role != "critic":
-        c.training.global_batch_size = rollout_batch
-        p.use_distributed_optimizer = False
-    return c
+    frozen_role = role != "critic"
+    parallel = dataclasses.replace(
+        cfg.parallel, tensor_model_parallel_size=layout.tp, pipeline_model_parallel_size=layout.pp,
+        virtual_pipeline_model_parallel_size=None,
+        # The actor's uneven pipeline split is for its own PP; another layout splits evenly.
+        decoder_first_pipeline_num_layers=None, decoder_last_pipeline_num_layers=None,
+        sequence_parallel=cfg.parallel.sequence_parallel and layout.tp > 1,
+        use_distributed_optimizer=cfg.parallel.use_distributed_optimizer and not frozen_role)
+    training = dataclasses.replace(cfg.training, global_batch_size=rollout_batch) if frozen_role else cfg.training
+    return dataclasses.replace(c, parallel=parallel, training=training)
 
 
 def _validate(cfg: Config, role: str, layout: RoleLayout, rollout_batch: int) -> None:
-    if layout.ranks % (layout.tp * layout.pp):
-        raise ConfigError(f"{role} partition: {layout.ranks} ranks are not a multiple of TP {layout.tp} x "
-                          f"PP {layout.pp} ({_flag(role, 'ranks')}, {_flag(role, 'tensor-model-parallel-size')}, "
-                          f"{_flag(role, 'pipeline-model-parallel-size')})")
-    mbs = cfg.training.micro_batch_size
-    if rollout_batch % (layout.dp * mbs):
-        raise ConfigError(f"{role} partition: --rollout-batch-size {rollout_batch} must split into its "
-                          f"data-parallel size {layout.dp} x --micro-batch-size {mbs}")
+    rc = role_config(cfg, role, layout, rollout_batch)
+    p = rc.parallel
+    # The layout rules (config/layout_rules.py) under this partition's flags, for the rollout batch every role
+    # splits over its data parallelism. VPP is left out here: the interleaved micro-batch grouping is a training
+    # rule, checked on the training batch by validate_config below.
+    own = {} if role == "actor" else {TP: _flag(role, "tensor-model-parallel-size"),
+                                      PP: _flag(role, "pipeline-model-parallel-size")}
+    errors = layout_errors(
+        rc.model, world_size=layout.ranks, tp=layout.tp, pp=layout.pp, cp=p.context_parallel_size,
+        first_stage_layers=p.decoder_first_pipeline_num_layers, last_stage_layers=p.decoder_last_pipeline_num_layers,
+        account_for_embedding=p.account_for_embedding_in_pipeline_split,
+        account_for_loss=p.account_for_loss_in_pipeline_split,
+        micro_batch_size=rc.training.micro_batch_size, global_batch_size=rollout_batch,
+        flags={WORLD: f"{role} partition size ({_flag(role, 'ranks')})", GBS: "--rollout-batch-size", **own})
+    names = ("the actor's flags" if role == "actor" else
+             f"{_flag(role, 'ranks')} {layout.ranks}, {_flag(role, 'tensor-model-parallel-size')} {layout.tp}, "
+             f"{_flag(role, 'pipeline-model-parallel-size')} {layout.pp}")
     try:
-        validate_config(role_config(cfg, role, layout, rollout_batch))
+        if errors:
+            raise ConfigError("; ".join(errors))
+        validate_config(rc)
     except ConfigError as exc:
-        names = ("the actor's flags" if role == "actor" else
-                 f"{_flag(role, 'ranks')} {layout.ranks}, {_flag(role, 'tensor-model-parallel-size')} {layout.tp}, "
-                 f"{_flag(role, 'pipeline-model-parallel-size')} {layout.pp}")
-        raise ConfigError(f"{role} partition ({names}): {exc}") from None
+        raise ConfigError(f"{role} partition ({names}, --rollout-batch-size {rollout_batch}): {exc}") from None
 
 
 def plan_placement(args, cfg: Config, world_size: int) -> Placement:
@@ -177,9 +196,10 @@ def plan_placement(args, cfg: Config, world_size: int) -> Placement:
             out["rollout"] = actor
         out.update(layouts)
         out = {name: out[name] for name in ORDER if name in out}  # rank order
-        placement = Placement("separate", out)
-        if (rollout_weight_transfer(placement, cfg) == "checkpoint" and not args.rollout_weights_dir
-                and not cfg.checkpoint.save):
+        weights_dir = args.rollout_weights_dir or (
+            os.path.join(cfg.checkpoint.save, "rollout_weights") if cfg.checkpoint.save else None)
+        placement = Placement("separate", out, weights_dir=weights_dir)
+        if rollout_weight_transfer(placement, cfg) == "checkpoint" and weights_dir is None:
             raise ConfigError("the rollout partition's layout differs from the actor's, so weights go through "
                               "dist checkpoints: give --save or --rollout-weights-dir (a directory both see)")
         for role, layout in out.items():

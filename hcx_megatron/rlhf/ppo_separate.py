@@ -1,4 +1,7 @@
-"""PPO with every model on its own rank partition, each with its own TP/PP (`--placement separate`).
+"""PPO with every model on its own rank partition, each with its own TP/PP (`--placement separate`): the
+actor's `PartitionPeers` (hcx_megatron/rlhf/ppo_actor.py Peers), the critic partition's Task, the frozen
+reference / reward partitions and the async sampler. hcx_megatron/rlhf/ppo.py `run_ppo` gives each process its
+role.
 
 Partitions (hcx_megatron/rlhf/placement.py sizes them; hcx_megatron/distributed/partition.py builds them) are
 independent megatron worlds. Their leaders exchange whole rollout batches; inside a partition each
@@ -27,16 +30,16 @@ Every send here has its receive at a known point (gloo sends return once receive
 overflow and nothing is dropped: at a stop the actor and critic drain the rollouts the sampler has already
 sent before the frozen partitions are released.
 
-Checkpoints: the actor in --save, the critic in --save/critic (or --critic-save) at the same iterations; the
-critic tells the actor when its save is complete and the actor writes its tracker last. Mid-iteration
-saves keep each rank's rollout rows (ppo_rollouts/iter_N/{actor,critic}_rank_R.pt). Frozen partitions keep
-no state. Preemption: actor and critic agree every step; the frozen partitions and the sampler report their
+Checkpoints: the actor in --save, the critic in --save/critic at the same iterations (resumed from
+--load/critic, ppo_models.critic_config); the critic tells the actor when its save is complete and the actor's
+`CriticSaved` checkpointable waits for it, so the actor's tracker is written last. Mid-iteration saves keep each
+rank's rollout rows (SAVE/ppo_rollouts/iter_N/actor_rank_R.pt, SAVE/critic/ppo_rollouts/iter_N/critic_rank_R.pt).
+Frozen partitions keep no state. Preemption: actor and critic agree every step; the frozen partitions and the sampler report their
 signals with their next message, so a signal anywhere stops the job within one PPO iteration.
 """
 
 from __future__ import annotations
 
-import copy
 import datetime
 import os
 import shutil
@@ -44,19 +47,19 @@ import time
 from typing import Any
 
 import torch
-import torch.distributed as dist
-from megatron.core import dist_checkpointing
 from megatron.core import parallel_state as ps
 
-from hcx_megatron.config.args import CheckpointConfig, Config
+from hcx_megatron.config.args import Config
 from hcx_megatron.distributed.partition import Partition
 from hcx_megatron.model.builder import sync_params_before_read, unwrap
-from hcx_megatron.rlhf.common import load_model_weights, model_keys
+from hcx_megatron.rlhf.ppo_actor import CriticTask, Peers, RolloutBuffer, Schedule, critic_fields
+from hcx_megatron.rlhf.ppo_models import (build_reference, critic_root, read_prompts, reference_logprobs,
+                                          reward_scores, rollout_settings, rule_score_fn, with_run_vocabulary)
 from hcx_megatron.rlhf.rollout import (Rollout, RolloutProducer, RolloutSettings, assemble_rows, dp_rows,
-                                       finalize, forward_collect, scaled_logits, split_micro, take_rows,
-                                       token_logprobs)
+                                       finalize, split_micro, take_rows)
 from hcx_megatron.training import signals
-from hcx_megatron.training.checkpoint import SHARDING_METADATA
+from hcx_megatron.training.checkpoint import load_model_weights, save_model_weights
+from hcx_megatron.training.loop import TaskSetup
 
 TAG_SEQ, TAG_REF, TAG_SCORE, TAG_KL, TAG_ADV, TAG_STATS, TAG_VOTE, TAG_SAVED, TAG_WEIGHTS = range(1, 10)
 TAG_WEIGHT_TENSORS = 1000  # + parameter index, on the actor <-> rollout pair groups
@@ -137,26 +140,6 @@ def _param_list(chunks) -> list[torch.Tensor]:
     return [p for c in chunks for _, p in unwrap(c).named_parameters()]
 
 
-def save_weights_version(root: str, version: int, chunks) -> str:
-    """Weights-only dist checkpoint of version `version` (collective over the actor partition); returns its path,
-    which hcx_megatron.rlhf.common.load_model_weights reads under any layout."""
-    path = os.path.join(root, f"v_{version:07d}")
-    tmp = path + ".tmp"  # renamed once complete: a stopped run never leaves a partial version under its name
-    if dist.get_rank() == 0:
-        for stale in (tmp, path):
-            if os.path.exists(stale):
-                shutil.rmtree(stale)
-        os.makedirs(tmp)
-    dist.barrier()
-    sd = {key: unwrap(c).sharded_state_dict(metadata=SHARDING_METADATA) for key, c in zip(model_keys(chunks), chunks)}
-    dist_checkpointing.save(sd, tmp, content_metadata=SHARDING_METADATA)
-    dist.barrier()
-    if dist.get_rank() == 0:
-        os.replace(tmp, path)
-    dist.barrier()
-    return path
-
-
 def prune_weight_versions(root: str, keep_from: int | None) -> None:
     """Remove weights versions below `keep_from` (all with None): the sampler has loaded every version below
     v - s by the time the actor publishes v (it sampled rollout v - 1 with version v - 1 - s or later)."""
@@ -194,30 +177,52 @@ def sampler_consumers(part: Partition, include_actor: bool) -> list[str]:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# the actor's side
+# the actor's side: its Peers
 # ---------------------------------------------------------------------------------------------------------
-class ActorLink:
-    """What PPOActorTask calls when the other models live on other partitions."""
+class CriticSaved:
+    """Checkpointable of the actor: the critic saves on its own partition at the same iteration, in parallel
+    with the actor; the actor's tracker waits until the critic reports that save complete."""
 
-    def __init__(self, part: Partition, settings: RolloutSettings, producer: RolloutProducer | None,
-                 device: str, steps_per_rollout: int, total_rollouts: int, max_staleness: int | None,
-                 weight_transfer: str | None = None, weights_dir: str | None = None):
-        self.part, self.s, self.producer, self.device = part, settings, producer, device
-        self.spr, self.total = steps_per_rollout, total_rollouts
-        self.staleness = max_staleness  # None: sync (this partition samples)
+    name = "critic"
+
+    def __init__(self, part: Partition):
+        self.part = part
+
+    def save(self, ckpt_tmp_dir: str, iteration: int) -> None:
+        if self.part.is_leader:
+            got = self.part.recv("critic", TAG_SAVED)
+            if got != iteration:
+                raise RuntimeError(f"actor: the critic saved iteration {got}, the actor is saving {iteration}")
+
+    def load(self, ckpt_dir: str, iteration: int) -> None:
+        pass  # the critic partition resumes its own checkpoint (ppo_models.critic_resume_dir)
+
+
+class PartitionPeers(Peers):
+    """The critic, reference, reward (and async rollout) partitions, seen from the actor partition."""
+
+    def __init__(self, part: Partition, opts, schedule, weight_transfer: str | None, weights_dir: str | None):
+        self.part, self.opts, self.schedule = part, opts, schedule
+        self.staleness = opts.max_staleness if opts.async_rollouts else None  # None: sync (the actor samples)
         self.transfer, self.weights_dir = weight_transfer, weights_dir  # async: "p2p" | "checkpoint"
+        self.saved = CriticSaved(part)
+        self.producer: RolloutProducer | None = None
+        self.settings: RolloutSettings | None = None
+        self.ctx = None
+        self.device = "cpu"
+        self.first = self.completed0 = 0
         self._works: list = []
+        self._keep: list = []
 
-    @property
-    def is_async(self) -> bool:
-        return self.staleness is not None
-
-    def start(self, ctx) -> None:
-        self.ctx = ctx
-        self.completed0 = ctx.iteration // self.spr
-        self.first = -(-ctx.iteration // self.spr)  # rollouts consumed before this run
-        if self.is_async:
-            self._publish(self.completed0, first=self.first)
+    def start(self, ctx, tokenizer, prompts, first_rollout: int) -> None:
+        self.ctx, self.device = ctx, ctx.device
+        self.settings = rollout_settings(ctx.cfg, self.opts, tokenizer)
+        if self.staleness is None:  # sync: the actor samples (a rule reward is scored where the tokens are)
+            self.producer = RolloutProducer(self.settings, prompts, None, rule_score_fn(self.opts, ctx.device),
+                                            ctx.device, ps.get_data_parallel_rank(), ps.get_data_parallel_world_size())
+        self.first, self.completed0 = first_rollout, ctx.iteration // self.schedule.steps_per_rollout
+        if self.staleness is not None:
+            self._publish(self.completed0, first=first_rollout)
 
     # -- async weights ------------------------------------------------------------------------------------
     def _publish(self, version: int, first: int | None = None) -> None:
@@ -230,20 +235,19 @@ class ActorLink:
         sync_params_before_read(self.ctx.chunks)  # both transfers read the parameters directly
         if self.transfer == "p2p":  # same layout: rank j's shards to rank j
             pair = self.part.pair("rollout")
-            tensors = [p.detach().to("cpu", copy=True) for p in _param_list(self.ctx.chunks)]
-            self._works = [pair.send([t], 1, TAG_WEIGHT_TENSORS + i) for i, t in enumerate(tensors)]
-            self._keep = tensors
+            self._keep = [p.detach().to("cpu", copy=True) for p in _param_list(self.ctx.chunks)]
+            self._works = [pair.send([t], 1, TAG_WEIGHT_TENSORS + i) for i, t in enumerate(self._keep)]
         else:  # another layout: a weights-only dist checkpoint, loaded resharded on the other side
-            header["path"] = save_weights_version(self.weights_dir, version, self.ctx.chunks)
-            if self.part.is_leader and self.staleness is not None:
+            header["path"] = save_model_weights(os.path.join(self.weights_dir, f"v_{version:07d}"), self.ctx.chunks)
+            if self.part.is_leader:
                 prune_weight_versions(self.weights_dir, keep_from=version - self.staleness)
         if self.part.is_leader:
             self._works.append(self.part.isend("rollout", TAG_WEIGHTS, header))
 
     # -- per rollout ----------------------------------------------------------------------------------------
     def rollout(self, r: int, kl_coef: float) -> Rollout:
-        part, s = self.part, self.s
-        if self.is_async:
+        part, s = self.part, self.settings
+        if self.staleness is not None:
             msg = part.broadcast(part.recv("rollout", TAG_SEQ) if part.is_leader else None)
             if msg["index"] != r:
                 raise RuntimeError(f"actor: expected rollout {r} from the rollout partition, got {msg['index']}")
@@ -267,7 +271,7 @@ class ActorLink:
         ro.exchange_seconds = time.time() - start
         return ro
 
-    def critic_stats(self, r: int) -> dict[str, float]:
+    def rollout_stats(self, r: int) -> dict[str, float]:
         got = self.part.broadcast(self.part.recv("critic", TAG_STATS) if self.part.is_leader else None)
         if got["index"] != r:
             raise RuntimeError(f"actor: expected critic statistics of rollout {r}, got {got['index']}")
@@ -275,7 +279,7 @@ class ActorLink:
 
     def rollout_done(self, ctx, r: int) -> None:
         version = r + 1
-        if self.is_async and version + self.staleness < self.total:
+        if self.staleness is not None and version + self.staleness < self.schedule.total_rollouts:
             self._publish(version)
 
     # -- stopping and saving ------------------------------------------------------------------------------
@@ -286,20 +290,16 @@ class ActorLink:
             preempted = bool(part.recv("critic", TAG_VOTE)) or preempted
         return bool(part.broadcast(preempted))
 
-    def wait_critic_saved(self, iteration: int) -> None:
-        if self.part.is_leader:
-            got = self.part.recv("critic", TAG_SAVED)
-            if got != iteration:
-                raise RuntimeError(f"actor: the critic saved iteration {got}, the actor is saving {iteration}")
+    def checkpointables(self) -> list:
+        return [self.saved]
 
     def finish(self, iteration: int, code: int) -> None:
         """Release the other partitions: drain what the async sampler already sent, then stop it (it stops the
-        frozen partitions), or stop the frozen partitions directly."""
-        part = self.part
-        if self.is_async:
-            consumed = -(-iteration // self.spr)
-            for _ in async_in_flight(self.completed0, self.first, consumed, iteration // self.spr, self.total,
-                                     self.staleness):
+        frozen partitions), or stop the frozen partitions directly; then wait for the whole job."""
+        part, spr = self.part, self.schedule.steps_per_rollout
+        if self.staleness is not None:
+            for _ in async_in_flight(self.completed0, self.first, -(-iteration // spr), iteration // spr,
+                                     self.schedule.total_rollouts, self.staleness):
                 if part.is_leader:
                     part.recv("rollout", TAG_SEQ)
             for w in self._works:
@@ -309,70 +309,56 @@ class ActorLink:
                 if self.transfer == "checkpoint":
                     prune_weight_versions(self.weights_dir, keep_from=None)
         elif part.is_leader:
-            for name in ("reference", "reward"):
-                if part.has(name):
-                    part.send(name, TAG_SEQ, {"stop": code})
+            _stop_frozen(part, code)
+        part.job_barrier()
 
 
 # ---------------------------------------------------------------------------------------------------------
 # the critic partition
 # ---------------------------------------------------------------------------------------------------------
-class SeparateCriticTask:
+class CriticPartitionTask(CriticTask):
     """The critic's own training loop (the shared loop, like the actor's): at each rollout it takes the sampled
     batch, the reference log-probs, the scores and the actor's KL coefficient, computes values, GAE and
     whitened advantages for the actor, then trains on its own minibatches step for step with the actor."""
 
-    metric_keys = ["lm loss", "value loss", "value clip frac"]
-
-    def __init__(self, args, part: Partition, settings: RolloutSettings, spr: int, mpe: int, total_rollouts: int,
-                 critic_root: str | None):
-        from hcx_megatron.rlhf.ppo import CriticTask
-
-        self.base = CriticTask(args.value_clip_range)
-        self.critic_root = critic_root
-        self.args, self.part, self.s = args, part, settings
-        self.spr, self.mpe, self.total = spr, mpe, total_rollouts
+    def __init__(self, opts, part: Partition, schedule: Schedule, role_cfg: Config):
+        super().__init__(opts.value_clip_range, role_cfg)
+        self.opts, self.part, self.schedule = opts, part, schedule
         self.sampler = "rollout" if part.has("rollout") else "actor"
         self.rollout: Rollout | None = None
-        self._acc: dict[str, list[float]] = {}
+        self.acc: dict[str, list[float]] = {}
+        self.buffer = RolloutBuffer("critic", self, schedule)
+        self.settings: RolloutSettings | None = None
+        self.device = "cpu"
+        self.ctx = None
+        self.first = self.completed0 = 0
+        self.returned: int | None = None  # the loop's exit code once training returned
         self._signalled = False  # a frozen partition or the sampler reported a signal
-        self._pending: dict[str, Any] = {}
+        self.buffer.roots(critic_root(role_cfg.checkpoint.save), critic_root(role_cfg.checkpoint.load))
 
-    # -- the loop's Task interface --------------------------------------------------------------------------
-    def setup(self, cfg: Config, device: str) -> None:
-        self.cfg, self.device = cfg, device
-        self.base.setup(cfg, device)
+    def setup(self, cfg: Config, device: str) -> TaskSetup:
+        vocab_cfg, tokenizer = with_run_vocabulary(self.vocab_source)
+        self.settings = rollout_settings(vocab_cfg, self.opts, tokenizer)
+        self.device = self.buffer.device = device
+        return TaskSetup(vocab_size=vocab_cfg.model.vocab_size)
 
-    def model_factory(self, cfg, impl):
-        return self.base.model_factory(cfg, impl)
+    def checkpointables(self) -> list:
+        return [self.buffer]
 
-    def forward_step(self, data_iterator, model):
-        return self.base.forward_step(data_iterator, model)
-
-    def eval_batches(self, eval_index):
-        return []
-
-    def attach(self, ctx) -> None:
-        from hcx_megatron.rlhf.ppo import load_mid_rollout, rollout_file
-
+    def before_train(self, ctx) -> None:
         self.ctx = ctx
-        self.first = -(-ctx.iteration // self.spr)
-        self.completed0 = ctx.iteration // self.spr
-        if self._pending.get("mid_rollout"):
-            self.rollout, self._acc = load_mid_rollout(rollout_file(self.critic_root, ctx.iteration, "critic"),
-                                                       self.device)
+        ctx.writer.label = "[critic] "
+        self.first = self.schedule.first_rollout(ctx.iteration)
+        self.completed0 = ctx.iteration // self.schedule.steps_per_rollout
 
     def train_batches(self, k: int):
-        from hcx_megatron.rlhf.ppo import critic_fields, minibatch
-
-        r = k // self.spr
+        r = self.schedule.rollout_of(k)
         if self.rollout is None or self.rollout.index != r:
-            self.rollout, self._acc = self._receive(r), {}
-        t = self.cfg.training
-        return minibatch(self.rollout, k, self.spr, self.mpe, t.seed, t.micro_batch_size, critic_fields(self.rollout))
+            self.rollout, self.acc = self._receive(r), {}
+        return self.schedule.batches(self.rollout, k, critic_fields(self.rollout))
 
     def _receive(self, r: int) -> Rollout:
-        part, s = self.part, self.s
+        part, s = self.part, self.settings
         bundle = None
         if part.is_leader:
             seq = part.recv(self.sampler, TAG_SEQ)
@@ -400,9 +386,9 @@ class SeparateCriticTask:
 
     def on_step(self, ctx, record: dict) -> None:
         for key in ("value_loss", "value_clip_frac"):
-            self._acc.setdefault(key, []).append(record[key])
-        if ctx.iteration % self.spr == 0 and self.part.is_leader:
-            stats = {k: sum(v) / len(v) for k, v in self._acc.items()}
+            self.acc.setdefault(key, []).append(record[key])
+        if ctx.iteration % self.schedule.steps_per_rollout == 0 and self.part.is_leader:
+            stats = {k: sum(v) / len(v) for k, v in self.acc.items()}
             self.part.send("actor", TAG_STATS, {"index": self.rollout.index, "stats": stats})
 
     def agree_stop(self, preempted: bool) -> bool:
@@ -412,42 +398,42 @@ class SeparateCriticTask:
             mine = preempted or self._signalled
             part.send("actor", TAG_VOTE, mine)
             preempted = mine or other
-        return bool(part.broadcast(preempted))
+        stop = bool(part.broadcast(preempted))
+        if stop:
+            self.returned = signals.EXIT_CODE_PREEMPTED  # the loop saves and returns it
+        return stop
 
     def after_save(self, ctx) -> None:
         if self.part.is_leader:
             self.part.send("actor", TAG_SAVED, ctx.iteration)
 
     def state_dict(self) -> dict[str, Any]:
-        from hcx_megatron.rlhf.ppo import rollout_file, save_mid_rollout
+        return {"ppo_critic": {"steps_per_rollout": self.schedule.steps_per_rollout}}
 
-        k = self.ctx.iteration
-        mid = k % self.spr != 0 and self.rollout is not None
-        if mid:
-            save_mid_rollout(rollout_file(self.cfg.checkpoint.save, k, "critic"), self.rollout, self._acc)
-            dist.barrier()
-        return {"ppo_critic": {"mid_rollout": mid, "steps_per_rollout": self.spr}}
+    def after_train(self, ctx) -> None:
+        self.returned = 0
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self._pending = state.get("ppo_critic") or {}
-
-    def finish(self, iteration: int) -> None:
-        """Async: take (and drop) the rollouts the sampler and the frozen partitions already sent."""
-        if self.sampler != "rollout" or not self.part.is_leader:
+    def close(self) -> None:
+        """Once training returned (not on an error): take (and drop) the rollouts the async sampler and the
+        frozen partitions already sent; then wait for the whole job."""
+        if self.returned is None:
             return
-        consumed = -(-iteration // self.spr)
-        for _ in async_in_flight(self.completed0, self.first, consumed, iteration // self.spr, self.total,
-                                 self.args.max_staleness):
-            self.part.recv(self.sampler, TAG_SEQ)
-            self.part.recv("reference", TAG_REF)
-            if self.part.has("reward"):
-                self.part.recv("reward", TAG_SCORE)
+        spr, part, iteration = self.schedule.steps_per_rollout, self.part, self.ctx.iteration
+        if self.sampler == "rollout" and part.is_leader:
+            for _ in async_in_flight(self.completed0, self.first, -(-iteration // spr), iteration // spr,
+                                     self.schedule.total_rollouts, self.opts.max_staleness):
+                part.recv(self.sampler, TAG_SEQ)
+                part.recv("reference", TAG_REF)
+                if part.has("reward"):
+                    part.recv("reward", TAG_SCORE)
+        part.job_barrier()
 
 
 # ---------------------------------------------------------------------------------------------------------
 # frozen partitions: reference log-probs, reward-model scores
 # ---------------------------------------------------------------------------------------------------------
-def serve_frozen(part: Partition, role: str, chunks, settings: RolloutSettings, device: str, scorer=None) -> int:
+def serve_frozen(part: Partition, role: str, settings: RolloutSettings, device: str, reference=None,
+                 scorer=None) -> int:
     """Answer every rollout batch the sampler sends until it says stop; returns the job's exit code."""
     s = settings
     sampler = "rollout" if part.has("rollout") else "actor"
@@ -462,15 +448,7 @@ def serve_frozen(part: Partition, role: str, chunks, settings: RolloutSettings, 
         rows = local_rows({k: msg["batch"][k] for k in ("tokens", "labels", "mask", "lengths")}, s.seq_multiple,
                           device)
         micro = split_micro(rows, s.micro_batch)
-        if role == "reference":
-            out = forward_collect(chunks, micro, lambda o, b: token_logprobs(
-                scaled_logits(o, s.temperature, s.vocab_size), b["labels"]))
-            out = None if out is None else out * rows["mask"]
-        else:
-            from hcx_megatron.model.heads import sequence_scores
-
-            raw = forward_collect(chunks, micro, lambda o, b: sequence_scores(o.float(), b["lengths"]))
-            out = None if raw is None else scorer.calibration.normalise(raw, scorer.clip)
+        out = reference_logprobs(reference, micro, s) if role == "reference" else reward_scores(scorer, micro)
         flag = signals.any_rank_received(device)
         full = gather_batch(part, s.rollout_batch, None if out is None else {name: out})
         if part.is_leader:
@@ -534,109 +512,47 @@ def _stop_frozen(part: Partition, code: int) -> int:
 # ---------------------------------------------------------------------------------------------------------
 # one process's role
 # ---------------------------------------------------------------------------------------------------------
-def critic_config(cfg: Config, args, critic_root: str | None, resume: int | None) -> Config:
-    from hcx_megatron.training.checkpoint import checkpoint_dir
-
-    c = copy.deepcopy(cfg)
-    c.training.lr = args.critic_lr or cfg.training.lr
-    c.training.min_lr = min(cfg.training.min_lr, c.training.lr)
-    load = checkpoint_dir(critic_root, resume) if resume is not None else None
-    c.checkpoint = CheckpointConfig(save=critic_root, load=load, save_interval=cfg.checkpoint.save_interval)
-    c.logging.metrics_jsonl = c.logging.tensorboard_dir = None
-    return c
-
-
-def run_separate(cfg: Config, args, placement, spr: int, mpe: int, resume: int | None,
-                 critic_root: str | None) -> int:
-    """Start this process's partition and run its role. Every process of the job calls this."""
+def start_partition(cfg: Config, placement):
+    """Cut the launcher's world into the placement's partitions; returns this process's Partition."""
     from hcx_megatron.config.args import resolve_device
     from hcx_megatron.distributed.env import resolve_dist_env
-    from hcx_megatron.distributed.initialize import initialize_distributed, shutdown
     from hcx_megatron.distributed.partition import init_partitions, layout_blocks
-    from hcx_megatron.model.builder import build_model
-    from hcx_megatron.pretrain import load_run_tokenizer
-    from hcx_megatron.rlhf.common import freeze
-    from hcx_megatron.rlhf.placement import role_config, rollout_weight_transfer
-    from hcx_megatron.rlhf.ppo import PPOActorTask, _score_fn, read_prompts, rollout_settings
-    from hcx_megatron.training.loop import setup, train
 
-    env = resolve_dist_env()
     blocks = layout_blocks([(name, r.ranks) for name, r in placement.roles.items()])
-    device = resolve_device(cfg.runtime.device)
-    part = init_partitions(env, blocks, "gloo" if device == "cpu" else "nccl",
+    backend = "gloo" if resolve_device(cfg.runtime.device) == "cpu" else "nccl"
+    return init_partitions(resolve_dist_env(), blocks, backend,
                            datetime.timedelta(minutes=cfg.runtime.distributed_timeout_minutes))
-    role = part.name
-    rcfg = role_config(cfg, role, placement.roles[role], args.rollout_batch_size)
-    total = cfg.training.train_iters // spr
-    rule = _score_fn(args, None, device) if args.rule_reward else None
-    transfer = rollout_weight_transfer(placement, cfg)
-    weights_dir = args.rollout_weights_dir or (os.path.join(cfg.checkpoint.save, "rollout_weights")
-                                               if cfg.checkpoint.save else None)
 
-    if role == "actor":
-        task = PPOActorTask(args, spr, mpe)
-        task.critic_root = None
-        ctx = setup(rcfg, task)
-        if resume is None and args.sft_checkpoint:
-            load_model_weights(args.sft_checkpoint, ctx.chunks)
-            ctx.optimizer.reload_model_params()
-        settings = rollout_settings(rcfg, args, task.tokenizer)
-        producer = None if args.async_rollouts else RolloutProducer(
-            settings, task.prompts, None, rule, ctx.device, ps.get_data_parallel_rank(),
-            ps.get_data_parallel_world_size())
-        link = ActorLink(part, settings, producer, ctx.device, spr, total,
-                         args.max_staleness if args.async_rollouts else None, transfer, weights_dir)
-        task.attach_separate(ctx, link)
-        ctx.writer.write({"kind": "event", "event": "placement", "mode": "separate",
-                          "roles": {k: vars(v) for k, v in placement.roles.items()}, "iteration": ctx.iteration})
-        if part.is_leader:
-            print(f"[ppo] placement: {placement.describe()}; {spr} optimizer steps per PPO iteration; "
-                  + (f"async rollouts, max staleness {args.max_staleness}" if args.async_rollouts
-                     else "sync rollouts"), flush=True)
-        try:
-            code = train(ctx, task, on_step=task.on_step)
-        finally:
-            ctx.writer.close()
-        link.finish(ctx.iteration, code)
-    elif role == "critic":
-        settings = rollout_settings(rcfg, args, load_run_tokenizer(rcfg))
-        task = SeparateCriticTask(args, part, settings, spr, mpe, total, critic_root)
-        ctx = setup(critic_config(rcfg, args, critic_root, resume), task)
-        ctx.writer.label = "[critic] "
-        if resume is None:
-            if args.rm_checkpoint:
-                load_model_weights(args.rm_checkpoint, ctx.chunks)
-            elif args.sft_checkpoint:
-                load_model_weights(args.sft_checkpoint, ctx.chunks, allow_missing=("value_head.",))
-            ctx.optimizer.reload_model_params()
-        task.attach(ctx)
-        code = train(ctx, task, on_step=task.on_step)
-        task.finish(ctx.iteration)
+
+def serve_role(part: Partition, rcfg: Config, opts, schedule: Schedule, transfer: str | None,
+               sft_checkpoint: str | None) -> int:
+    """A partition that trains nothing: reference, reward, or the async sampler. Returns the exit code."""
+    from hcx_megatron.config.args import resolve_device
+    from hcx_megatron.distributed.initialize import initialize_distributed, shutdown
+
+    device = resolve_device(rcfg.runtime.device)
+    initialize_distributed(rcfg)
+    signals.install_handlers()  # a signal is reported to the critic with the next answer, never fatal here
+    cfg, tokenizer = with_run_vocabulary(rcfg)
+    settings = rollout_settings(cfg, opts, tokenizer)
+    if part.name == "reward":
+        from hcx_megatron.rlhf.reward import RewardScorer
+
+        scorer = RewardScorer.load(opts.rm_checkpoint, cfg, device, opts.reward_clip)
+        code = serve_frozen(part, "reward", settings, device, scorer=scorer)
     else:
-        initialize_distributed(rcfg)
-        signals.install_handlers()  # a signal is reported to the critic with the next answer, never fatal here
-        tokenizer = load_run_tokenizer(rcfg)
-        settings = rollout_settings(rcfg, args, tokenizer)
-        if role == "reward":
-            from hcx_megatron.rlhf.reward import RewardScorer
-
-            scorer = RewardScorer.load(args.rm_checkpoint, rcfg, device, args.reward_clip)
-            code = serve_frozen(part, role, scorer.chunks, settings, device, scorer)
-        else:
-            chunks = build_model(rcfg, device, wrap_ddp=False).chunks
-            if args.sft_checkpoint:  # without one: the actor's own seeded initialisation (same seed, any layout)
-                load_model_weights(args.sft_checkpoint, chunks)
-            freeze(chunks)
-            if role == "reference":
-                code = serve_frozen(part, role, chunks, settings, device)
-            else:  # rollout: the async sampler, a copy of the actor that receives its weights
-                producer = RolloutProducer(settings, read_prompts(args.prompt_data, tokenizer), None, rule, device,
-                                           ps.get_data_parallel_rank(), ps.get_data_parallel_world_size())
-                code = run_sampler(part, producer, chunks, total, args.max_staleness, transfer)
+        chunks = build_reference(cfg, device, sft_checkpoint)  # the rollout partition's weights arrive later
+        if part.name == "reference":
+            code = serve_frozen(part, "reference", settings, device, reference=chunks)
+        else:  # rollout: the async sampler, a copy of the actor that receives its weights
+            producer = RolloutProducer(settings, read_prompts(opts.prompt_data, tokenizer), None,
+                                       rule_score_fn(opts, device), device, ps.get_data_parallel_rank(),
+                                       ps.get_data_parallel_world_size())
+            code = run_sampler(part, producer, chunks, schedule.total_rollouts, opts.max_staleness, transfer)
     part.job_barrier()
     shutdown()
     return code
 
 
-__all__ = ["run_separate", "ActorLink", "SeparateCriticTask", "serve_frozen", "run_sampler", "async_in_flight",
-           "sampler_version", "gather_batch", "local_rows", "critic_config", "SAMPLE_FIELDS"]
+__all__ = ["PartitionPeers", "CriticPartitionTask", "CriticSaved", "serve_frozen", "run_sampler", "serve_role",
+           "start_partition", "async_in_flight", "sampler_version", "gather_batch", "local_rows", "SAMPLE_FIELDS"]

@@ -1,7 +1,7 @@
 """Reward model driver: `python -m hcx_megatron.rlhf.reward` (console script `hcx-reward`).
 
 Bradley-Terry reward model on the shared training loop: a decoder initialised from an SFT checkpoint
-(--sft-checkpoint) with a fresh scalar head on the last pipeline stage (hcx_megatron.model.heads). For each
+(--sft-checkpoint, the same flag as --pretrained-checkpoint; its model shape is the run's) with a fresh scalar head on the last pipeline stage (hcx_megatron.model.heads). For each
 prompt, all K(K-1)/2 comparisons of its ranked responses are in the same optimisation step; the loss is
 -log sigmoid(r_better - r_worse) averaged over the pairs of the global batch. One epoch by default (the HCX /
 InstructGPT finding: reward models overfit after one). --global-batch-size and --micro-batch-size count PROMPTS.
@@ -19,26 +19,26 @@ Example (2 CPU processes, data parallel):
 from __future__ import annotations
 
 import math
+import sys
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from megatron.core import parallel_state as ps
 
-from hcx_megatron.config.args import Config, parse_config
+from hcx_megatron.config.args import Config, ConfigError, explicit_model_flags, parse_config, validate_config
+from hcx_megatron.config.frozen import freeze
 from hcx_megatron.config.sequence import sequence_multiple_for
 from hcx_megatron.data.preference import (LoadStats, PreferenceBatcher, build_example, chat_renderer,
                                           eval_shards, read_preference_jsonl, split_indices)
 from hcx_megatron.model.heads import scalar_head_factory, sequence_scores
-from hcx_megatron.pretrain import load_run_tokenizer, to_device
-from hcx_megatron.rlhf.common import (apply_checkpoint_model_shape, flag_given, load_model_weights, rank0,
-                                      reject_context_parallel, reject_pretraining_loader_flags,
-                                      with_data_flag)
-from hcx_megatron.training.checkpoint import read_latest_iteration
-from hcx_megatron.training.loop import StepBatches, TrainContext, evaluate, main_wrapper, setup, train
+from hcx_megatron.pretrain import load_run_tokenizer, run_vocab_size, to_device
+from hcx_megatron.rlhf.common import (apply_checkpoint_model_shape, flag_given, rank0, reject_context_parallel,
+                                      reject_pretraining_loader_flags)
+from hcx_megatron.training.loop import (StepBatches, TaskBase, TaskSetup, TrainContext, evaluate, main_wrapper, run,
+                                        start_of_run)
 
 CALIBRATION_KEY = "reward_calibration"
 
@@ -55,7 +55,24 @@ def add_reward_args(parser) -> None:
     g.add_argument("--rm-epochs", type=float, default=1.0,
                    help="epochs over the training prompts (sets --train-iters unless that is given)")
     g.add_argument("--reward-clip", type=float, default=5.0, help="normalised rewards are clipped to +-this")
-    g.add_argument("--sft-checkpoint", default=None, help="initialise the backbone from this SFT checkpoint")
+    g.add_argument("--sft-checkpoint", dest="pretrained_checkpoint", default=None,
+                   help="initialise the backbone from this SFT checkpoint (= --pretrained-checkpoint)")
+
+
+@dataclass(frozen=True)
+class RMOptions:
+    preference_data: str
+    preference_valid_data: str | None = None
+    valid_fraction: float = 0.05
+    calibration_data: str | None = None
+    rm_epochs: float = 1.0
+    reward_clip: float = 5.0
+
+
+def rm_options_from_args(ns) -> RMOptions:
+    return RMOptions(preference_data=ns.preference_data, preference_valid_data=ns.preference_valid_data,
+                     valid_fraction=ns.valid_fraction, calibration_data=ns.calibration_data, rm_epochs=ns.rm_epochs,
+                     reward_clip=ns.reward_clip)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -96,30 +113,31 @@ class Calibration:
 # ---------------------------------------------------------------------------------------------------------
 # task
 # ---------------------------------------------------------------------------------------------------------
-class RewardModelTask:
+class RewardModelTask(TaskBase):
     metric_keys = ["lm loss", "rm loss", "pair acc", "reward mean", "reward sq"]
+    new_parameters = ("value_head.",)  # a start from an SFT checkpoint: the backbone loads, the head is new
 
-    def __init__(self, args):
-        self.args = args
+    def __init__(self, opts: RMOptions):
+        self.opts = opts
         self.calibration: Calibration | None = None
         self.mode = "valid"  # eval_batches serves the validation split, or the calibration set
 
-    def setup(self, cfg: Config, device: str) -> None:
+    def setup(self, cfg: Config, device: str) -> TaskSetup:
         self.cfg, self.device = cfg, device
         self.tokenizer = load_run_tokenizer(cfg)
         render = chat_renderer(self.tokenizer)
         seq = cfg.training.seq_length
-        records = read_preference_jsonl(self.args.preference_data)
-        if self.args.preference_valid_data:
-            train_idx, valid_recs = list(range(len(records))), read_preference_jsonl(self.args.preference_valid_data)
+        records = read_preference_jsonl(self.opts.preference_data)
+        if self.opts.preference_valid_data:
+            train_idx, valid_recs = list(range(len(records))), read_preference_jsonl(self.opts.preference_valid_data)
         else:
-            train_idx, valid_idx = split_indices(len(records), self.args.valid_fraction, cfg.training.seed)
+            train_idx, valid_idx = split_indices(len(records), self.opts.valid_fraction, cfg.training.seed)
             valid_recs = [records[i] for i in valid_idx]
         self.stats = LoadStats()
         build = lambda recs: [build_example(*r, render, seq, self.stats, where) for where, r in recs]  # noqa: E731
         self.train_examples = build([records[i] for i in train_idx])
         self.valid_examples = build(valid_recs)
-        self.calib_examples = (build(read_preference_jsonl(self.args.calibration_data)) if self.args.calibration_data
+        self.calib_examples = (build(read_preference_jsonl(self.opts.calibration_data)) if self.opts.calibration_data
                                else self.valid_examples or self.train_examples)
         self.dp_rank, self.dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
         multiple = sequence_multiple_for(cfg)  # rows pad to the layout's sequence multiple (SP/CP/FP8)
@@ -133,6 +151,7 @@ class RewardModelTask:
             print(f"[reward] {len(self.train_examples)} train / {len(self.valid_examples)} valid prompts, "
                   f"{s.pairs} comparisons, {s.prompt_truncated} prompts / {s.response_truncated} responses "
                   f"truncated to --seq-length {seq}; {self.batcher.steps_per_epoch} steps per epoch", flush=True)
+        return TaskSetup(vocab_size=run_vocab_size(cfg, self.tokenizer))
 
     def model_factory(self, cfg, impl):
         return scalar_head_factory(cfg, impl)
@@ -178,13 +197,13 @@ class RewardModelTask:
             cal = self.calibrate(ctx)
             ctx.writer.write({"kind": "event", "event": "reward_calibration", "iteration": ctx.iteration,
                               "mean": cal.mean, "std": cal.std, "count": cal.count,
-                              "reward_clip": self.args.reward_clip})
+                              "reward_clip": self.opts.reward_clip})
             if rank0():
                 print(f"[reward] calibration over {cal.count} prompts' responses: mean {cal.mean:.4f} "
                       f"std {cal.std:.4f} (stored with the checkpoint)", flush=True)
 
     def state_dict(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"reward_clip": self.args.reward_clip}
+        out: dict[str, Any] = {"reward_clip": self.opts.reward_clip}
         if self.calibration is not None:
             out[CALIBRATION_KEY] = {"mean": self.calibration.mean, "std": self.calibration.std,
                                     "count": self.calibration.count}
@@ -236,43 +255,44 @@ class RewardScorer:
 # ---------------------------------------------------------------------------------------------------------
 # driver
 # ---------------------------------------------------------------------------------------------------------
-def main(argv=None) -> int:
-    from hcx_megatron.distributed.initialize import shutdown
-
-    argv = with_data_flag(argv)
-    cfg, args = parse_config(argv, extra_args=add_reward_args, description="HCX reward model (Bradley-Terry)")
+def resolve_reward_config(argv, world_size: int) -> tuple[Config, RMOptions]:
+    """parse -> resolve (the model shape of the checkpoint the run starts from: its own on resume, else the SFT
+    checkpoint; --train-iters from --rm-epochs) -> validate once -> freeze."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    cfg, ns = parse_config(argv, extra_args=add_reward_args, description="HCX reward model (Bradley-Terry)",
+                           world_size=world_size, validate=False)
+    opts = rm_options_from_args(ns)
     reject_context_parallel(cfg, "hcx-reward")
     reject_pretraining_loader_flags(cfg, "hcx-reward")
-    if args.sft_checkpoint:
-        apply_checkpoint_model_shape(cfg, args.sft_checkpoint)
-    if not args.tokenizer_model:
+    if not cfg.data.tokenizer_model:
         raise SystemExit("hcx-reward: --tokenizer-model is required (preference data are chat text)")
-    cfg.training.variable_seq_lengths = True  # micro-batches hold different numbers and lengths of sequences
-    if not flag_given(argv, "--train-iters"):
-        n = len(read_preference_jsonl(args.preference_data))
-        if not args.preference_valid_data:
-            n = len(split_indices(n, args.valid_fraction, cfg.training.seed)[0])
-        cfg.training.train_iters = max(1, math.ceil(args.rm_epochs * (n // cfg.training.global_batch_size)))
-    task = RewardModelTask(args)
-    ctx = setup(cfg, task)
-    resumed = read_latest_iteration(cfg.checkpoint.load) is not None if cfg.checkpoint.load else False
-    if args.sft_checkpoint and not resumed:
-        skipped = load_model_weights(args.sft_checkpoint, ctx.chunks, allow_missing=("value_head.",))
-        ctx.optimizer.reload_model_params()
-        if rank0():
-            print(f"[reward] backbone from {args.sft_checkpoint}; fresh head: {skipped}", flush=True)
     try:
-        code = train(ctx, task, on_step=task.on_step)
-    finally:
-        ctx.writer.close()
-    dist.barrier()
-    shutdown()
-    return code
+        start = start_of_run(cfg)
+        if start.path is not None:
+            apply_checkpoint_model_shape(cfg, start.path, explicit_model_flags(ns))
+        cfg.training.variable_seq_lengths = True  # micro-batches hold different numbers and lengths of sequences
+        if not flag_given(argv, "--train-iters"):
+            n = len(read_preference_jsonl(opts.preference_data))
+            if not opts.preference_valid_data:
+                n = len(split_indices(n, opts.valid_fraction, cfg.training.seed)[0])
+            cfg.training.train_iters = max(1, math.ceil(opts.rm_epochs * (n // cfg.training.global_batch_size)))
+        validate_config(cfg)
+    except (ConfigError, FileNotFoundError) as exc:
+        raise SystemExit(f"hcx-reward: error: {exc}") from None
+    return freeze(cfg), opts
+
+
+def main(argv=None) -> int:
+    from hcx_megatron.distributed.env import world_size_from_env
+
+    cfg, opts = resolve_reward_config(argv, world_size_from_env())
+    return run(cfg, RewardModelTask(opts))
 
 
 if __name__ == "__main__":  # the dist-checkpoint writer spawns processes: keep this guard
     main_wrapper(main)
 
 
-__all__ = ["RewardModelTask", "RewardScorer", "Calibration", "bradley_terry_terms", "rm_loss_func", "main",
-           "add_reward_args", "CALIBRATION_KEY"]
+__all__ = ["RewardModelTask", "RewardScorer", "Calibration", "RMOptions", "rm_options_from_args",
+           "resolve_reward_config", "bradley_terry_terms", "rm_loss_func", "main", "add_reward_args",
+           "CALIBRATION_KEY"]

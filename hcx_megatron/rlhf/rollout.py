@@ -360,10 +360,12 @@ class AsyncRollouts:
     only its own weight snapshot and frozen models, and uses no collectives (TP = PP = 1 required), so it
     never races the learner's process groups."""
 
-    def __init__(self, producer: RolloutProducer, snapshot_chunks, first: int, last: int, max_staleness: int):
+    def __init__(self, produce: Callable[[int, Sequence, int], Rollout], snapshot_chunks, first: int, last: int,
+                 max_staleness: int):
+        """produce(r, policy_chunks, version) -> rollout r, sampled and scored (e.g. RolloutProducer.produce)."""
         if max_staleness < 1:
             raise ValueError("--max-staleness must be >= 1 with --async-rollouts")
-        self.producer, self.snapshot = producer, snapshot_chunks
+        self.produce, self.snapshot = produce, snapshot_chunks
         self.max_staleness = max_staleness
         self.q: queue.Queue = queue.Queue(maxsize=max_staleness)
         self._cv = threading.Condition()
@@ -402,7 +404,7 @@ class AsyncRollouts:
                 if weights is not None:
                     for c, w in zip(self.snapshot, weights):
                         unwrap(c).load_state_dict(w, strict=False)
-                ro = self.producer.produce(r, self.snapshot, version)
+                ro = self.produce(r, self.snapshot, version)
                 while not self._stop:
                     try:
                         self.q.put(ro, timeout=0.5)

@@ -1,14 +1,11 @@
 """Synthetic RLHF data with known answers (tests, CPU demos): preference data whose better response follows a
-hidden rule, PPO prompt files, and small launch helpers for tests."""
+hidden rule, PPO prompt files and rule rewards. (Tests launch processes with tests/torchrun_utils.py.)"""
 
 from __future__ import annotations
 
 import json
-import os
 import random
 import socket
-import subprocess
-import sys
 
 WORDS = ["the", "cat", "sat", "on", "mat", "dog", "ran", "to", "park", "and", "big", "red", "house", "we", "saw",
          "a", "tree", "blue", "sky", "day"]
@@ -39,17 +36,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def torchrun(module: str, nproc: int, args: list[str], timeout: float, cwd: str | None = None):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
-           "--master-port", str(free_port()), "-m", module, *args]
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-    # Run from the checkout this package was imported from, so `-m` picks up the same code.
-    import hcx_megatron
-
-    cwd = cwd or os.path.dirname(os.path.dirname(os.path.abspath(hcx_megatron.__file__)))
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=cwd, env=env)
 
 
 def read_jsonl(path: str) -> list[dict]:

@@ -13,7 +13,12 @@ optimizer state in megatron's `fully_reshardable` format (also layout-independen
 fp32 master weights are stored per parameter in model space, so they too reshard across TP/PP/DP), the LR
 scheduler, the iteration (from which the data position is derived), per-rank RNG states (restored only when
 the world size is unchanged; otherwise they are reseeded and a notice is printed) and a driver-specific
-`extra` dict (e.g. reward normalisation statistics).
+`extra` dict (e.g. reward normalisation statistics), plus whatever the task's checkpointables write into the
+same directory before it is committed (PPO's critic, hcx_megatron/training/loop.py).
+
+Two more ways in and out, for weights only: `load_model_weights` (start a run from another run's checkpoint, any
+layout, a new head allowed) and `save_model_weights` (PPO's rollout weight versions). Every directory is written
+through `write_directory_atomically`.
 """
 
 from __future__ import annotations
@@ -22,13 +27,13 @@ import json
 import os
 import random
 import shutil
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing, tensor_parallel
-from megatron.core.dist_checkpointing.mapping import ShardedObject
+from megatron.core.dist_checkpointing.mapping import ShardedObject, ShardedTensor, ShardedTensorFactory
 
 from hcx_megatron.model.builder import sync_params_before_read, unwrap
 
@@ -56,6 +61,12 @@ def read_latest_iteration(root: str | None) -> int | None:
     if not os.path.isdir(checkpoint_dir(root, iteration)):
         raise FileNotFoundError(f"{path} names iteration {iteration} but {checkpoint_dir(root, iteration)} is missing")
     return iteration
+
+
+def holds_checkpoint(path: str | None) -> bool:
+    """Whether `path` is a --save root with a committed checkpoint, or one checkpoint directory."""
+    return bool(path) and (read_latest_iteration(path) is not None
+                           or os.path.exists(os.path.join(path, "metadata.json")))
 
 
 def resolve_checkpoint(path: str) -> str:
@@ -95,14 +106,15 @@ def _set_rng_state(state: dict[str, Any]) -> None:
     tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
 
 
-def _model_keys(chunks) -> list[str]:
+def model_keys(chunks) -> list[str]:
+    """The state-dict key of each model chunk: one per virtual pipeline chunk."""
     return ["model"] if len(chunks) == 1 else [f"model{i}" for i in range(len(chunks))]
 
 
 def build_sharded_state_dict(chunks, optimizer=None, scheduler=None, iteration: int = 0, extra=None,
                              include_rng: bool = True, is_loading: bool = False) -> dict[str, Any]:
     sd: dict[str, Any] = {}
-    for key, chunk in zip(_model_keys(chunks), chunks):
+    for key, chunk in zip(model_keys(chunks), chunks):
         sd[key] = unwrap(chunk).sharded_state_dict(metadata=SHARDING_METADATA)
     if optimizer is not None:
         sd["optimizer"] = optimizer.sharded_state_dict(sd, is_loading=is_loading, metadata=SHARDING_METADATA)
@@ -116,33 +128,47 @@ def build_sharded_state_dict(chunks, optimizer=None, scheduler=None, iteration: 
     return sd
 
 
-def save_checkpoint(root: str, iteration: int, chunks, optimizer, scheduler, config_dict: dict[str, Any],
-                    extra: dict[str, Any] | None = None, save_optim: bool = True,
-                    before_commit: Callable[[], None] | None = None) -> str:
-    """Write DIR/iter_N via a .tmp directory, then the tracker. `before_commit` runs on every rank once the data
-    are written and before the rename and the tracker (PPO: the actor waits there for its critic's save)."""
-    final = checkpoint_dir(root, iteration)
+def write_directory_atomically(final: str, write: Callable[[str], None]) -> str:
+    """Collective: every rank runs `write(tmp)` into `final + ".tmp"`; once all have, rank 0 renames it to
+    `final`. A run killed midway leaves only the .tmp directory (cleared by the next write of `final`), never a
+    partial directory under the final name."""
     tmp = final + ".tmp"
-    rank = dist.get_rank()
-    if rank == 0:
-        os.makedirs(root, exist_ok=True)
-        if os.path.exists(tmp):  # left by a run killed while saving
+    if dist.get_rank() == 0:
+        os.makedirs(os.path.dirname(final) or ".", exist_ok=True)
+        if os.path.exists(tmp):  # left by a run killed while writing
             shutil.rmtree(tmp)
         os.makedirs(tmp)
     dist.barrier()
-    sync_params_before_read(chunks)  # --overlap-param-gather: the last step's all-gather may still be pending
-    sd = build_sharded_state_dict(chunks, optimizer if save_optim else None, scheduler, iteration, extra)
-    dist_checkpointing.save(sd, tmp, content_metadata={**SHARDING_METADATA, "world_size": dist.get_world_size()})
+    write(tmp)
     dist.barrier()
-    if before_commit is not None:
-        before_commit()
-    if rank == 0:
-        with open(os.path.join(tmp, CONFIG_FILE), "w", encoding="utf-8") as f:
-            json.dump({**config_dict, "iteration": iteration, "world_size": dist.get_world_size(),
-                       "has_optimizer": save_optim}, f, indent=2, default=str)
+    if dist.get_rank() == 0:
         if os.path.exists(final):
             shutil.rmtree(final)
         os.replace(tmp, final)
+    dist.barrier()
+    return final
+
+
+def save_checkpoint(root: str, iteration: int, chunks, optimizer, scheduler, config_dict: dict[str, Any],
+                    extra: dict[str, Any] | None = None, save_optim: bool = True,
+                    before_commit: Callable[[str], None] | None = None) -> str:
+    """Write DIR/iter_N atomically, then the tracker. `before_commit(tmp_dir)` runs on every rank once the data
+    are written and before the rename and the tracker: the loop saves the task's checkpointables there."""
+    sync_params_before_read(chunks)  # --overlap-param-gather: the last step's all-gather may still be pending
+
+    def write(tmp: str) -> None:
+        sd = build_sharded_state_dict(chunks, optimizer if save_optim else None, scheduler, iteration, extra)
+        dist_checkpointing.save(sd, tmp, content_metadata={**SHARDING_METADATA, "world_size": dist.get_world_size()})
+        dist.barrier()
+        if before_commit is not None:
+            before_commit(tmp)
+        if dist.get_rank() == 0:
+            with open(os.path.join(tmp, CONFIG_FILE), "w", encoding="utf-8") as f:
+                json.dump({**config_dict, "iteration": iteration, "world_size": dist.get_world_size(),
+                           "has_optimizer": save_optim}, f, indent=2, default=str)
+
+    final = write_directory_atomically(checkpoint_dir(root, iteration), write)
+    if dist.get_rank() == 0:
         tracker_tmp = os.path.join(root, TRACKER_FILE + ".tmp")
         with open(tracker_tmp, "w", encoding="utf-8") as f:
             f.write(str(iteration))
@@ -151,6 +177,18 @@ def save_checkpoint(root: str, iteration: int, chunks, optimizer, scheduler, con
         os.replace(tracker_tmp, os.path.join(root, TRACKER_FILE))
     dist.barrier()
     return final
+
+
+def save_model_weights(path: str, chunks) -> str:
+    """Weights only (collective), atomically, as a directory `load_model_weights` reads under any layout."""
+    sync_params_before_read(chunks)
+
+    def write(tmp: str) -> None:
+        sd = {key: unwrap(c).sharded_state_dict(metadata=SHARDING_METADATA)
+              for key, c in zip(model_keys(chunks), chunks)}
+        dist_checkpointing.save(sd, tmp, content_metadata=SHARDING_METADATA)
+
+    return write_directory_atomically(path, write)
 
 
 def _materialize_optimizer_state(optimizer) -> None:
@@ -214,7 +252,7 @@ def load_checkpoint(path: str, chunks, optimizer=None, scheduler=None, load_opti
     sd = build_sharded_state_dict(chunks, optimizer if load_optim else None, scheduler if load_optim else None,
                                   include_rng=include_rng, is_loading=True)
     loaded = dist_checkpointing.load(sd, ckpt)
-    for key, chunk in zip(_model_keys(chunks), chunks):
+    for key, chunk in zip(model_keys(chunks), chunks):
         unwrap(chunk).load_state_dict(loaded[key], strict=strict)
     if load_optim and optimizer is not None:
         optimizer.load_state_dict(loaded["optimizer"])
@@ -226,3 +264,50 @@ def load_checkpoint(path: str, chunks, optimizer=None, scheduler=None, load_opti
     if include_rng:
         _set_rng_state(loaded["rng_state"])
     return int(loaded["iteration"]), dict(loaded.get("extra") or {})
+
+
+def _strip_module(key: str) -> str:
+    return key[len("module."):] if key.startswith("module.") else key
+
+
+def load_model_weights(path: str, chunks, allow_missing: Sequence[str] = ()) -> list[str]:
+    """Load the weights that `path` (a --save root, an iter_ directory or a `save_model_weights` directory) holds
+    for `chunks`, in any layout: a run's start from another run's weights (hcx_megatron/training/loop.py).
+
+    Keys the checkpoint lacks must start with one of `allow_missing` (e.g. "value_head." when a reward model
+    starts from an SFT checkpoint); they keep their fresh initialisation. Keys only the checkpoint has (e.g. the
+    SFT model's output_layer) are ignored. Returns the missing keys that were allowed."""
+    ckpt = resolve_checkpoint(path)
+    available = set(dist_checkpointing.load_tensors_metadata(ckpt).keys())
+    sd, skipped = {}, []
+    # Checkpoint keys are those of the bare model (save_checkpoint unwraps DDP); checkpoints written before that
+    # change carry DDP's "module." level, and load through the wrapped chunk.
+    prefixed = any(k.startswith("module.") for k in available)
+    target = [c if prefixed and hasattr(c, "module") else unwrap(c) for c in chunks]
+    for key, chunk in zip(model_keys(chunks), target):
+        full = chunk.sharded_state_dict(metadata=SHARDING_METADATA)
+        if prefixed and not hasattr(chunk, "module"):  # a bare (frozen) model reading an old checkpoint
+            for item in full.values():
+                if isinstance(getattr(item, "key", None), str):
+                    item.key = "module." + item.key
+        keep = {}
+        for name, item in full.items():
+            global_key = getattr(item, "key", None)
+            if not isinstance(item, (ShardedTensor, ShardedTensorFactory)) or global_key in available:
+                keep[name] = item
+            elif any(_strip_module(name).startswith(p) or _strip_module(global_key).startswith(p)
+                     for p in allow_missing):
+                skipped.append(name)
+            else:
+                raise KeyError(f"{ckpt}: checkpoint has no tensor {global_key!r} needed by this model "
+                               f"(different architecture or model shape?)")
+        sd[key] = keep
+    loaded = dist_checkpointing.load(sd, ckpt)
+    for key, chunk in zip(model_keys(chunks), target):
+        # nn.Module's own load_state_dict: megatron's DDP override returns nothing, and we want missing keys.
+        result = torch.nn.Module.load_state_dict(chunk, loaded[key], strict=False)
+        missing = [k for k in result.missing_keys if not k.endswith("_extra_state")
+                   and not any(_strip_module(k).startswith(p) for p in allow_missing)]
+        if missing:
+            raise KeyError(f"{ckpt}: weights missing after load: {missing[:5]}")
+    return skipped

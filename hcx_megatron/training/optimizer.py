@@ -22,7 +22,7 @@ def build_optimizer(cfg: Config, chunks):
         clip_grad=t.clip_grad,
         bf16=t.bf16,
         params_dtype=torch.bfloat16 if t.bf16 else torch.float32,
-        use_distributed_optimizer=cfg.parallel.use_distributed_optimizer,
+        use_distributed_optimizer=cfg.parallel.distributed_optimizer,
         overlap_param_gather_with_optimizer_step=False,
     )
     optimizer = get_megatron_optimizer(opt_config, chunks)

@@ -1,0 +1,123 @@
+"""PPO with every model on the actor's ranks, in its layout (`--placement colocated`): the `Peers` that keep
+the critic (DDP, its own optimizer, stepped right after each actor step), the frozen reference and the frozen
+reward model in this process.
+
+--async-rollouts: a background thread samples and scores the next rollouts on a private weight snapshot while
+the learner trains (rlhf/rollout.py AsyncRollouts has the staleness bound). It runs no collectives, hence
+TP = PP = 1; on resume its queue is refilled from the resumed weights, so async runs resume correctly but not
+bit-identically.
+"""
+
+from __future__ import annotations
+
+import time
+
+from megatron.core import parallel_state as ps
+
+from hcx_megatron.rlhf.ppo_actor import CriticTask, Peers, Schedule, critic_fields
+from hcx_megatron.rlhf.ppo_models import (build_reference, critic_config, critic_init, reference_logprobs,
+                                          reward_scores, rollout_settings, rule_score_fn)
+from hcx_megatron.rlhf.rollout import AsyncRollouts, Rollout, RolloutProducer, finalize, split_micro
+from hcx_megatron.training.checkpoint import save_checkpoint
+from hcx_megatron.training.loop import TrainContext, setup, train_step
+
+
+def sequences_micro(ro: Rollout, micro_batch: int) -> list[dict]:
+    """A rollout's sequences as the frozen models read them, in micro-batches."""
+    return split_micro({"tokens": ro.tokens, "position_ids": ro.position_ids, "labels": ro.labels, "mask": ro.mask,
+                        "lengths": ro.lengths}, micro_batch)
+
+
+class CriticCheckpoint:
+    """Checkpointable: the in-process critic, saved by the loop with each actor checkpoint, before the actor's
+    commit (a complete actor checkpoint implies its critic). It resumes when it is built (ppo_models.critic_config:
+    the same rule as on its own partition), so there is nothing to load here."""
+
+    name = "critic"
+
+    def __init__(self, peers: "LocalPeers"):
+        self.peers = peers
+
+    def save(self, ckpt_tmp_dir: str, iteration: int) -> None:
+        c = self.peers.critic
+        save_checkpoint(c.cfg.checkpoint.save, iteration, c.chunks, c.optimizer, c.scheduler, c.cfg.to_dict())
+
+    def load(self, ckpt_dir: str, iteration: int) -> None:
+        pass
+
+
+class LocalPeers(Peers):
+    """Critic, reference and reward model in the actor's process."""
+
+    def __init__(self, opts, schedule: Schedule, sft_checkpoint: str | None):
+        self.opts, self.schedule, self.sft = opts, schedule, sft_checkpoint
+        self.checkpoint = CriticCheckpoint(self)
+        self.critic_task: CriticTask | None = None
+        self.critic: TrainContext | None = None
+        self.actor: TrainContext | None = None
+        self.reference = self.scorer = self.producer = self.settings = None
+        self.async_rollouts: AsyncRollouts | None = None
+
+    def start(self, ctx: TrainContext, tokenizer, prompts, first_rollout: int) -> None:
+        from hcx_megatron.model.builder import build_model
+        from hcx_megatron.rlhf.common import freeze
+        from hcx_megatron.rlhf.reward import RewardScorer
+
+        o, cfg, device = self.opts, ctx.cfg, ctx.device
+        self.actor = ctx
+        self.critic_task = CriticTask(o.value_clip_range, cfg)
+        self.critic = setup(critic_config(cfg, o), self.critic_task, init_from=critic_init(o, self.sft))
+        self.reference = build_reference(cfg, device, self.sft)
+        self.scorer = RewardScorer.load(o.rm_checkpoint, cfg, device, o.reward_clip) if o.rm_checkpoint else None
+        self.settings = rollout_settings(cfg, o, tokenizer)
+        self.producer = RolloutProducer(self.settings, prompts, None, rule_score_fn(o, device), device,
+                                        ps.get_data_parallel_rank(), ps.get_data_parallel_world_size())
+        if o.async_rollouts:
+            snapshot = build_model(cfg, device, wrap_ddp=False).chunks
+            freeze(snapshot)
+            self.async_rollouts = AsyncRollouts(self._sample, snapshot, first_rollout, self.schedule.total_rollouts,
+                                                o.max_staleness)
+            self.async_rollouts.publish(ctx.chunks, first_rollout)
+            self.async_rollouts.start()
+
+    def _sample(self, r: int, policy_chunks, version: int) -> Rollout:
+        """Generate rollout r with `policy_chunks` and score it with the frozen models (the producer thread's
+        work in async mode)."""
+        ro = self.producer.produce(r, policy_chunks, version)
+        micro = sequences_micro(ro, self.settings.micro_batch)
+        ref = reference_logprobs(self.reference, micro, self.settings)
+        if ref is not None:  # None off the last pipeline stage, whose fields stay zero
+            ro.ref_logp = ref
+        score = reward_scores(self.scorer, micro) if self.scorer is not None else None
+        if score is not None:
+            ro.score = score
+        return ro
+
+    def rollout(self, r: int, kl_coef: float) -> Rollout:
+        if self.async_rollouts is not None:
+            raw = self.async_rollouts.get(r)
+        else:
+            raw = self._sample(r, self.actor.chunks, r)
+        start = time.time()
+        s = self.settings
+        ro = finalize(raw, self.critic.chunks, s.micro_batch, kl_coef, s.gamma, s.lam, s.kl_kind)
+        ro.exchange_seconds = time.time() - start
+        return ro
+
+    def critic_step(self, k: int, ro: Rollout) -> dict[str, float]:
+        stats, _, _ = train_step(self.critic, self.critic_task, self.schedule.batches(ro, k, critic_fields(ro)))
+        return {key: stats[key] for key in ("value_loss", "value_clip_frac")}
+
+    def rollout_done(self, ctx: TrainContext, r: int) -> None:
+        if self.async_rollouts is not None:
+            self.async_rollouts.publish(ctx.chunks, r + 1)
+
+    def checkpointables(self) -> list:
+        return [self.checkpoint]
+
+    def close(self) -> None:
+        if self.async_rollouts is not None:
+            self.async_rollouts.stop()
+
+
+__all__ = ["LocalPeers", "CriticCheckpoint", "sequences_micro"]

@@ -1,0 +1,175 @@
+"""PPO's four models, each defined once for both placements (hcx_megatron/rlhf/placement.py): where their
+weights start, where the critic's checkpoints live, and the frozen models' outputs.
+
+- actor: starts from --sft-checkpoint (the loop's start-of-run rule: only when --load holds no checkpoint);
+- critic: starts from --rm-checkpoint (or the SFT backbone with a fresh value head); its checkpoints are
+  `<--save>/critic` and it resumes from `<--load>/critic` at the actor's iteration (`critic_resume_dir`);
+- reference: the SFT weights, frozen (without an SFT checkpoint: the actor's own seeded initialisation);
+- reward: the trained reward model with its stored calibration (normalised, clipped), or a --rule-reward.
+
+PPO draws nothing from the global RNGs (sampling is seeded per prompt in hcx_megatron/inference/generate.py,
+minibatches per (seed, rollout, epoch), no dropout), so the order in which these models are built does not
+change a run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+
+import torch
+
+from hcx_megatron.config.args import Config
+from hcx_megatron.config.sequence import sequence_multiple_for
+from hcx_megatron.data.chat import generation_stop_and_pad_ids
+from hcx_megatron.rlhf.rollout import RolloutSettings, forward_collect, scaled_logits, token_logprobs
+from hcx_megatron.training.checkpoint import checkpoint_dir, read_latest_iteration
+
+
+# ---------------------------------------------------------------------------------------------------------
+# tokenizer, prompts and sampling settings
+# ---------------------------------------------------------------------------------------------------------
+def with_run_vocabulary(cfg: Config) -> tuple[Config, object]:
+    """(cfg with the run's vocabulary size, the run's tokenizer); every PPO model is built with the actor's
+    vocabulary (hcx_megatron.pretrain.run_vocab_size on the actor's flags)."""
+    from hcx_megatron.pretrain import load_run_tokenizer, run_vocab_size
+
+    tokenizer = load_run_tokenizer(cfg)
+    vocab = run_vocab_size(cfg, tokenizer)
+    return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_size=vocab)), tokenizer
+
+
+def read_prompts(path: str, tokenizer) -> list[list[int]]:
+    from hcx_megatron.data.chat import prompt_ids
+
+    out = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+                if "prompt_ids" in obj:
+                    ids = [int(t) for t in obj["prompt_ids"]]
+                else:
+                    p = obj["prompt"]
+                    ids = prompt_ids(tokenizer, [{"role": "user", "content": p}] if isinstance(p, str) else p)
+            except (KeyError, TypeError, ValueError) as exc:
+                raise ValueError(f"{path}:{lineno}: expected {{\"prompt\": ...}} or {{\"prompt_ids\": [...]}} "
+                                 f"({exc})") from None
+            if not ids:
+                raise ValueError(f"{path}:{lineno}: empty prompt")
+            out.append(ids)
+    if not out:
+        raise ValueError(f"{path}: no prompts")
+    return out
+
+
+def stop_and_pad_ids(opts, tokenizer) -> tuple[tuple[int, ...], int]:
+    """--stop-ids, else the tokenizer's <|endofturn|> (its eod when it has no chat tokens); its pad id."""
+    if opts.stop_ids is not None:
+        return tuple(opts.stop_ids), (tokenizer.pad if tokenizer.pad >= 0 else tokenizer.eod)
+    if hasattr(tokenizer, "endofturn_id"):
+        return generation_stop_and_pad_ids(tokenizer)
+    return (tokenizer.eod,), (tokenizer.pad if tokenizer.pad >= 0 else tokenizer.eod)
+
+
+def rollout_settings(cfg: Config, opts, tokenizer) -> RolloutSettings:
+    """Sampling and scoring settings of one model's layout (rows pad to its sequence multiple: SP/CP/FP8)."""
+    stop, pad = stop_and_pad_ids(opts, tokenizer)
+    return RolloutSettings(
+        rollout_batch=opts.rollout_batch_size, max_new_tokens=opts.max_new_tokens,
+        temperature=opts.rollout_temperature, top_p=opts.rollout_top_p, stop_ids=stop,
+        vocab_size=cfg.model.vocab_size, pad_id=pad, micro_batch=cfg.training.micro_batch_size,
+        seq_multiple=sequence_multiple_for(cfg),
+        kl_kind=opts.kl_estimator, gamma=opts.gamma, lam=opts.lam, repetition_ngram=opts.repetition_ngram,
+        seed=cfg.training.seed, kv_cache=opts.generation_kv_cache)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# where weights start and where the critic's checkpoints live
+# ---------------------------------------------------------------------------------------------------------
+def critic_root(root: str | None) -> str | None:
+    """Where a run's critic lives next to its actor: `<root>/critic`."""
+    return os.path.join(root, "critic") if root else None
+
+
+def critic_config(cfg: Config, opts) -> Config:
+    """The critic's config in both placements (cfg: the actor's, or its partition's), with the one critic-path
+    rule: saves go to `<--save>/critic`; a run that resumes its actor from `--load` (the loop's start_of_run)
+    resumes the critic from `<--load>/critic` at the actor's iteration (the actor's tracker is written only
+    after its critic's save, so that critic exists even when a later critic save completed without its actor).
+    --critic-lr; no metrics files of its own."""
+    from hcx_megatron.config.args import CheckpointConfig
+    from hcx_megatron.training.loop import start_of_run
+
+    c = cfg.checkpoint
+    load = None
+    if start_of_run(cfg).kind == "resume":
+        iteration = read_latest_iteration(c.load)
+        if iteration is None:
+            raise FileNotFoundError(f"--load {c.load}: PPO resumes from a --save root (its critic and rollout "
+                                    "buffers sit beside the actor's checkpoints), not from one iter_ directory")
+        load = checkpoint_dir(critic_root(c.load), iteration)
+    lr = opts.critic_lr or cfg.training.lr
+    return dataclasses.replace(
+        cfg, training=dataclasses.replace(cfg.training, lr=lr, min_lr=min(cfg.training.min_lr, lr)),
+        checkpoint=CheckpointConfig(save=critic_root(c.save), load=load, save_interval=c.save_interval,
+                                    no_load_rng=True),
+        logging=dataclasses.replace(cfg.logging, metrics_jsonl=None, tensorboard_dir=None))
+
+
+def critic_init(opts, sft_checkpoint: str | None):
+    """Where a new critic's weights come from: the reward model, or the SFT backbone (its value head is new,
+    CriticTask.new_parameters)."""
+    from hcx_megatron.training.loop import InitFrom
+
+    if opts.rm_checkpoint:
+        return InitFrom(opts.rm_checkpoint, "--rm-checkpoint")
+    return InitFrom(sft_checkpoint, "--sft-checkpoint") if sft_checkpoint else None
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the frozen models and their outputs
+# ---------------------------------------------------------------------------------------------------------
+def build_reference(cfg: Config, device: str, sft_checkpoint: str | None):
+    from hcx_megatron.model.builder import build_model
+    from hcx_megatron.rlhf.common import freeze
+    from hcx_megatron.training.checkpoint import load_model_weights
+
+    chunks = build_model(cfg, device, wrap_ddp=False).chunks
+    if sft_checkpoint:  # without one: the actor's own seeded initialisation (same seed, any layout)
+        load_model_weights(sft_checkpoint, chunks)
+    freeze(chunks)
+    return chunks
+
+
+def reference_logprobs(chunks, micro: list[dict], s: RolloutSettings) -> torch.Tensor | None:
+    """Masked log-probs of the sampled tokens under the reference at the sampling temperature (last stage)."""
+    out = forward_collect(chunks, micro, lambda o, b: token_logprobs(
+        scaled_logits(o, s.temperature, s.vocab_size), b["labels"]))
+    return None if out is None else out * torch.cat([b["mask"] for b in micro])
+
+
+def reward_scores(scorer, micro: list[dict]) -> torch.Tensor | None:
+    """Normalised, clipped reward-model scores of the sequences (last pipeline stage)."""
+    from hcx_megatron.model.heads import sequence_scores
+
+    raw = forward_collect(scorer.chunks, micro, lambda o, b: sequence_scores(o.float(), b["lengths"]))
+    return None if raw is None else scorer.calibration.normalise(raw, scorer.clip)
+
+
+def rule_score_fn(opts, device: str):
+    """--rule-reward as the sampler's score function (it needs the sampled token ids), else None."""
+    if not opts.rule_reward:
+        return None
+    from hcx_megatron.rlhf.synthetic import parse_rule_reward
+
+    rule = parse_rule_reward(opts.rule_reward)
+    dev = "cuda" if device == "cuda" else "cpu"
+    return lambda batch, responses, micro: torch.tensor(rule(responses), dtype=torch.float32, device=dev)
+
+
+__all__ = ["with_run_vocabulary", "read_prompts", "stop_and_pad_ids", "rollout_settings", "critic_root",
+           "critic_config", "critic_init", "build_reference", "reference_logprobs", "reward_scores", "rule_score_fn"]
