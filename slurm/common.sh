@@ -30,7 +30,7 @@
 #   HANG_TIMEOUT_S   hang watchdog (launch/watchdog.py): end the step when a rank sent no heartbeat, or no
 #                    rank finished a step, for this many seconds; 0 = off (default 1200; keep it above the
 #                    longest step + checkpoint save + eval, and below DIST_TIMEOUT_MIN so it speaks first)
-#   HCX_HEARTBEAT_INTERVAL_S  how often each rank's heartbeat thread writes (default 5)
+#   HCX_HEARTBEAT_INTERVAL_S  how often each rank's heartbeat thread writes (default 10)
 #
 # Exit code contract with the drivers: 17 = "preempted: finished the step, saved a checkpoint"
 # (hcx_megatron.training.signals.EXIT_CODE_PREEMPTED).

@@ -185,6 +185,64 @@ def test_decode_step_attends_to_the_whole_cache(tiny_model):
     assert abs(kv.logprobs[1][0] - kv.logprobs[2][0]) > 1e-4 or kv.tokens[1][0] != kv.tokens[2][0]
 
 
+@pytest.mark.timeout(120)
+def test_kv_cache_holds_rotated_keys_bitwise_as_megatrons_cache(tiny_model, monkeypatch):
+    """The local spec's attention applies RoPE to each step's own positions before megatron caches the keys
+    (megatron-core re-rotates the whole cache every step): the same tokens and bitwise the same log-probs as
+    megatron's own SelfAttention, and after the prefill RoPE never touches more than the step's one position."""
+    from megatron.core.models.common.embeddings import rope_utils
+    from megatron.core.transformer.attention import SelfAttention
+
+    from hcx_megatron.inference.generate import generate
+    from hcx_megatron.model.spec import RotatedKeyCacheSelfAttention
+
+    layer = tiny_model[0].decoder.layers[0]
+    assert isinstance(layer.self_attention, RotatedKeyCacheSelfAttention)
+    rotated_lengths = []
+    real_rope = rope_utils._apply_rotary_pos_emb_bshd
+
+    def spy(t, freqs, *args, **kwargs):
+        rotated_lengths.append(t.shape[0])
+        return real_rope(t, freqs, *args, **kwargs)
+
+    monkeypatch.setattr(rope_utils, "_apply_rotary_pos_emb_bshd", spy)
+    kw = dict(stop_ids=[], vocab_size=300, return_logprobs=True, temperature=1.0, top_p=0.9, seed=2)
+    ours = generate(tiny_model, MIXED_PROMPTS, 6, **kw)
+    shortest, n_layers = min(map(len, MIXED_PROMPTS)), len(tiny_model[0].decoder.layers)
+    assert rotated_lengths[: 2 * n_layers] == [shortest] * (2 * n_layers)  # prefill: queries and keys
+    assert set(rotated_lengths[2 * n_layers:]) == {1}  # every later step: its own position only
+
+    rotated_lengths.clear()
+    monkeypatch.setattr(RotatedKeyCacheSelfAttention, "_adjust_key_value_for_inference",
+                        SelfAttention._adjust_key_value_for_inference)
+    megatrons = generate(tiny_model, MIXED_PROMPTS, 6, **kw)
+    assert max(rotated_lengths) > 1  # megatron's cache: the whole key cache is rotated at every step
+    assert ours.tokens == megatrons.tokens and ours.logprobs == megatrons.logprobs
+
+
+@pytest.mark.timeout(120)
+def test_decode_steps_run_in_inference_mode_without_leaking_inference_tensors(tiny_model, monkeypatch):
+    """One-token steps run under torch.inference_mode (cheaper per op); the prefill does not, so what megatron
+    caches across calls (the RoPE embedding of the cache length, in an lru_cache) stays a normal tensor: a later
+    training step of that length reuses it, and autograd refuses to save inference tensors (TE's fused RoPE would)."""
+    from hcx_megatron.inference import kv_generate
+    from hcx_megatron.inference.generate import generate
+
+    modes = []
+    real = kv_generate._step_logits
+
+    def recording(chunks, context, tokens, n_micro, mbs):
+        modes.append(torch.is_inference_mode_enabled())
+        return real(chunks, context, tokens, n_micro, mbs)
+
+    monkeypatch.setattr(kv_generate, "_step_logits", recording)
+    prompts, new = [[3, 4, 5, 6, 7, 8, 9]], 5
+    generate(tiny_model, prompts, new, stop_ids=[], vocab_size=300)
+    assert modes == [False] + [True] * (new - 1)
+    cache_length = len(prompts[0]) + new
+    assert not tiny_model[0].rotary_pos_emb(cache_length).is_inference()
+
+
 @pytest.mark.timeout(60)
 def test_sdpa_attention_aligns_a_short_query_block_with_the_end_of_the_keys():
     """SDPAAttention with a causal mask type and fewer queries than keys (KV-cached steps): query j is position
@@ -325,6 +383,7 @@ def _worker(out_path: str) -> None:
     from megatron.core import parallel_state as ps
 
     from hcx_megatron.config.args import parse_config
+    from hcx_megatron.distributed.env import world_size_from_env
     from hcx_megatron.distributed.initialize import initialize_distributed, shutdown
     from hcx_megatron.inference.generate import generate, generate_data_parallel
     from hcx_megatron.model.builder import build_model
@@ -335,7 +394,7 @@ def _worker(out_path: str) -> None:
             ps.destroy_model_parallel()
         cfg, _ = parse_config(["--mock-data", "--device", "cpu", "--num-layers", "4", "--hidden-size", "64",
                                "--ffn-hidden-size", "128", "--num-attention-heads", "4", "--num-query-groups", "2",
-                               "--vocab-size", "300", "--seed", "7", *flags])
+                               "--vocab-size", "300", "--seed", "7", *flags], world_size=world_size_from_env())
         _, device = initialize_distributed(cfg)
         chunks = build_model(cfg, device, wrap_ddp=False).chunks
         results[name] = {}

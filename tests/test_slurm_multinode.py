@@ -3,7 +3,8 @@ namespaces of this machine (tests/slurm_cluster.py), the pretraining driver in C
 a node and PP2 across the nodes:
 
 - the 2-node job completes with every iteration's loss equal to the same layout on one node with 4 tasks,
-  and its rank traffic (TCPStore and gloo pairs) goes over the nodes' veth addresses, not loopback;
+  and its rank traffic goes over the nodes' veth addresses, not loopback (every rank's TCP sockets read
+  from /proc while it trains);
 - preemption across nodes (`scancel --signal=USR1` to every rank of both nodes) -> one checkpoint -> requeue
   -> resume, then a node loss (power cut of node2 while it is saving) -> the job ends, is requeued, resumes
   once the node is back from the last complete checkpoint, and ends exactly where an uninterrupted run ends;
@@ -51,11 +52,13 @@ def cluster(tmp_path_factory):
     # A SIGTERM to pytest (a CI timeout) would skip fixture teardown and leave namespaces and daemons behind;
     # as KeyboardInterrupt it unwinds through c.stop().
     previous = signal.signal(signal.SIGTERM, _interrupt)
-    c = SlurmCluster.start(tmp_path_factory.mktemp("slurm2"), nodes=2, cpus_per_node=CPUS_PER_NODE)
     try:
-        yield c
+        c = SlurmCluster.start(tmp_path_factory.mktemp("slurm2"), nodes=2, cpus_per_node=CPUS_PER_NODE)
+        try:
+            yield c
+        finally:
+            c.stop()
     finally:
-        c.stop()
         signal.signal(signal.SIGTERM, previous)
 
 
@@ -301,3 +304,26 @@ def test_stopped_rank_is_named_and_the_job_fails(cluster, tmp_path_factory):
     # Detected after the heartbeat timeout, well before the distributed timeout (600 s) would have fired.
     assert HANG_TIMEOUT_S <= took < HANG_TIMEOUT_S + 120
     assert [a["decision"] for a in attempts(run_dir)] == ["stop"]
+
+
+@pytest.mark.timeout(600)
+def test_mpirun_across_the_two_hosts(cluster, tmp_path):
+    """The MPI path claims multi-node (docs/slurm.md): mpirun inside the 2-node allocation (OpenMPI starts its
+    daemons through srun) puts 2 ranks on each host, mpi4py agrees on node1 as the rendezvous, and all 4 ranks
+    join one gloo world and all-reduce."""
+    from test_mpi_launch import _mpirun
+
+    mpirun = _mpirun()[0]  # skips, with the reason, where OpenMPI/mpi4py cannot be installed
+    script = tmp_path / "mpi.sh"
+    script.write_text(f"#!/bin/bash\ncd {REPO}\n"
+                      f"{mpirun} --allow-run-as-root -np 4 --map-by ppr:2:node --mca btl self,tcp "
+                      f"{sys.executable} -m launch.run -- launch.selftest --timeout-s 120\n")
+    env = {k: v for k, v in job_env(tmp_path).items() if k not in ("MASTER_PORT",)}
+    job = cluster.sbatch(["--nodes=2", "--ntasks-per-node=2", f"--output={tmp_path}/mpi-%j.out", str(script)],
+                         env=env, cwd=REPO)
+    info = cluster.wait_job(job, TERMINAL_STATES, timeout=500)
+    out = (tmp_path / f"mpi-{job}.out").read_text(errors="replace")
+    assert info["JobState"] == "COMPLETED", f"{info}\n{out}"
+    for rank in range(4):
+        assert (f"selftest rank {rank}/4 local {rank % 2} host node{rank // 2 + 1} master node1:" in out
+                and out.count("allreduce=6 expected=6") == 4), out

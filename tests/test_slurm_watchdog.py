@@ -25,11 +25,12 @@ def test_heartbeat_thread_keeps_alive_fresh_and_beat_records_progress(tmp_path):
     first = json.loads(open(heartbeat_path(str(tmp_path), 3)).read())
     assert first["rank"] == 3 and first["iteration"] is None and first["progress"] is None
     hb.beat(5)
+    time.sleep(0.3)  # the thread writes the beat with its next `alive`
     after_beat = read_heartbeats(str(tmp_path))[3]
     assert after_beat["iteration"] == 5 and after_beat["progress"] >= first["alive"]
     time.sleep(0.3)
     later = read_heartbeats(str(tmp_path))[3]
-    assert later["alive"] > after_beat["alive"]  # the thread writes without any beat
+    assert later["alive"] > after_beat["alive"]  # written without any new beat
     assert later["progress"] == after_beat["progress"] and later["iteration"] == 5
 
 

@@ -37,11 +37,11 @@ Every training run is the user's path: `python3 -m torch.distributed.run --nproc
                         small model; losses close to each other and to the local spec. SKIP with TE's import error.
  9 context_parallel     --context-parallel-size 2 on 2 GPUs (TE attention) against the CP1 TE run. SKIP on one GPU
                         (NCCL refuses two ranks on one device) and without TE.
-10 megatron_fsdp        --use-megatron-fsdp --data-parallel-sharding-strategy optim_grads_params on the small model
-                        against the step-3 baseline (distributed optimizer, DDP): losses within --resume-loss-tol on
-                        CUDA, equal within 1e-5 relative on CPU. With >= 2 GPUs and TE also TP2 x FSDP (the part that
-                        cannot run on CPU: megatron-core 0.16.1's FSDP adapter needs TE's linear layers when TP > 1)
-                        against TP2 without FSDP; SKIP of that part says why.
+10 megatron_fsdp        --use-megatron-fsdp --data-parallel-sharding-strategy optim_grads_params at DP 2 on the small
+                        model against the step-3 baseline (DP 1, distributed optimizer, DDP): losses within
+                        --resume-loss-tol on CUDA, within 1e-5 relative on CPU. SKIP on one GPU (FSDP needs DP >= 2).
+                        With >= 4 GPUs and TE also TP2 x DP2 x FSDP (what CPU cannot run: megatron-core 0.16.1's
+                        FSDP adapter needs TE's linear layers when TP > 1) against TP2 x DP2 without FSDP.
 
 Time (an ESTIMATE, never measured — no GPU was available when this was written): on one H100/H200 without
 Transformer Engine, about 5.5-6.5 min. Process start-up (torch, megatron-core, CUDA) ~15 s per run, and the
@@ -49,7 +49,7 @@ layout-independent initialiser draws every weight on the CPU (34 ns per value me
 model size, not GPU speed, dominates: ~5 s wheel install, ~10 s environment, ~75 s throughput (~1.7B parameters,
 8 steps), ~110 s save/resume (3 runs of ~0.47B parameters, one ~6.6 GB checkpoint written and read), ~65 s
 recompute (2 runs), ~95 s sequence trend (3 runs up to 32k), ~20 s generation, ~10 s attention probe. With TE add
-~100 s (3 runs); with 2 GPUs and TE ~35 s more. Step 10 ~30 s (one run; with 2 GPUs and TE ~70 s more). The
+~100 s (3 runs); with 2 GPUs and TE ~35 s more. Step 10 ~30 s on 2 GPUs (SKIP on one; with 4 and TE ~70 s more). The
 per-step budgets and --time-limit-s (default 450 s) keep the run under 8 minutes; a step that cannot finish in time
 FAILs and says so (rerun it alone with --steps N).
 
@@ -635,9 +635,15 @@ def step_context_parallel(c: Checker):
 
 
 def step_megatron_fsdp(c: Checker):
+    import torch
+
+    gpus = torch.cuda.device_count() if c.cuda else 0
+    if c.cuda and gpus < 2:
+        return SKIP, {"gpus": gpus}, (f"needs >= 2 GPUs, {gpus} visible: Megatron-FSDP needs DP >= 2 (config/"
+                                      "layout_rules.py) and NCCL refuses two ranks on one device")
     fsdp = ("--use-megatron-fsdp", "--data-parallel-sharding-strategy", "optim_grads_params")
     reference = c.pretrain("small_baseline", c.small_flags())
-    sharded = c.pretrain("fsdp", c.small_flags(extra=fsdp))
+    sharded = c.pretrain("fsdp_dp2", c.small_flags(extra=fsdp), nproc=2)
     for run in (reference, sharded):
         if not run.ok:
             return FAIL, {}, run.failure()
@@ -648,23 +654,20 @@ def step_megatron_fsdp(c: Checker):
                "fsdp_peak_mem_gib": peak_memory_gib(sharded.records),
                "ddp_peak_mem_gib": peak_memory_gib(reference.records), **{f"fsdp_{k}": v for k, v in med.items()}}
     ok = diff["max_abs_diff"] <= c.a.resume_loss_tol if c.cuda else rel <= 1e-5
-    notes = [f"FSDP vs DDP losses max |d| {diff['max_abs_diff']:.3g}"]
-    import torch
-
-    gpus = torch.cuda.device_count() if c.cuda else 0
-    reason = (_te_skip_reason(c) or (f"needs >= 2 GPUs, {gpus} visible" if gpus < 2 else None))
+    notes = [f"FSDP DP2 vs DDP DP1 losses max |d| {diff['max_abs_diff']:.3g}"]
+    reason = (_te_skip_reason(c) or (f"needs >= 4 GPUs, {gpus} visible" if gpus < 4 else None))
     if reason:
-        notes.append(f"TP2 x FSDP skipped: {reason}")
+        notes.append(f"TP2 x DP2 x FSDP skipped: {reason}")
     else:
-        tp2 = c.pretrain("te_tp2", _te_flags(c, "--tensor-model-parallel-size", "2"), nproc=2)
-        tp2_fsdp = c.pretrain("te_tp2_fsdp", _te_flags(c, "--tensor-model-parallel-size", "2", *fsdp), nproc=2)
+        tp2 = c.pretrain("te_tp2_dp2", _te_flags(c, "--tensor-model-parallel-size", "2"), nproc=4)
+        tp2_fsdp = c.pretrain("te_tp2_dp2_fsdp", _te_flags(c, "--tensor-model-parallel-size", "2", *fsdp), nproc=4)
         for run in (tp2, tp2_fsdp):
             if not run.ok:
                 return FAIL, numbers, run.failure()
         d2 = loss_differences(tp2.records, tp2_fsdp.records)["max_abs_diff"]
         numbers["tp2_max_abs_loss_diff"] = d2
         ok = ok and d2 <= c.a.resume_loss_tol
-        notes.append(f"TP2 x FSDP vs TP2 max |d| {d2:.3g}")
+        notes.append(f"TP2 x DP2 x FSDP vs TP2 x DP2 max |d| {d2:.3g}")
     return (PASS if ok else FAIL), numbers, "; ".join(notes)
 
 

@@ -166,7 +166,9 @@ def layout_errors(model, *, world_size: int, tp: int = 1, pp: int = 1, cp: int =
     - every sequence length <= max_position_embeddings and a multiple of config/sequence.py's multiple
       (SP: TP; CP: 2 x CP; FP8: 16 tokens per rank);
     - Megatron-FSDP: no pipeline parallelism (megatron-core 0.16.1's adapter lays its device mesh over the whole
-      world as DP x CP x TP: mcore_fsdp_adapter.py `_get_dp_tp_mesh` fails in einops.rearrange when PP > 1).
+      world as DP x CP x TP: mcore_fsdp_adapter.py `_get_dp_tp_mesh` fails in einops.rearrange when PP > 1), and
+      DP x CP >= 2: nothing to shard otherwise, and at DP 1 its gradients come out wrong (measured here, hcx-tiny
+      on CPU: grad norm 154.9 where DDP and FSDP at DP 2 give 1.559), which gradient clipping would then use.
     `seq_lengths`: {flag: length} (None values are skipped). `flags`: display names for the flag constants above."""
     name = dict(flags or {})
 
@@ -216,6 +218,9 @@ def layout_errors(model, *, world_size: int, tp: int = 1, pp: int = 1, cp: int =
     if use_megatron_fsdp and pp > 1:
         bad.append(f"--use-megatron-fsdp needs {f(PP)} 1, got {pp} (megatron-core 0.16.1's Megatron-FSDP lays its "
                    "device mesh over all ranks as DP x CP x TP)")
+    elif use_megatron_fsdp and dp and dp * cp < 2:
+        bad.append(f"--use-megatron-fsdp needs data-parallel x {f(CP)} >= 2 to shard over, got {dp} x {cp} "
+                   "(and megatron-core 0.16.1's Megatron-FSDP computes wrong gradients at DP 1)")
     multiple = sequence_multiple(tp, sequence_parallel, cp, fp8)
     for flag, seq in (seq_lengths or {}).items():
         if seq is None:

@@ -174,9 +174,11 @@ def activate() -> None:
 
     @functools.wraps(tensor_to)
     def to(self, *args, **kwargs):
-        if args and _is_cuda(args[0]):
+        # Hot in inference (megatron's RoPE calls .to(dtype) per layer and step): a dtype, the common first
+        # argument, and an empty kwargs skip the device checks, whose answer for them is "not CUDA" anyway.
+        if args and args[0].__class__ is not torch.dtype and _is_cuda(args[0]):
             args = (_CPU,) + args[1:]
-        if _is_cuda(kwargs.get("device")):
+        if kwargs and _is_cuda(kwargs.get("device")):
             kwargs["device"] = _CPU
         return tensor_to(self, *args, **kwargs)
 

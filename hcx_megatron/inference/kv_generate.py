@@ -146,19 +146,24 @@ def decode_with_kv_cache(
     active = list(range(n))
     position = min(lengths)  # index of the token the next logits predict
     logits = _step_logits(chunks, context, table[:, :position].to(device), n_micro, mbs)
-    while True:
-        generating = [i for i in active if lengths[i] <= position]
-        if generating:
-            tokens, logprobs = pick(None if logits is None else logits[generating], generating)
-            table[generating, position] = torch.as_tensor(tokens, dtype=torch.long)
-            stopped = {i for i, token, lp in zip(generating, tokens, logprobs) if not record(i, token, lp)}
-            active = [i for i in active if i not in stopped]
-        if not active:
-            return
-        if all(length <= position + 1 for length in lengths):
-            context.enable_decode_mode()  # every prompt consumed: from here on only generated tokens are fed
-        logits = _step_logits(chunks, context, table[:, position:position + 1].to(device), n_micro, mbs)
-        position += 1
+    # The one-token steps run in inference mode (no autograd version counters / view tracking: ~20% of a tiny
+    # model's step, same values). Not the prefill: what megatron caches across calls is created there, under the
+    # caller's no_grad (the RoPE embedding of this cache length in RotaryEmbedding.forward's lru_cache, which a
+    # later training step of that length would otherwise reuse as an inference tensor that autograd cannot save).
+    with torch.inference_mode():
+        while True:
+            generating = [i for i in active if lengths[i] <= position]
+            if generating:
+                tokens, logprobs = pick(None if logits is None else logits[generating], generating)
+                table[generating, position] = torch.as_tensor(tokens, dtype=torch.long)
+                stopped = {i for i, token, lp in zip(generating, tokens, logprobs) if not record(i, token, lp)}
+                active = [i for i in active if i not in stopped]
+            if not active:
+                return
+            if all(length <= position + 1 for length in lengths):
+                context.enable_decode_mode()  # every prompt consumed: from here on only generated tokens are fed
+            logits = _step_logits(chunks, context, table[:, position:position + 1].to(device), n_micro, mbs)
+            position += 1
 
 
 __all__ = ["decode_with_kv_cache", "kv_cache_unsupported_reason", "sequence_parallel_off"]

@@ -1,10 +1,11 @@
 """Reward model driver: `python -m hcx_megatron.rlhf.reward` (console script `hcx-reward`).
 
 Bradley-Terry reward model on the shared training loop: a decoder initialised from an SFT checkpoint
-(--sft-checkpoint, the same flag as --pretrained-checkpoint; its model shape is the run's) with a fresh scalar head on the last pipeline stage (hcx_megatron.model.heads). For each
-prompt, all K(K-1)/2 comparisons of its ranked responses are in the same optimisation step; the loss is
--log sigmoid(r_better - r_worse) averaged over the pairs of the global batch. One epoch by default (the HCX /
-InstructGPT finding: reward models overfit after one). --global-batch-size and --micro-batch-size count PROMPTS.
+(--sft-checkpoint, the same flag as --pretrained-checkpoint; the run takes its model shape) with a fresh scalar
+head on the last pipeline stage (hcx_megatron.model.heads). For each prompt, all K(K-1)/2 comparisons of its
+ranked responses are in the same optimisation step; the loss is -log sigmoid(r_better - r_worse) averaged over
+the pairs of the global batch. One epoch by default (the HCX / InstructGPT finding: reward models overfit after
+one). --global-batch-size and --micro-batch-size count PROMPTS.
 
 After the last step the rewards of a calibration set (--calibration-data, default: the validation split) give a
 mean and std that are stored with the checkpoint (task.state_dict() -> extra["reward_calibration"]); inference
