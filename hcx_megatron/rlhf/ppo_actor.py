@@ -262,9 +262,6 @@ class PPOActorTask(TaskBase):
             self.rollout, self.acc = self.peers.rollout(r, self.kl.value), {}
         return self.schedule.batches(self.rollout, iteration, actor_fields(self.rollout))
 
-    def eval_batches(self, eval_index: int):
-        return []
-
     # -- loss -----------------------------------------------------------------------------------------
     def forward_step(self, data_iterator, model):
         b = next(data_iterator)
