@@ -177,7 +177,7 @@ def test_126_layers_at_pp8():
     (["--tensor-model-parallel-size", "2", "--ffn-hidden-size", "351"], 2,
      ["--ffn-hidden-size (351)", "--tensor-model-parallel-size (2)"]),
     (["--data-parallel-sharding-strategy", "optim"], 2, ["--data-parallel-sharding-strategy needs"]),
-    (["--use-megatron-fsdp", "--save", "/tmp/x"], 2, ["--save", "fsdp_dtensor"]),
+    (["--use-megatron-fsdp", "--pretrained-checkpoint", "/tmp/x"], 2, ["--pretrained-checkpoint"]),
     (["--use-megatron-fsdp"], 1, ["--use-megatron-fsdp needs data-parallel x --context-parallel-size >= 2"]),
     (["--use-megatron-fsdp", "--pipeline-model-parallel-size", "2"], 4,
      ["--use-megatron-fsdp needs --pipeline-model-parallel-size 1"]),

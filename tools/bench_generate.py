@@ -10,6 +10,7 @@ side) of `prompt` tokens, `batch` of them.
     make demo                                  # writes runs/demo/checkpoints and runs/demo/hf
     python tools/bench_generate.py             # batch 1 and 8; 32+128 and 256+256 tokens
     python tools/bench_generate.py --checkpoint CKPT --hf HF_DIR --cases 1x32+128 --json out.json
+    python tools/bench_generate.py --rollouts 12 64 --repeat 5   # PPO rollout production, old vs KV
 
 Prints seconds and generated tokens/s per side, the ratios against transformers, and whether the tokens of the
 three sides are equal (greedy decoding of the same weights; a differing token means a near-tie broken
@@ -63,6 +64,45 @@ def main():
             out = model.generate(ids, max_new_tokens=new, min_new_tokens=new, **kw)
             seconds.append(time.perf_counter() - start)
     print("RESULT " + json.dumps({"seconds": min(seconds), "tokens": out[:, ids.shape[1]:].tolist()}))
+if __name__ == "__main__":
+    main()
+"""
+
+
+_ROLLOUTS = r"""
+import json, os, random, socket, sys, time, torch
+def main():
+    new_tokens, repeat = json.loads(sys.argv[1]), int(sys.argv[2])
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0)); port = s.getsockname()[1]
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    from hcx_megatron.config.args import parse_config
+    from hcx_megatron.distributed.initialize import initialize_distributed
+    from hcx_megatron.model.builder import build_model
+    from hcx_megatron.rlhf.rollout import RolloutProducer, RolloutSettings
+    # tests/conftest.py ppo_small_vocab's model: hcx-tiny widths, 2 layers, vocabulary 64 (random weights here)
+    cfg, _ = parse_config(["--mock-data", "--device", "cpu", "--vocab-size", "64", "--make-vocab-size-divisible-by",
+                           "64", "--num-layers", "2", "--seq-length", "32", "--seed", "7"])
+    initialize_distributed(cfg)
+    torch.set_num_threads(1)
+    policy, ref = (build_model(cfg, "cpu", wrap_ddp=False).chunks for _ in range(2))
+    rng = random.Random(0)
+    prompts = [[rng.randrange(63) for _ in range(4)] for _ in range(256)]
+    rows = []
+    for new in new_tokens:
+        best, tokens = {}, {}
+        for _ in range(repeat):
+            for kv in (False, True):  # interleaved: both sides see the same machine load
+                s = RolloutSettings(rollout_batch=32, max_new_tokens=new, temperature=1.0, top_p=1.0, stop_ids=(63,),
+                                    vocab_size=64, pad_id=0, micro_batch=8, seed=1234, kv_cache=kv)
+                producer = RolloutProducer(s, prompts, ref, None, "cpu", 0, 1)
+                start = time.perf_counter()
+                rollout = producer.produce(0, policy, 0)
+                best[kv] = min(best.get(kv, 1e9), time.perf_counter() - start)
+                tokens[kv] = rollout.tokens.tolist()
+        rows.append({"new": new, "old_s": best[False], "kv_s": best[True], "speedup": best[False] / best[True],
+                     "same_tokens": tokens[False] == tokens[True]})
+    print("RESULT " + json.dumps(rows))
 if __name__ == "__main__":
     main()
 """
@@ -127,7 +167,18 @@ def main(argv=None) -> int:
     p.add_argument("--repeat", type=int, default=3, help="time the KV and transformers calls this many times, keep "
                    "the best (the old path is timed once)")
     p.add_argument("--json", default=None)
+    p.add_argument("--rollouts", type=int, nargs="*", default=None, metavar="NEW_TOKENS",
+                   help="instead: PPO rollout production (RolloutProducer.produce: sampling, then the policy's and "
+                        "the reference's teacher-forced log-probs) with and without the KV cache on the PPO tests' "
+                        "model, batch 32, 4-token prompts, stop id 63, for these max new tokens (default 12 64)")
     a = p.parse_args(argv)
+    if a.rollouts is not None:
+        rows = _run(_ROLLOUTS, [json.dumps(a.rollouts or [12, 64]), str(a.repeat)])
+        print("\n| max new tokens | full prefix (old) s | KV s | speedup | tokens |\n|---|---|---|---|---|")
+        for r in rows:
+            print(f"| {r['new']} | {r['old_s']:.4f} | {r['kv_s']:.4f} | {r['speedup']:.2f}x | "
+                  f"{'equal' if r['same_tokens'] else 'DIFFER'} |")
+        return 0
     for path, what in ((a.checkpoint, "--checkpoint"), (a.hf, "--hf")):
         if not os.path.exists(path):
             print(f"bench_generate: {what} {path} does not exist; `make demo` writes runs/demo/checkpoints and "

@@ -405,16 +405,12 @@ def validate_config(cfg: Config, check_installed: bool = True) -> None:
                 raise ConfigError(f"--use-megatron-fsdp with --tensor-model-parallel-size {tp} needs Transformer "
                                   f"Engine ({reason}): megatron-core 0.16.1's Megatron-FSDP adapter checks for TE "
                                   "linear layers when TP > 1; use TP 1 or a GPU node with TE")
-        ckpt = cfg.checkpoint
-        given = [f for f, v in (("--save", ckpt.save), ("--load", ckpt.load),
-                                ("--pretrained-checkpoint", getattr(ckpt, "pretrained_checkpoint", None))) if v]
-        if given:
-            # megatron-core 0.16.1 checkpoints Megatron-FSDP only in Megatron-LM's fsdp_dtensor format; its
-            # torch_dist sharded_state_dict (ours) fails on the FSDP-sharded weights (transformer/mlp.py:289,
-            # apply_swiglu_sharded_factory: ZeroDivisionError) and its optimizer refuses fully_reshardable.
-            raise ConfigError(f"--use-megatron-fsdp cannot be combined with {', '.join(given)}: checkpoints of "
-                              "Megatron-FSDP models need the fsdp_dtensor format, which hcx_megatron does not "
-                              "write yet; use --use-distributed-optimizer without --use-megatron-fsdp")
+        if getattr(cfg.checkpoint, "pretrained_checkpoint", None):
+            # --save/--load work (fsdp_dtensor format, training/checkpoint.py); starting from another run's weights
+            # would need resharding them into FSDP's DTensors, which hcx_megatron does not do.
+            raise ConfigError("--use-megatron-fsdp cannot be combined with --pretrained-checkpoint: Megatron-FSDP "
+                              "runs save and resume (--save/--load, fsdp_dtensor format) but do not start from "
+                              "another run's weights; use --use-distributed-optimizer without --use-megatron-fsdp")
     if not 0.0 < t.long_context_start_fraction < 1.0:
         raise ConfigError("--long-context-start-fraction must be in (0, 1)")
     if t.recompute_granularity == "full" and t.recompute_method is None:

@@ -256,7 +256,7 @@ def generate(
         elif kv_cache and not unsupported:
             with sequence_parallel_off(chunks):
                 decode_with_kv_cache(chunks, prompts, max_new_tokens, limit, pad_id, device,
-                                     functools.partial(micro_batch_layout, n_chunks=len(chunks)), pick, record)
+                                     micro_batch_layout(n, len(chunks)), pick, record)
         else:
             active = list(range(n))
             for _ in range(max_new_tokens):

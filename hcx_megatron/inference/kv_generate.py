@@ -17,7 +17,11 @@ its forward, whatever order the (interleaved) schedule runs chunks in.
 
 Memory: one K and one V buffer per layer of [min(longest prompt + max_new_tokens, max_seq_length), prompts
 (rounded up to the micro-batch layout), KV heads per TP rank, head_dim], allocated by megatron on the first step
-and freed when the call returns.
+and freed when the call returns. With the local spec the cached keys already carry RoPE
+(hcx_megatron/model/spec.py RotatedKeyCacheSelfAttention: megatron-core would re-rotate the whole cache every step).
+
+Speed (CPU, tiny models, docs/benchmarks.md): a step is dominated by megatron-core's per-module Python (custom
+autograd Functions even at TP1); the one-token steps run under torch.inference_mode, which cuts ~20% of it.
 
 Layout rules:
 - sequence parallelism: a 1-token step cannot be split over TP ranks. megatron-core's static generation refuses
@@ -122,31 +126,28 @@ def decode_with_kv_cache(
     limit: int,
     pad_id: int,
     device: torch.device,
-    micro_layout: Callable[[int], tuple[int, int]],
+    micro_layout: tuple[int, int],
     pick: Callable[[torch.Tensor | None, list[int]], tuple[list[int], list[float]]],
     record: Callable[[int, int, float], bool],
 ) -> None:
     """Generate for `prompts` with a static KV cache (see the module docstring).
 
-    micro_layout(rows) -> (micro-batches, rows per micro-batch) for the pipeline schedule of a step over `rows`
-    sequences; the layout's rows beyond them are filler, their logits dropped. pick(logits of the generating rows
-    or None off the last stage, their indices) -> (tokens, logprobs), identical on every rank. record(row, token,
-    logprob) -> whether the row goes on.
+    micro_layout: (micro-batches, rows per micro-batch) for the pipeline schedule; rows beyond len(prompts) are
+    filler (pads), their logits dropped. pick(logits of the generating rows or None off the last stage, their
+    indices) -> (tokens, logprobs), identical on every rank. record(row, token, logprob) -> whether the row goes on.
     """
     n = len(prompts)
-    n_micro, mbs = micro_layout(n)
+    n_micro, mbs = micro_layout
     rows = n_micro * mbs
     lengths = [len(p) for p in prompts]
     # A row never holds more than prompt + max_new_tokens tokens, nor more than the length limit.
     cache_length = max(min(length + max_new_tokens, limit) for length in lengths)
     context = StaticInferenceContext(max_batch_size=rows, max_sequence_length=cache_length)
-    # Every row's tokens so far (prompt, then response), in the positions the model sees them; row i of `table` is
-    # prompt i (or filler), whichever cache row it occupies.
+    # Every row's tokens so far (prompt, then response), in the positions the model sees them.
     table = torch.full((rows, cache_length), pad_id, dtype=torch.long)
     for i, p in enumerate(prompts):
         table[i, : len(p)] = torch.as_tensor(p, dtype=torch.long)
     active = list(range(n))
-    order = list(range(rows))  # order[k]: the row (prompt or filler) whose keys/values are in cache row k
     position = min(lengths)  # index of the token the next logits predict
     logits = _step_logits(chunks, context, table[:, :position].to(device), n_micro, mbs)
     # The one-token steps run in inference mode (no autograd version counters / view tracking: ~20% of a tiny
@@ -157,10 +158,7 @@ def decode_with_kv_cache(
         while True:
             generating = [i for i in active if lengths[i] <= position]
             if generating:
-                if logits is not None:
-                    cache_row = {row: k for k, row in enumerate(order)}
-                    logits = logits[[cache_row[i] for i in generating]]
-                tokens, logprobs = pick(logits, generating)
+                tokens, logprobs = pick(None if logits is None else logits[generating], generating)
                 table[generating, position] = torch.as_tensor(tokens, dtype=torch.long)
                 stopped = {i for i, token, lp in zip(generating, tokens, logprobs) if not record(i, token, lp)}
                 active = [i for i in active if i not in stopped]
@@ -168,30 +166,8 @@ def decode_with_kv_cache(
                 return
             if all(length <= position + 1 for length in lengths):
                 context.enable_decode_mode()  # every prompt consumed: from here on only generated tokens are fed
-            smaller = micro_layout(len(active))
-            if smaller[0] * smaller[1] <= COMPACT_AT * n_micro * mbs:
-                n_micro, mbs = smaller
-                order = _compact_cache(context, order, active)
-            fed = torch.as_tensor(order[: n_micro * mbs], dtype=torch.long)
-            logits = _step_logits(chunks, context, table[fed, position:position + 1].to(device), n_micro, mbs)
+            logits = _step_logits(chunks, context, table[:, position:position + 1].to(device), n_micro, mbs)
             position += 1
-
-
-# Finished rows keep being fed (their outputs dropped) until the rows still going fit a layout this much smaller;
-# then the cache is compacted. Each compaction copies the whole cache once, so it is only worth a large saving.
-COMPACT_AT = 0.75
-
-
-def _compact_cache(context: StaticInferenceContext, order: list[int], active: list[int]) -> list[int]:
-    """Move the cache rows of `active` to the front, in order (megatron's swap_key_value_dict reorders every
-    layer's K/V buffers along the batch dimension; identical on every pipeline stage, which all hold the same
-    `order`). Returns the new order; the following steps feed only its first rows."""
-    going = set(active)
-    new_order = [row for row in order if row in going] + [row for row in order if row not in going]
-    if context.key_value_memory_dict:  # a stage without layers caches nothing
-        cache_row = {row: k for k, row in enumerate(order)}
-        context.swap_key_value_dict([cache_row[row] for row in new_order])
-    return new_order
 
 
 __all__ = ["decode_with_kv_cache", "kv_cache_unsupported_reason", "sequence_parallel_off"]

@@ -16,6 +16,10 @@ the world size is unchanged; otherwise they are reseeded and a notice is printed
 `extra` dict (e.g. reward normalisation statistics), plus whatever the task's checkpointables write into the
 same directory before it is committed (PPO's critic, hcx_megatron/training/loop.py).
 
+Megatron-FSDP runs (--use-megatron-fsdp) are checkpointed differently, in Megatron-LM's `fsdp_dtensor` format (see
+`_fsdp_dtensor_state_dict`): same directory layout and atomic protocol, but torch.distributed.checkpoint files, not
+resharded across layouts, and neither format loads into a run of the other kind (a clear error says so).
+
 Two more ways in and out, for weights only: `load_model_weights` (start a run from another run's checkpoint, any
 layout, a new head allowed) and `save_model_weights` (PPO's rollout weight versions). Every directory is written
 through `write_directory_atomically`.
@@ -32,6 +36,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 import torch.distributed as dist
+import torch.distributed.checkpoint  # noqa: F401  (torch.distributed.checkpoint.save/load: the FSDP branch)
 from megatron.core import dist_checkpointing, tensor_parallel
 from megatron.core.dist_checkpointing.mapping import ShardedObject, ShardedTensor, ShardedTensorFactory
 
@@ -40,6 +45,8 @@ from hcx_megatron.model.builder import sync_params_before_read, unwrap
 TRACKER_FILE = "latest_checkpointed_iteration.txt"
 CONFIG_FILE = "hcx_config.json"
 SHARDING_METADATA = {"distrib_optim_sharding_type": "fully_reshardable", "chained_optim_avoid_prefix": True}
+# The checkpoint format of Megatron-FSDP runs (Megatron-LM's --ckpt-format fsdp_dtensor), recorded in CONFIG_FILE.
+FSDP_DTENSOR_FORMAT = "fsdp_dtensor"
 
 
 def checkpoint_dir(root: str, iteration: int) -> str:
@@ -65,8 +72,12 @@ def read_latest_iteration(root: str | None) -> int | None:
 
 def holds_checkpoint(path: str | None) -> bool:
     """Whether `path` is a --save root with a committed checkpoint, or one checkpoint directory."""
-    return bool(path) and (read_latest_iteration(path) is not None
-                           or os.path.exists(os.path.join(path, "metadata.json")))
+    return bool(path) and (read_latest_iteration(path) is not None or _is_checkpoint_directory(path))
+
+
+def _is_checkpoint_directory(path: str) -> bool:
+    # metadata.json: dist_checkpointing (torch_dist); .metadata: torch.distributed.checkpoint (fsdp_dtensor).
+    return any(os.path.exists(os.path.join(path, name)) for name in ("metadata.json", ".metadata"))
 
 
 def resolve_checkpoint(path: str) -> str:
@@ -74,7 +85,7 @@ def resolve_checkpoint(path: str) -> str:
     it = read_latest_iteration(path)
     if it is not None:
         return checkpoint_dir(path, it)
-    if os.path.exists(os.path.join(path, "metadata.json")):
+    if _is_checkpoint_directory(path):
         return path
     raise FileNotFoundError(f"{path}: neither a checkpoint root with {TRACKER_FILE} nor a checkpoint directory")
 
@@ -128,6 +139,52 @@ def build_sharded_state_dict(chunks, optimizer=None, scheduler=None, iteration: 
     return sd
 
 
+def uses_megatron_fsdp(chunks) -> bool:
+    """Whether the chunks are wrapped by megatron-core's Megatron-FSDP adapter (--use-megatron-fsdp)."""
+    return any(getattr(getattr(c, "ddp_config", None), "use_megatron_fsdp", False) for c in chunks)
+
+
+def _fsdp_dtensor_state_dict(chunks, optimizer=None, scheduler=None, iteration: int = 0, extra=None,
+                             include_rng: bool = True, is_loading: bool = False) -> dict[str, Any]:
+    """The FSDP branch of `build_sharded_state_dict`, Megatron-LM's fsdp_dtensor format: plain state dicts whose
+    sharded entries are FSDP's DTensors, for torch.distributed.checkpoint.
+
+    The megatron gap it works around: megatron-core 0.16.1 cannot write Megatron-FSDP models through
+    dist_checkpointing (torch_dist): the model's sharded_state_dict fails on the FSDP-sharded weights
+    (transformer/mlp.py:289, apply_swiglu_sharded_factory: ZeroDivisionError) and DistributedOptimizer refuses
+    every sharding type but fsdp_dtensor under FSDP. Not done here (Megatron-LM does it to reshard across TP):
+    handle_swiglu_in_state_dict, since these checkpoints load only into the same layout."""
+    from megatron.core.distributed.fsdp.src.megatron_fsdp.uneven_dtensor import (
+        preprocess_state_dict_for_uneven_dtensor)
+
+    if len(chunks) != 1:  # config/args.py: Megatron-FSDP needs PP 1, hence one chunk
+        raise ValueError(f"fsdp_dtensor checkpoints hold one model chunk, got {len(chunks)}")
+    # The bare model's state dict: FSDP's pre-hooks put its sharded (DTensor) main weights in place first.
+    sd: dict[str, Any] = {"model": unwrap(chunks[0]).state_dict()}
+    if optimizer is not None:
+        sd["optimizer"] = optimizer.sharded_state_dict(
+            sd, is_loading=is_loading, metadata={"distrib_optim_sharding_type": FSDP_DTENSOR_FORMAT})
+    if scheduler is not None:
+        sd["opt_param_scheduler"] = scheduler.state_dict()
+    sd["iteration"] = iteration
+    sd["extra"] = extra or {}
+    if include_rng:  # per rank: torch.distributed.checkpoint keeps one copy of each key
+        sd[f"rng_state_rank{dist.get_rank()}"] = _rng_state()
+    return preprocess_state_dict_for_uneven_dtensor(sd)
+
+
+def _check_checkpoint_format(ckpt: str, saved: dict[str, Any], chunks) -> None:
+    """fsdp_dtensor and torch_dist checkpoints do not load into runs of the other kind (no resharding between
+    them): say so, naming the checkpoint and the flag."""
+    saved_fsdp = saved.get("checkpoint_format") == FSDP_DTENSOR_FORMAT
+    if saved_fsdp and not uses_megatron_fsdp(chunks):
+        raise ValueError(f"{ckpt} was saved by a --use-megatron-fsdp run (fsdp_dtensor format); it loads only "
+                         "into a --use-megatron-fsdp run of the same layout")
+    if uses_megatron_fsdp(chunks) and not saved_fsdp:
+        raise ValueError(f"{ckpt} was saved without --use-megatron-fsdp (torch_dist format); a --use-megatron-fsdp "
+                         "run loads only checkpoints of --use-megatron-fsdp runs (no resharding between the two)")
+
+
 def write_directory_atomically(final: str, write: Callable[[str], None]) -> str:
     """Collective: every rank runs `write(tmp)` into `final + ".tmp"`; once all have, rank 0 renames it to
     `final`. A run killed midway leaves only the .tmp directory (cleared by the next write of `final`), never a
@@ -156,16 +213,25 @@ def save_checkpoint(root: str, iteration: int, chunks, optimizer, scheduler, con
     are written and before the rename and the tracker: the loop saves the task's checkpointables there."""
     sync_params_before_read(chunks)  # --overlap-param-gather: the last step's all-gather may still be pending
 
+    fsdp = uses_megatron_fsdp(chunks)
+
     def write(tmp: str) -> None:
-        sd = build_sharded_state_dict(chunks, optimizer if save_optim else None, scheduler, iteration, extra)
-        dist_checkpointing.save(sd, tmp, content_metadata={**SHARDING_METADATA, "world_size": dist.get_world_size()})
+        if fsdp:
+            sd = _fsdp_dtensor_state_dict(chunks, optimizer if save_optim else None, scheduler, iteration, extra)
+            torch.distributed.checkpoint.save(sd, checkpoint_id=tmp)
+        else:
+            sd = build_sharded_state_dict(chunks, optimizer if save_optim else None, scheduler, iteration, extra)
+            dist_checkpointing.save(sd, tmp,
+                                    content_metadata={**SHARDING_METADATA, "world_size": dist.get_world_size()})
         dist.barrier()
         if before_commit is not None:
             before_commit(tmp)
         if dist.get_rank() == 0:
             with open(os.path.join(tmp, CONFIG_FILE), "w", encoding="utf-8") as f:
                 json.dump({**config_dict, "iteration": iteration, "world_size": dist.get_world_size(),
-                           "has_optimizer": save_optim}, f, indent=2, default=str)
+                           "has_optimizer": save_optim,
+                           "checkpoint_format": FSDP_DTENSOR_FORMAT if fsdp else "torch_dist"},
+                          f, indent=2, default=str)
 
     final = write_directory_atomically(checkpoint_dir(root, iteration), write)
     if dist.get_rank() == 0:
@@ -239,6 +305,7 @@ def load_checkpoint(path: str, chunks, optimizer=None, scheduler=None, load_opti
     """Load into already-built chunks (any layout). Returns (iteration, extra)."""
     ckpt = resolve_checkpoint(path)
     saved = json.load(open(os.path.join(ckpt, CONFIG_FILE), encoding="utf-8"))
+    _check_checkpoint_format(ckpt, saved, chunks)
     if load_optim and optimizer is not None and not saved.get("has_optimizer", True):
         raise ValueError(f"{ckpt} holds no optimizer state (saved with --no-save-optim or converted); "
                          "load it with --finetune or --no-load-optim")
@@ -247,6 +314,9 @@ def load_checkpoint(path: str, chunks, optimizer=None, scheduler=None, load_opti
         print(f"[checkpoint] world size changed ({saved.get('world_size')} -> {dist.get_world_size()}): "
               "RNG states are reseeded instead of restored", flush=True)
     include_rng = load_rng and same_world
+    if uses_megatron_fsdp(chunks):
+        return _load_fsdp_dtensor_checkpoint(ckpt, chunks, optimizer if load_optim else None,
+                                             scheduler if load_optim else None, include_rng, strict)
     if load_optim and optimizer is not None:
         _materialize_optimizer_state(optimizer)
     sd = build_sharded_state_dict(chunks, optimizer if load_optim else None, scheduler if load_optim else None,
@@ -266,6 +336,24 @@ def load_checkpoint(path: str, chunks, optimizer=None, scheduler=None, load_opti
     return int(loaded["iteration"]), dict(loaded.get("extra") or {})
 
 
+def _load_fsdp_dtensor_checkpoint(ckpt: str, chunks, optimizer, scheduler, include_rng: bool,
+                                  strict: bool) -> tuple[int, dict[str, Any]]:
+    """The FSDP branch of `load_checkpoint` (see `_fsdp_dtensor_state_dict`), as Megatron-LM loads fsdp_dtensor:
+    torch.distributed.checkpoint reads in place into the DTensor state dicts, then the model's and optimizer's
+    load_state_dict finish (the FSDP adapter's post-load hook copies the main weights into the model weights;
+    the optimizer maps its parameter-name keys back to its parameter groups)."""
+    sd = _fsdp_dtensor_state_dict(chunks, optimizer, scheduler, include_rng=include_rng, is_loading=True)
+    torch.distributed.checkpoint.load(sd, checkpoint_id=ckpt)
+    chunks[0].load_state_dict(sd["model"], strict=strict)
+    if optimizer is not None:
+        optimizer.load_state_dict(sd["optimizer"])
+        if scheduler is not None:
+            scheduler.load_state_dict(sd["opt_param_scheduler"])
+    if include_rng:
+        _set_rng_state(sd[f"rng_state_rank{dist.get_rank()}"])
+    return int(sd["iteration"]), dict(sd.get("extra") or {})
+
+
 def _strip_module(key: str) -> str:
     return key[len("module."):] if key.startswith("module.") else key
 
@@ -278,6 +366,9 @@ def load_model_weights(path: str, chunks, allow_missing: Sequence[str] = ()) -> 
     starts from an SFT checkpoint); they keep their fresh initialisation. Keys only the checkpoint has (e.g. the
     SFT model's output_layer) are ignored. Returns the missing keys that were allowed."""
     ckpt = resolve_checkpoint(path)
+    if uses_megatron_fsdp(chunks) or os.path.exists(os.path.join(ckpt, ".metadata")):
+        raise ValueError(f"{ckpt}: starting from another run's weights (--pretrained-checkpoint) is not supported "
+                         "with --use-megatron-fsdp runs or their fsdp_dtensor checkpoints; resume with --load")
     available = set(dist_checkpointing.load_tensors_metadata(ckpt).keys())
     sd, skipped = {}, []
     # Checkpoint keys are those of the bare model (save_checkpoint unwraps DDP); checkpoints written before that
