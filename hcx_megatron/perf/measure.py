@@ -15,59 +15,44 @@ import os
 import sys
 
 
-def saved_bytes_per_layer(model, tokens, position_ids) -> list[int]:
-    """Bytes of distinct non-parameter storages saved for backward while each decoder layer runs."""
+def _saved_storage_bytes(model, tokens, position_ids, regions) -> list[int]:
+    """One forward under saved_tensors_hooks; for each module in `regions`, the bytes of the distinct
+    non-parameter storages autograd saves while that module runs."""
     import torch
 
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    layers = list(model.decoder.layers)
     current: list[int | None] = [None]
-    per_layer: list[dict[int, int]] = [dict() for _ in layers]
+    per_region: list[dict[int, int]] = [dict() for _ in regions]
 
     def pack(t):
         ptr = t.untyped_storage().data_ptr()
         if current[0] is not None and ptr not in params:
-            d = per_layer[current[0]]
+            d = per_region[current[0]]
             d[ptr] = max(d.get(ptr, 0), t.untyped_storage().nbytes())
         return t
 
     handles = []
-    for i, layer in enumerate(layers):
-        handles.append(layer.register_forward_pre_hook(lambda m, a, i=i: current.__setitem__(0, i)))
-        handles.append(layer.register_forward_hook(lambda m, a, o: current.__setitem__(0, None)))
+    for i, module in enumerate(regions):
+        handles.append(module.register_forward_pre_hook(lambda m, a, i=i: current.__setitem__(0, i)))
+        handles.append(module.register_forward_hook(lambda m, a, o: current.__setitem__(0, None)))
     try:
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             model(tokens, position_ids, None, labels=tokens)
     finally:
         for h in handles:
             h.remove()
-    return [sum(d.values()) for d in per_layer]
+    return [sum(d.values()) for d in per_region]
+
+
+def saved_bytes_per_layer(model, tokens, position_ids) -> list[int]:
+    """Bytes of distinct non-parameter storages saved for backward while each decoder layer runs."""
+    return _saved_storage_bytes(model, tokens, position_ids, list(model.decoder.layers))
 
 
 def saved_bytes_in_decoder(model, tokens, position_ids) -> int:
     """Bytes of distinct non-parameter storages saved while the whole decoder block runs (under full
     recompute the per-layer hooks see nothing: each checkpoint saves its layer's input outside the layer)."""
-    import torch
-
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    inside = [False]
-    saved: dict[int, int] = {}
-
-    def pack(t):
-        ptr = t.untyped_storage().data_ptr()
-        if inside[0] and ptr not in params:
-            saved[ptr] = max(saved.get(ptr, 0), t.untyped_storage().nbytes())
-        return t
-
-    handles = [model.decoder.register_forward_pre_hook(lambda m, a: inside.__setitem__(0, True)),
-               model.decoder.register_forward_hook(lambda m, a, o: inside.__setitem__(0, False))]
-    try:
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            model(tokens, position_ids, None, labels=tokens)
-    finally:
-        for h in handles:
-            h.remove()
-    return sum(saved.values())
+    return _saved_storage_bytes(model, tokens, position_ids, [model.decoder])[0]
 
 
 WHOLE_DECODER = "--measure-whole-decoder"  # grid entries with this pseudo-flag measure the decoder block
