@@ -80,6 +80,13 @@ def _is_checkpoint_directory(path: str) -> bool:
     return any(os.path.exists(os.path.join(path, name)) for name in ("metadata.json", ".metadata"))
 
 
+def _is_fsdp_dtensor_directory(path: str) -> bool:
+    # torch_dist (dist_checkpointing) writes metadata.json beside torch.distributed.checkpoint's .metadata;
+    # fsdp_dtensor checkpoints are written by torch.distributed.checkpoint alone.
+    return (os.path.exists(os.path.join(path, ".metadata"))
+            and not os.path.exists(os.path.join(path, "metadata.json")))
+
+
 def resolve_checkpoint(path: str) -> str:
     """Accept either a --save root (use its latest) or one iter_XXXXXXX directory."""
     it = read_latest_iteration(path)
@@ -164,6 +171,7 @@ def _fsdp_dtensor_state_dict(chunks, optimizer=None, scheduler=None, iteration: 
     if optimizer is not None:
         sd["optimizer"] = optimizer.sharded_state_dict(
             sd, is_loading=is_loading, metadata={"distrib_optim_sharding_type": FSDP_DTENSOR_FORMAT})
+        _fsdp_optimizer_state_on_every_rank(optimizer, sd["optimizer"])
     if scheduler is not None:
         sd["opt_param_scheduler"] = scheduler.state_dict()
     sd["iteration"] = iteration
@@ -171,6 +179,27 @@ def _fsdp_dtensor_state_dict(chunks, optimizer=None, scheduler=None, iteration: 
     if include_rng:  # per rank: torch.distributed.checkpoint keeps one copy of each key
         sd[f"rng_state_rank{dist.get_rank()}"] = _rng_state()
     return preprocess_state_dict_for_uneven_dtensor(sd)
+
+
+def _fsdp_optimizer_state_on_every_rank(optimizer, optimizer_sd: dict[str, Any]) -> None:
+    """Second gap of megatron-core 0.16.1's fsdp_dtensor optimizer state (sharded_param_state_fsdp_dtensor):
+    it lists only the parameters the inner torch Adam holds state for, and Adam creates state only for parameters
+    with a gradient, which Megatron-FSDP leaves None on a rank whose shard of the parameter is empty. Ranks then
+    hold different DTensors, and the per-DTensor collectives of preprocess_state_dict_for_uneven_dtensor and
+    torch.distributed.checkpoint deadlock. Give every rank an entry for every parameter (Adam's zero state for
+    the empty shards, never read since those parameters never get a gradient there), in parameter-group order."""
+    (opt,) = getattr(optimizer, "chained_optimizers", [optimizer])
+    state = optimizer_sd["state"]
+    template = next(iter(state.values()), None)
+    if template is None:  # no step taken yet: no rank holds state
+        return
+    ordered = {}
+    for group in opt.optimizer.param_groups:
+        for param in group["params"]:
+            name = opt._param_name(param)
+            ordered[name] = state[name] if name in state else {
+                k: v.clone() if k == "step" else torch.zeros_like(param) for k, v in template.items()}
+    optimizer_sd["state"] = ordered
 
 
 def _check_checkpoint_format(ckpt: str, saved: dict[str, Any], chunks) -> None:
@@ -366,7 +395,7 @@ def load_model_weights(path: str, chunks, allow_missing: Sequence[str] = ()) -> 
     starts from an SFT checkpoint); they keep their fresh initialisation. Keys only the checkpoint has (e.g. the
     SFT model's output_layer) are ignored. Returns the missing keys that were allowed."""
     ckpt = resolve_checkpoint(path)
-    if uses_megatron_fsdp(chunks) or os.path.exists(os.path.join(ckpt, ".metadata")):
+    if uses_megatron_fsdp(chunks) or _is_fsdp_dtensor_directory(ckpt):
         raise ValueError(f"{ckpt}: starting from another run's weights (--pretrained-checkpoint) is not supported "
                          "with --use-megatron-fsdp runs or their fsdp_dtensor checkpoints; resume with --load")
     available = set(dist_checkpointing.load_tensors_metadata(ckpt).keys())
