@@ -191,6 +191,16 @@ def test_bad_uneven_fsdp_and_schedule_layouts_name_their_flags(argv, world, flag
         assert flag in str(err.value), (flag, str(err.value))
 
 
+def test_megatron_fsdp_is_gpu_only_in_cpu_mode(monkeypatch):
+    """A valid FSDP layout (DP2) is refused in CPU mode, naming the opt-in; with the opt-in it passes validation."""
+    monkeypatch.delenv("HCX_CPU_MEGATRON_FSDP", raising=False)
+    with pytest.raises(ConfigError) as err:
+        make(["--device", "cpu", "--use-megatron-fsdp"], 2)
+    assert "--use-megatron-fsdp is GPU-only" in str(err.value) and "HCX_CPU_MEGATRON_FSDP" in str(err.value)
+    monkeypatch.setenv("HCX_CPU_MEGATRON_FSDP", "1")
+    make(["--device", "cpu", "--use-megatron-fsdp"], 2)
+
+
 def test_driver_and_perf_model_apply_the_same_rules():
     """validate_config (the driver) and perf Layout.check (the planner) accept exactly the same layouts. Before
     layout_rules they disagreed: the driver lacked ffn_hidden_size % TP and the interleaved micro-batch rule, the

@@ -29,10 +29,8 @@ LAYOUTS = {
     "tp2pp2_last3": (2, 2, 1, ["--decoder-last-pipeline-num-layers", "3"]),
     "tp2dp2": (2, 1, 2, ["--use-distributed-optimizer"]),
     "pp2dp2_first3": (1, 2, 2, ["--use-distributed-optimizer", "--decoder-first-pipeline-num-layers", "3"]),
-    # Megatron-FSDP, fully sharded (weights, gradients, optimizer state) over DP. (TP > 1 needs Transformer Engine,
-    # PP > 1 is unsupported by megatron-core 0.16.1's adapter: see config/args.py and config/layout_rules.py.)
-    "dp2_fsdp": (1, 1, 2, ["--use-distributed-optimizer", "--use-megatron-fsdp",
-                           "--data-parallel-sharding-strategy", "optim_grads_params"]),
+    # Megatron-FSDP is not here: on gloo it intermittently aborts in its backward all-gather (config/args.py);
+    # it is checked on GPUs by tools/gpu_check.sh step 10.
     "pp2vpp2": (1, 2, 1, ["--virtual-pipeline-model-parallel-size", "2"]),
     "tp2sp": (2, 1, 1, ["--sequence-parallel"]),
     # Activation recomputation changes memory, never the numbers.
