@@ -30,7 +30,7 @@ def _mpirun() -> list[str]:
         exe = shutil.which("mpirun")
         have_mpi4py = subprocess.run([sys.executable, "-c", "import mpi4py"], capture_output=True).returncode == 0
     if exe is None or not have_mpi4py:
-        pytest.skip("OpenMPI (openmpi-bin) or mpi4py missing and not installable here "
+        pytest.fail("OpenMPI (openmpi-bin) or mpi4py missing and not installable here "
                     "(tools/install_system_deps.sh needs root + apt-get)")
     argv = [exe, "-np", "2", "--oversubscribe"]
     if os.geteuid() == 0:
