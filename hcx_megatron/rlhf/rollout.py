@@ -29,9 +29,9 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state as ps
 from megatron.core import tensor_parallel
-from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from hcx_megatron.model.builder import sync_params_before_read
+from hcx_megatron.training.schedule import forward_only_collect
 from hcx_megatron.rlhf import ppo_math as pm
 
 _NEG = -1e9  # logit for Megatron's padding rows: never sampled, zero probability
@@ -99,16 +99,11 @@ def forward_collect(chunks: Sequence, micro: list[dict[str, torch.Tensor]],
         return out, lambda o, non_loss_data=False: fn(o, b)
 
     try:
-        its = [iter(micro) for _ in chunks]
-        res = get_forward_backward_func()(
-            forward_step_func=step, data_iterator=its if len(chunks) > 1 else its[0],
-            model=chunks if len(chunks) > 1 else chunks[0], num_microbatches=len(micro),
-            seq_length=micro[0]["tokens"].shape[1], micro_batch_size=micro[0]["tokens"].shape[0],
-            forward_only=True, collect_non_loss_data=True)
+        res = forward_only_collect(chunks, micro, step, micro[0]["tokens"].shape[1], micro[0]["tokens"].shape[0])
     finally:
         for c, mode in zip(chunks, modes):
             c.train(mode)
-    if not ps.is_pipeline_last_stage(ignore_virtual=True):
+    if res is None:  # not the last pipeline stage
         return None
     return torch.cat([r.float() for r in res], dim=0)
 
