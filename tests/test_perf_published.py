@@ -10,30 +10,88 @@ from hcx_megatron.perf.cluster import default_cluster
 from hcx_megatron.perf.memory import layer_activation_bytes, peak_memory
 from hcx_megatron.perf.timing import step_time
 
-HELD_OUT_RMS = 0.06  # achieved 5.1 % (docs/perf.md); the goal is 10 %
+# held-out RMS bound per precision (summary key suffix); achieved 5.0 % all, 5.4 % FP8, 3.6 % BF16 (docs/perf.md);
+# the goal is 10 %
+HELD_OUT_RMS = {"": 0.06, "_fp8": 0.06, "_bf16": 0.05}
+MIN_HELD_OUT = {"": 26, "_fp8": 20, "_bf16": 6}
 
 
 @pytest.mark.timeout(60)
 def test_held_out_rms_and_every_published_layout_fits():
     rows = P.load_rows()
     assert {r.split for r in rows} == {"fit", "holdout"} and all(r.source.startswith("https://") for r in rows)
+    assert {r.workload.precision for r in rows} == {"fp8", "bf16"}
     res = P.evaluate(default_cluster(), rows)
     s = P.summary(res)
-    assert s["n_holdout"] >= 8 and s["rms_holdout"] <= HELD_OUT_RMS, P.table(res)
-    for x in res:  # runs NVIDIA made on 80 GB GPUs: the memory model must agree they fit
+    for tag, bound in HELD_OUT_RMS.items():
+        assert s[f"n_holdout{tag}"] >= MIN_HELD_OUT[tag], (tag, s)
+        assert s[f"rms_holdout{tag}"] <= bound, (tag, s, P.table(res))
+    # runs NVIDIA made on 80 GB GPUs, BF16 and FP8: the memory model must agree they fit
+    assert sum(x.row.workload.precision == "bf16" for x in res) >= 12 and len(res) >= 41
+    for x in res:
         assert x.fits, (x.row.id, x.memory_gib)
 
 
-@pytest.mark.timeout(120)
+@pytest.mark.timeout(180)
 def test_default_knobs_come_from_the_fit_rows_only():
     rows = P.load_rows()
     refit = P.fit_knobs(default_cluster(), rows)
     for k in P.FIT_KNOBS:
         assert getattr(refit.perf, k) == pytest.approx(getattr(default_cluster().perf, k), rel=0.02), k
-    # moving a held-out row's published number does not move the fitted knobs
+    # moving a held-out row's published number (BF16 and FP8 alike) does not move the fitted knobs
+    assert {r.workload.precision for r in rows if r.split == "holdout"} == {"fp8", "bf16"}
     bumped = [dataclasses.replace(r, tok_s_gpu=r.tok_s_gpu * 2) if r.split == "holdout" else r for r in rows]
     again = P.fit_knobs(default_cluster(), bumped)
     assert all(getattr(again.perf, k) == getattr(refit.perf, k) for k in P.FIT_KNOBS)
+    # ... while the BF16 fit rows do: they are what separates the BF16 GEMM rate from fp8_speedup
+    faster = [dataclasses.replace(r, tok_s_gpu=r.tok_s_gpu * 1.2)
+              if r.split == "fit" and r.workload.precision == "bf16" else r for r in rows]
+    moved = P.fit_knobs(default_cluster(), faster)
+    assert moved.perf.matmul_efficiency > 1.1 * refit.perf.matmul_efficiency
+    assert moved.perf.fp8_speedup < refit.perf.fp8_speedup
+
+
+# published layouts the planner ranks more than 5 % below its best, each explained in docs/perf.md
+PLANNER_EXPLAINED = ("bridge2509-llama3-70b", "dgxc-nemotron4-15b-16")
+
+
+@pytest.mark.timeout(300)
+def test_planner_ranks_published_bf16_recipes_near_its_best():
+    from pathlib import Path
+
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "perf.md").read_text()
+    assert all(rid in doc for rid in PLANNER_EXPLAINED)
+    rows = [r for r in P.recipes(P.load_rows()) if r.workload.precision == "bf16"]
+    assert len(rows) == 6
+    for r in rows:
+        if r.id in PLANNER_EXPLAINED:
+            continue
+        c = P.planner_check(r)
+        # the search covers the published layout (it cannot beat the best) and ranks it within 5 % of the best
+        assert c.fitting > 10 and -0.05 <= c.gap <= 1e-9, (r.id, c.gap, c.best.layout.label(), c.rank)
+
+
+@pytest.mark.timeout(20)
+def test_optimizer_param_remainders_and_fp8_weights():
+    rows = {x.id: x for x in P.load_rows()}
+    f = rows["dgxc-fp8-llama31-70b-64"]  # NeMo fp8_params: FP8 weights, all-gathered in 1 byte
+    assert f.layout.fp8_param_gather and not f.layout.optimizer_param_remainders
+    bf16_weights = dataclasses.replace(f.layout, fp8_param_gather=False)
+    c = default_cluster()
+    # bf16 gradient reduce-scatter (2 bytes) + weight all-gather (1 byte, not 2): 3/4 of the DP bytes
+    assert step_time(f.workload, f.layout, c).dp_comm_total_s == pytest.approx(
+        0.75 * step_time(f.workload, bf16_weights, c).dp_comm_total_s, rel=1e-3)  # ring latency is fixed
+    r = rows["dgxc-nemotron4-340b-128"]
+    assert r.layout.optimizer_param_remainders and r.layout.recompute_granularity == "selective"
+    c = default_cluster()
+    twelve = dataclasses.replace(r.layout, optimizer_param_remainders=False)
+    mem, mem12 = peak_memory(r.workload, r.layout, c), peak_memory(r.workload, twelve, c)
+    shard = r.layout.dp * r.layout.cp
+    assert mem.optimizer_bytes == pytest.approx(mem12.optimizer_bytes * 10 / 12)
+    assert mem.optimizer_bytes == pytest.approx(10 * mem.params / shard)
+    for lay in (r.layout, f.layout):
+        with pytest.raises(ValueError, match="not exposed by the trainer"):
+            lay.megatron_flags()
 
 
 @pytest.mark.timeout(20)

@@ -72,6 +72,15 @@ class Layout:
     grad_reduce_in_fp32: bool = True  # Megatron-LM bf16 default; NVIDIA's benchmark recipes reduce in bf16
     ddp_bucket_size: int | None = None  # --ddp-bucket-size (params); None: max(40M, 1M x DP)
     tp_comm_overlap: bool = False  # --tp-comm-overlap (TE userbuffers: TP collectives overlapped with GEMMs)
+    # fp32 main weights kept as their 16 low bits beside the bf16 weights (10 optimizer bytes per parameter,
+    # not 12): megatron-core OptimizerConfig use_precision_aware_optimizer + store_param_remainders, and Apex
+    # DistributedFusedAdam's store_param_remainders, which NeMo 1.x turns on for bf16 O2 training. Modelled for
+    # published runs; the trainer does not expose it, so megatron_flags() refuses it.
+    optimizer_param_remainders: bool = False
+    # Megatron-LM --fp8-param-gather (FP8 workloads; NeMo's fp8_params): weights kept as FP8 tensors, so the
+    # distributed optimizer all-gathers them in 1 byte; in memory 1 byte plus TE's 1-byte transpose, as many
+    # bytes as the bf16 weight. Modelled for published runs; megatron_flags() refuses it like the one above.
+    fp8_param_gather: bool = False
     overlap_p2p_comm: bool = True  # Megatron-LM default; only the interleaved schedule overlaps its p2p
     # uneven pipeline stages (megatron-core TransformerConfig names; Megatron-LM
     # --decoder-first/last-pipeline-num-layers, --account-for-embedding/loss-in-pipeline-split)
@@ -132,6 +141,9 @@ class Layout:
             f += ["--ddp-bucket-size", str(self.ddp_bucket_size)]
         if self.tp_comm_overlap:
             f.append("--tp-comm-overlap")
+        unexposed = [n for n in ("optimizer_param_remainders", "fp8_param_gather") if getattr(self, n)]
+        if unexposed:
+            raise ValueError(f"{', '.join(unexposed)}: modelled for published runs but not exposed by the trainer")
         if self.num_layers_in_first_pipeline_stage is not None:
             f += ["--decoder-first-pipeline-num-layers", str(self.num_layers_in_first_pipeline_stage)]
         if self.num_layers_in_last_pipeline_stage is not None:

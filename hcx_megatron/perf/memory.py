@@ -192,14 +192,16 @@ def bytes_per_param(w: Workload, lay: Layout) -> tuple[float, float, float]:
 
     Mixed precision (bf16 and fp8 alike: TE keeps bf16 weights and casts them to FP8 once per step):
     2-byte weights, a 4-byte gradient buffer (2 without grad_reduce_in_fp32), 12 bytes of fp32 main
-    weights + Adam m, v. The distributed optimizer shards the 12 over DP x CP; Megatron-FSDP shards all
-    three (its per-layer all-gather buffers are counted in stage_memory)."""
+    weights + Adam m, v (10 with optimizer_param_remainders: only the 16 low bits of each fp32 main weight
+    are kept, the high 16 are the bf16 weight). The distributed optimizer shards the optimizer bytes over
+    DP x CP; Megatron-FSDP shards all three (its per-layer all-gather buffers are counted in stage_memory)."""
     shard = lay.dp * lay.cp
     opt_shard = shard if (lay.use_distributed_optimizer or lay.use_megatron_fsdp) else 1
     if w.precision == "fp32":
         wb, gb, ob = 4.0, 4.0, 8.0
     else:
-        wb, gb, ob = 2.0, (4.0 if lay.grad_reduce_in_fp32 else 2.0), 12.0
+        wb, gb = 2.0, (4.0 if lay.grad_reduce_in_fp32 else 2.0)
+        ob = 10.0 if lay.optimizer_param_remainders else 12.0
     if lay.use_megatron_fsdp:
         return wb / shard, gb / shard, ob / shard
     return wb, gb, ob / opt_shard

@@ -16,7 +16,7 @@ included; the last stage adds the logits):
 - PP point-to-point: 2·v sends of e·b·(s/CP)·h (/TP under SP) per micro-batch; the interleaved schedule
   (overlap_p2p_comm) exposes only their latency.
 DP (over the DP·CP group, size D): reduce-scatter of the gradients (fp32 or bf16) and all-gather of bf16
-weights under the distributed optimizer ((D−1)/D of the bytes each), an all-reduce (2·(D−1)/D) without it.
+weights (FP8 with fp8_param_gather) under the distributed optimizer ((D−1)/D of the bytes each), an all-reduce (2·(D−1)/D) without it.
 With --overlap-grad-reduce / --overlap-param-gather they hide behind the last micro-batch's backward / the
 first one's forward, except one bucket. Megatron-FSDP gathers weights twice and reduce-scatters gradients once
 per micro-batch, prefetched a layer ahead.
@@ -258,7 +258,7 @@ def step_time(w: Workload, lay: Layout, cluster: ClusterConfig) -> StepTime:
     group = lay.dp * cp
     n_params = max(params_per_rank(m, tp, pp, r, lay.vpp, layers_on_rank=stage_layers[r]) for r in range(pp))
     grad_bytes = (4.0 if (lay.grad_reduce_in_fp32 or w.precision == "fp32") else 2.0) * n_params
-    weight_bytes = (4.0 if w.precision == "fp32" else 2.0) * n_params
+    weight_bytes = (4.0 if w.precision == "fp32" else 1.0 if (w.fp8 and lay.fp8_param_gather) else 2.0) * n_params
     dp_link = _link(cluster, tp * group, stride=tp)
     bucket = lay.ddp_bucket_size or max(DDP_BUCKET_PARAMS, 1_000_000 * group)
     n_buckets = max(1, math.ceil(n_params / bucket))
