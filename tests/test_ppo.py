@@ -68,7 +68,8 @@ def test_ppo_reward_rises_kl_bounded_and_resumes_exactly(ppo_small_vocab):
     part, pm = str(root / "part"), str(root / "part.jsonl")
     run_ppo(2, ppo_args(sft, prompts, [
         "--save", part, "--load", part, "--exit-interval", "6", "--metrics-jsonl", pm]), timeout=300)
-    assert os.path.isdir(os.path.join(part, "ppo_rollouts", "iter_0000006"))
+    for rank in (0, 1):  # each rank's half-trained rollout, committed inside the checkpoint
+        assert os.path.isfile(os.path.join(part, "iter_0000006", f"ppo_rollout_rank_0000{rank}.pt"))
     run_ppo(2, ppo_args(sft, prompts, [
         "--save", part, "--load", part, "--exit-interval", "8", "--metrics-jsonl", pm]), timeout=300)
     a = {r["iteration"]: r for r in records(metrics, "train")}

@@ -16,6 +16,7 @@ from hcx_megatron.distributed.partition import block_of, layout_blocks
 from hcx_megatron.rlhf.placement import add_placement_args, plan_placement
 from hcx_megatron.rlhf.ppo_separate import async_in_flight, sampler_version
 from hcx_megatron.rlhf.rollout import assemble_rows, build_sequences, dp_rows, take_rows
+from test_run_lifecycle import TINY, one_process_launch  # noqa: F401  (a one-process world in this process)
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -29,6 +30,14 @@ def _parse(flags, world=1):
 
 def _cfg(flags):
     return _parse(flags)[0]
+
+
+def _options(*flags):
+    from hcx_megatron.rlhf.ppo import add_ppo_args, ppo_options_from_args
+
+    ns = parse_config(["--mock-data", "--prompt-data", "p", "--rule-reward", "share:1-2", *flags],
+                      extra_args=add_ppo_args, validate=False)[1]
+    return ppo_options_from_args(ns)
 
 
 def _plan(world, flags=(), rule=True, async_=False, rollout_batch=8):
@@ -110,12 +119,11 @@ def test_one_critic_path_rule_reads_load_and_writes_save(tmp_path):
     """Both placements build the critic's config with ppo_models.critic_config: with --load A --save B it resumes
     A/critic at A's iteration and saves to B/critic; a --load without a checkpoint starts a new critic."""
     from hcx_megatron.rlhf.ppo_models import critic_config
-    from hcx_megatron.rlhf.ppo_options import PPOOptions
 
     a, b = tmp_path / "A", tmp_path / "B"
     (a / "iter_0000006").mkdir(parents=True)
     (a / "latest_checkpointed_iteration.txt").write_text("6")
-    opts = PPOOptions(prompt_data="p", rule_reward="share:1-2", critic_lr=1e-5)
+    opts = _options("--critic-lr", "1e-5")
     c = critic_config(_cfg(["--load", str(a), "--save", str(b), "--lr", "1e-4"]), opts).checkpoint
     assert (c.load, c.save) == (str(a / "critic" / "iter_0000006"), str(b / "critic"))
     fresh = critic_config(_cfg(["--load", str(b), "--save", str(b)]), opts)
@@ -213,3 +221,50 @@ def test_partition_bridge_on_real_gloo_processes():
     assert results[1] == {"name": "a", "world": 2, "local": 1, "msg": [0, 1, 2]}
     assert results[2] == {"name": "b", "world": 1, "local": 0, "gathered": [0, 10]}
 
+
+
+def test_colocated_critic_leaves_the_process_rng_and_a_half_trained_rollout_commits_with_its_checkpoint(
+        one_process_launch, tmp_path):
+    """The colocated critic is set up beside the actor without reseeding the process's RNGs (so a resumed actor
+    keeps the states it restored, whichever model is set up last), and the loop writes a half-trained rollout
+    into the checkpoint directory it commits (nothing beside it), from which a resumed actor reads it back."""
+    import random
+
+    import numpy as np
+
+    from hcx_megatron.config.frozen import freeze
+    from hcx_megatron.rlhf.ppo import add_ppo_args, ppo_options_from_args
+    from hcx_megatron.rlhf.ppo_actor import PPOActorTask, Schedule
+    from hcx_megatron.rlhf.ppo_colocated import LocalPeers
+    from hcx_megatron.training.checkpoint import checkpoint_dir
+    from hcx_megatron.training.loop import save, setup
+
+    prompts, ckpt = tmp_path / "p.jsonl", str(tmp_path / "ckpt")
+    prompts.write_text('{"prompt_ids": [1, 2, 3]}\n{"prompt_ids": [4, 5]}\n')
+    cfg, ns = parse_config([*TINY, "--prompt-data", str(prompts), "--rule-reward", "share:1-2", "--save", ckpt,
+                            "--rollout-batch-size", "2", "--max-new-tokens", "2"], extra_args=add_ppo_args,
+                           validate=False)
+    opts, schedule = ppo_options_from_args(ns), Schedule(2, 2, 1, 1234, 2)  # 2 steps per PPO iteration
+
+    def rng_states():
+        return torch.get_rng_state(), random.getstate(), np.random.get_state()[1].tolist()
+
+    one_process_launch()
+    peers = LocalPeers(opts, schedule, None)
+    actor = PPOActorTask(opts, schedule, peers, placement=None)
+    ctx = setup(freeze(cfg), actor)
+    torch.manual_seed(99), random.seed(99), np.random.seed(99)  # as an actor resumed with its RNG states
+    before = rng_states()
+    peers.start(ctx, actor.tokenizer, actor.prompts, first_rollout=0)
+    after = rng_states()
+    assert torch.equal(before[0], after[0]) and before[1:] == after[1:]
+
+    actor.rollout = peers.rollout(0, kl_coef=0.04)
+    ctx.iteration = 1  # in the middle of PPO iteration 1
+    save(ctx, actor)
+    assert os.path.isfile(os.path.join(checkpoint_dir(ckpt, 1), "ppo_rollout_rank_00000.pt"))
+    assert sorted(os.listdir(ckpt)) == ["critic", "iter_0000001", "latest_checkpointed_iteration.txt"]
+    resumed = PPOActorTask(opts, schedule, LocalPeers(opts, schedule, None), placement=None)
+    resumed.buffer.load(checkpoint_dir(ckpt, 1), 1)
+    assert resumed.rollout.index == 0 and torch.equal(resumed.rollout.tokens, actor.rollout.tokens)
+    assert torch.equal(resumed.rollout.advantages, actor.rollout.advantages)

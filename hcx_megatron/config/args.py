@@ -418,7 +418,8 @@ def validate_config(cfg: Config, check_installed: bool = True) -> None:
                               "another run's weights; use --use-distributed-optimizer without --use-megatron-fsdp")
         if resolve_device(cfg.runtime.device) == "cpu" and os.environ.get(CPU_FSDP_OPT_IN) != "1":
             # Seen in CI: a DP2 run on gloo aborted (SIGABRT in the gloo transport) in the backward all-gather of
-            # megatron_fsdp.all_gather_and_wait_parameters_ready at step 3, in 2 of about 10 runs; not fixed.
+            # megatron_fsdp.all_gather_and_wait_parameters_ready at step 3, in 2 of about 10 runs. Cause not found
+            # and not reproduced since (README, Megatron-FSDP: what was ruled out, and the reproduction loop).
             raise ConfigError("--use-megatron-fsdp is GPU-only here: on gloo (CPU mode) megatron-core 0.16.1's "
                               "Megatron-FSDP intermittently aborts in its backward parameter all-gather; run it on "
                               f"CUDA/NCCL (tools/gpu_check.sh step 10), or set {CPU_FSDP_OPT_IN}=1 to try it anyway")

@@ -1,24 +1,13 @@
 """PPO driver: `python -m hcx_megatron.rlhf.ppo` (console script `hcx-ppo`): its flags, the config they resolve
-to, and which process runs what.
-
-Four models: actor (from --sft-checkpoint, trained through the shared loop), critic (from --rm-checkpoint,
-per-token value head, its own optimizer, one step per actor step), reference (frozen SFT weights) and reward
-(frozen reward model with its stored calibration, or a --rule-reward for synthetic runs); hcx_megatron/rlhf/
-ppo_models.py defines each once. The actor's Task (hcx_megatron/rlhf/ppo_actor.py) is the same in every
-placement (hcx_megatron/rlhf/placement.py); only its `Peers` differ:
-
-- colocated: every model on the actor's ranks, in its layout (hcx_megatron/rlhf/ppo_colocated.py);
-- separate: each model on its own rank partition with its own TP/PP (hcx_megatron/rlhf/ppo_separate.py: the
-  actor's peers, the critic's partition task, the frozen partitions and the async sampler).
-
-Checkpoints: the actor in --save (plain GPTModel, the pretraining format, so the conversion tool exports it),
-the critic in --save/critic at the same iterations, a half-trained rollout's buffers beside them; all written
-before the actor's tracker, so a complete actor checkpoint implies the rest. Resume reads --load and
---load/critic. In synchronous mode resuming reproduces the uninterrupted run.
+to, and which process runs what. The models are defined once in ppo_models.py, the actor's Task once in
+ppo_actor.py against `Peers` (where the other models live): ppo_colocated.py keeps them on the actor's ranks,
+ppo_separate.py on their own rank partitions (placement.py chooses). docs/rlhf.md describes the whole.
 """
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
 import sys
 
 from hcx_megatron.config.args import Config, ConfigError, explicit_model_flags, parse_config, validate_config
@@ -29,7 +18,6 @@ from hcx_megatron.rlhf.common import (apply_checkpoint_model_shape, reject_conte
                                       reject_pretraining_loader_flags)
 from hcx_megatron.rlhf.ppo_actor import CriticTask, PPOActorTask, Schedule
 from hcx_megatron.rlhf.ppo_models import critic_config, critic_init, read_prompts, rollout_settings
-from hcx_megatron.rlhf.ppo_options import PPOOptions, ppo_options_from_args
 from hcx_megatron.training.loop import main_wrapper, run, start_of_run
 
 
@@ -71,6 +59,44 @@ def add_ppo_args(parser) -> None:
     g.add_argument("--max-staleness", type=int, default=1,
                    help="async: a rollout is sampled at most this many PPO iterations behind the learner")
     ppo_placement.add_placement_args(parser)
+
+
+@dataclasses.dataclass(frozen=True)
+class PPOOptions:
+    """PPO's own flags as one typed, frozen value (like SFT's `SFTOptions`); add_ppo_args holds the defaults.
+    Where the actor and reference start (--sft-checkpoint) is the shared cfg.checkpoint.pretrained_checkpoint."""
+
+    prompt_data: str
+    rm_checkpoint: str | None  # frozen reward model; also the critic's initialisation
+    rule_reward: str | None
+    reward_clip: float | None  # None: the reward model's stored clip
+    rollout_batch_size: int
+    ppo_epochs: int
+    ppo_rollouts: int | None
+    max_new_tokens: int
+    generation_kv_cache: bool
+    rollout_temperature: float
+    rollout_top_p: float
+    stop_ids: tuple[int, ...] | None
+    init_kl_coef: float
+    adaptive_kl: bool
+    kl_target: float
+    kl_horizon: int
+    kl_estimator: str
+    gamma: float
+    lam: float
+    clip_range: float
+    value_clip_range: float
+    critic_lr: float | None  # None: --lr
+    unlikelihood_weight: float
+    repetition_ngram: int
+    async_rollouts: bool
+    max_staleness: int
+
+
+def ppo_options_from_args(ns: argparse.Namespace) -> PPOOptions:
+    values = {f.name: getattr(ns, f.name) for f in dataclasses.fields(PPOOptions)}
+    return PPOOptions(**{**values, "stop_ids": None if ns.stop_ids is None else tuple(ns.stop_ids)})
 
 
 def resolve_ppo_config(argv, world_size: int) -> tuple[Config, PPOOptions, ppo_placement.Placement]:
@@ -153,5 +179,5 @@ if __name__ == "__main__":  # the dist-checkpoint writer spawns processes: keep 
     main_wrapper(main)
 
 
-__all__ = ["PPOActorTask", "CriticTask", "add_ppo_args", "read_prompts", "rollout_settings", "resolve_ppo_config",
-           "run_ppo", "main"]
+__all__ = ["PPOActorTask", "CriticTask", "PPOOptions", "ppo_options_from_args", "add_ppo_args", "read_prompts",
+           "rollout_settings", "resolve_ppo_config", "run_ppo", "main"]

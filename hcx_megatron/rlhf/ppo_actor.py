@@ -26,14 +26,17 @@ from hcx_megatron.rlhf.common import rank0
 from hcx_megatron.rlhf.ppo_models import read_prompts, with_run_vocabulary
 from hcx_megatron.rlhf.rollout import Rollout, scaled_logits, split_micro, token_logprobs
 from hcx_megatron.training import signals
-from hcx_megatron.training.loop import StepBatches, TaskBase, TaskSetup, TrainContext
+from hcx_megatron.training.loop import StepBatches, TaskBase, TaskSetup, TrainContext, reduce_metrics
+
+# The rollout fields each model trains on.
+ACTOR_FIELDS = ("tokens", "position_ids", "labels", "mask", "old_logp", "advantages", "ul_negative")
+CRITIC_FIELDS = ("tokens", "position_ids", "mask", "values", "returns")
 
 
-# ---------------------------------------------------------------------------------------------------------
-# the step schedule shared by actor and critic
-# ---------------------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Schedule:
+    """The step schedule actor and critic share."""
+
     steps_per_rollout: int  # --ppo-epochs x minibatches per epoch
     minibatches_per_epoch: int  # --rollout-batch-size / --global-batch-size
     total_rollouts: int
@@ -47,7 +50,7 @@ class Schedule:
         """The first rollout a run resumed at `iteration` samples (a half-trained one comes from its buffer)."""
         return -(-iteration // self.steps_per_rollout)
 
-    def batches(self, ro: Rollout, k: int, fields: dict[str, torch.Tensor]) -> StepBatches:
+    def batches(self, ro: Rollout, k: int, fields: tuple[str, ...]) -> StepBatches:
         """Optimizer step k's share of this rank's rollout rows: PPO epoch (k mod spr) // mpe visits the rows in a
         permutation seeded by (seed, rollout, epoch), minibatch m takes its m-th slice."""
         epoch, m = divmod(k % self.steps_per_rollout, self.minibatches_per_epoch)
@@ -55,91 +58,101 @@ class Schedule:
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + ro.index * 101 + epoch)
         per = n // self.minibatches_per_epoch
         rows = torch.randperm(n, generator=g)[m * per: (m + 1) * per].to(ro.tokens.device)
-        batch = {name: t.index_select(0, rows) for name, t in fields.items()}
+        batch = {name: getattr(ro, name).index_select(0, rows) for name in fields}
         length = batch["tokens"].shape[1]
         return StepBatches(split_micro(batch, self.micro_batch), length, self.micro_batch,
                            rows.numel() * length * ps.get_data_parallel_world_size())
 
 
-def critic_fields(ro: Rollout) -> dict[str, torch.Tensor]:
-    return {"tokens": ro.tokens, "position_ids": ro.position_ids, "mask": ro.mask, "old_values": ro.values,
-            "returns": ro.returns}
-
-
-def actor_fields(ro: Rollout) -> dict[str, torch.Tensor]:
-    return {"tokens": ro.tokens, "position_ids": ro.position_ids, "labels": ro.labels, "mask": ro.mask,
-            "old_logp": ro.old_logp, "advantages": ro.advantages, "ul_negative": ro.ul_negative}
-
-
-def _global_means(pairs: dict[str, tuple[float, float]], device: str) -> dict[str, float]:
-    """{name: (sum, count)} -> global sum/count. Callers contribute only on the last pipeline stage; TP replicas
-    repeat both numbers, which leaves the ratio unchanged."""
-    keys = list(pairs)
-    t = torch.tensor([[pairs[k][0], pairs[k][1]] for k in keys], dtype=torch.float64,
-                     device="cuda" if device == "cuda" else "cpu")
-    dist.all_reduce(t)
-    return {k: (t[i, 0] / t[i, 1].clamp(min=1)).item() for i, k in enumerate(keys)}
-
-
-# ---------------------------------------------------------------------------------------------------------
-# a half-trained rollout, saved with the checkpoint (a save in the middle of a PPO iteration)
-# ---------------------------------------------------------------------------------------------------------
 class RolloutBuffer:
-    """Checkpointable: each rank's rollout rows and step statistics when a checkpoint falls in the middle of a
-    PPO iteration, `<root>/ppo_rollouts/iter_N/<role>_rank_R.pt` (root: the model's save / load root). The
-    loop saves it before its tracker commit, so a complete checkpoint implies its buffer."""
+    """Checkpointable: a half-trained rollout (a checkpoint in the middle of a PPO iteration), i.e. this rank's
+    rollout rows and the iteration's step statistics, written into the checkpoint directory before its commit,
+    so it is part of the checkpoint or absent with it."""
 
-    def __init__(self, role: str, owner, schedule: Schedule):
-        self.name = f"{role}_rollout_buffer"
-        self.role, self.owner, self.schedule = role, owner, schedule
-        self.save_root: str | None = None
-        self.load_root: str | None = None
-        self.device = "cpu"
+    name = "rollout_buffer"
 
-    def roots(self, save: str | None, load: str | None) -> None:
-        self.save_root, self.load_root = save, load
+    def __init__(self, task: "RolloutTask"):
+        self.task = task
 
-    def _path(self, root: str, iteration: int) -> str:
-        return os.path.join(root, "ppo_rollouts", f"iter_{iteration:07d}",
-                            f"{self.role}_rank_{dist.get_rank():05d}.pt")
+    def _mid_rollout(self, iteration: int) -> bool:
+        return iteration % self.task.schedule.steps_per_rollout != 0
 
-    def save(self, ckpt_tmp_dir: str | None, iteration: int) -> None:
-        ro = self.owner.rollout
-        if iteration % self.schedule.steps_per_rollout == 0 or ro is None:
+    @staticmethod
+    def _path(ckpt_dir: str) -> str:
+        return os.path.join(ckpt_dir, f"ppo_rollout_rank_{dist.get_rank():05d}.pt")
+
+    def save(self, ckpt_tmp_dir: str, iteration: int) -> None:
+        if self._mid_rollout(iteration) and self.task.rollout is not None:
+            torch.save({"rollout": self.task.rollout.to_state(), "acc": self.task.acc}, self._path(ckpt_tmp_dir))
+
+    def load(self, ckpt_dir: str, iteration: int) -> None:
+        if not self._mid_rollout(iteration):
             return
-        path = self._path(self.save_root, iteration)
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        torch.save({"rollout": ro.to_state(), "acc": self.owner.acc}, path + ".tmp")
-        os.replace(path + ".tmp", path)  # never a partial buffer under the final name
-        dist.barrier()  # every rank's buffer is written before the checkpoint commits
-
-    def load(self, ckpt_dir: str | None, iteration: int) -> None:
-        if iteration % self.schedule.steps_per_rollout == 0:
-            return
-        path = self._path(self.load_root, iteration)
+        path = self._path(ckpt_dir)
         if not os.path.isfile(path):
             raise FileNotFoundError(f"{path}: the checkpoint was saved in the middle of a PPO iteration but this "
                                     "rank's rollout buffer is missing (resume needs the same world size and "
                                     "placement)")
         state = torch.load(path, weights_only=False)
-        ro = Rollout.from_state(state["rollout"])
-        if self.device == "cuda":
-            for k, v in ro.__dict__.items():
-                if torch.is_tensor(v):
-                    setattr(ro, k, v.cuda())
-        self.owner.rollout, self.owner.acc = ro, state["acc"]
+        device = self.task.device
+        self.task.rollout = Rollout.from_state({k: v.to(device) if torch.is_tensor(v) else v
+                                                for k, v in state["rollout"].items()})
+        self.task.acc = state["acc"]
 
 
-# ---------------------------------------------------------------------------------------------------------
-# the critic's loss (a value head); who steps it depends on the placement
-# ---------------------------------------------------------------------------------------------------------
+class RolloutTask(TaskBase):
+    """What a model that the loop trains on rollouts keeps (the actor; the critic on its own partition): the
+    rollout being trained on, fetched once per PPO iteration, its step statistics, its buffer, and the loop's
+    exit code once training returned."""
+
+    fields: tuple[str, ...]  # the rollout fields it trains on
+
+    def __init__(self, schedule: Schedule):
+        self.schedule = schedule
+        self.rollout: Rollout | None = None
+        self.acc: dict[str, list[float]] = {}  # per-step statistics of the current rollout
+        self.buffer = RolloutBuffer(self)
+        self.device = "cpu"
+        self.ctx: TrainContext | None = None
+        self.returned: int | None = None  # the loop's exit code once training returned (0, or 17 preempted)
+
+    def fetch(self, r: int) -> Rollout:
+        """Rollout r, ready to train on."""
+        raise NotImplementedError
+
+    def train_batches(self, iteration: int) -> StepBatches:
+        r = self.schedule.rollout_of(iteration)
+        if self.rollout is None or self.rollout.index != r:
+            self.rollout, self.acc = self.fetch(r), {}
+        return self.schedule.batches(self.rollout, iteration, self.fields)
+
+    def accumulate(self, stats: dict[str, float]) -> None:
+        for key, value in stats.items():
+            self.acc.setdefault(key, []).append(value)
+
+    def checkpointables(self) -> list:
+        return [self.buffer]
+
+    def before_train(self, ctx: TrainContext) -> None:
+        self.ctx = ctx
+
+    def stopping(self, stop: bool) -> bool:
+        if stop:
+            self.returned = signals.EXIT_CODE_PREEMPTED  # the loop saves and returns it
+        return stop
+
+    def after_train(self, ctx: TrainContext) -> None:
+        self.returned = 0
+
+
 class CriticTask(TaskBase):
-    """Per-token value head with the clipped value loss. Built with the actor's vocabulary (`vocab_source`: the
-    actor's config, or its partition's); starts from the reward model or the SFT backbone (ppo_models.critic_init),
-    whose value head is new."""
+    """The critic's loss: per-token value head, clipped value loss. Built with the actor's vocabulary
+    (`vocab_source`: the actor's config, or its partition's); starts from the reward model or the SFT backbone
+    (ppo_models.critic_init), whose value head is new."""
 
     metric_keys = ["lm loss", "value loss", "value clip frac"]
     new_parameters = ("value_head.",)
+    fields = CRITIC_FIELDS
 
     def __init__(self, clip: float, vocab_source: Config):
         self.clip, self.vocab_source = clip, vocab_source
@@ -150,14 +163,13 @@ class CriticTask(TaskBase):
     def model_factory(self, cfg, impl):
         return scalar_head_factory(cfg, impl)
 
-
     def forward_step(self, data_iterator, model):
         b = next(data_iterator)
         values = model(b["tokens"], b["position_ids"], None)
 
         def loss_func(out):
             m = b["mask"]
-            loss, clipped = pm.clipped_value_loss(out.float(), b["old_values"], b["returns"], m, self.clip)
+            loss, clipped = pm.clipped_value_loss(out.float(), b["values"], b["returns"], m, self.clip)
             s, n = loss.sum(), m.sum()
             stat = torch.stack([s.detach(), n])
             return s, n.to(torch.int), {"lm loss": stat, "value loss": stat,
@@ -166,11 +178,12 @@ class CriticTask(TaskBase):
         return values, loss_func
 
 
-# ---------------------------------------------------------------------------------------------------------
-# where the other models live
-# ---------------------------------------------------------------------------------------------------------
 class Peers:
-    """The critic, reference, reward model and (async) sampler as the actor sees them; no-op defaults."""
+    """The critic, reference, reward model and (async) sampler as the actor sees them; no-op defaults. Also the
+    actor's checkpointable for its critic: the critic's checkpoint of an iteration exists before the actor's
+    commits, so a complete actor checkpoint implies its critic."""
+
+    name = "critic"
 
     def start(self, ctx: TrainContext, tokenizer, prompts: list[list[int]], first_rollout: int) -> None:
         """The actor is built and started (resumed, initialised or seeded): build or reach the other models;
@@ -181,11 +194,8 @@ class Peers:
         raise NotImplementedError
 
     def critic_step(self, k: int, ro: Rollout) -> dict[str, float]:
-        """After the actor's optimizer step k: the critic's step statistics, if it trains here."""
-        return {}
-
-    def rollout_stats(self, r: int) -> dict[str, float]:
-        """At the end of rollout r: statistics of a critic that trained elsewhere."""
+        """After the actor's optimizer step k: the critic's statistics (of its step when it trains here; of the
+        whole rollout after its last step when it trains elsewhere)."""
         return {}
 
     def rollout_done(self, ctx: TrainContext, r: int) -> None:
@@ -194,8 +204,11 @@ class Peers:
     def agree_stop(self, preempted: bool) -> bool:
         return preempted
 
-    def checkpointables(self) -> list:
-        return []
+    def save(self, ckpt_tmp_dir: str, iteration: int) -> None:
+        """The actor's checkpoint of `iteration` is being written: return once the critic's exists."""
+
+    def load(self, ckpt_dir: str, iteration: int) -> None:
+        """Nothing: the critic resumes where it is built (ppo_models.critic_config)."""
 
     def finish(self, iteration: int, code: int) -> None:
         """Training returned `code` (0, or 17 when preempted): release the other models."""
@@ -204,30 +217,22 @@ class Peers:
         """Always, also on error: stop threads."""
 
 
-# ---------------------------------------------------------------------------------------------------------
-# the actor
-# ---------------------------------------------------------------------------------------------------------
-class PPOActorTask(TaskBase):
+class PPOActorTask(RolloutTask):
     """The policy's Task: PPO-clip loss plus unlikelihood on its rollouts; per-rollout logging; KL control."""
 
     metric_keys = ["lm loss", "pg loss", "ul loss", "clip frac", "approx kl"]
+    fields = ACTOR_FIELDS
 
     def __init__(self, opts, schedule: Schedule, peers: Peers, placement):
-        self.opts, self.schedule, self.peers = opts, schedule, peers
+        super().__init__(schedule)
+        self.opts, self.peers = opts, peers
         self.placement = placement  # hcx_megatron.rlhf.placement.Placement, for the run's first line and log
         self.kl = pm.KLController(opts.init_kl_coef, opts.adaptive_kl, opts.kl_target, opts.kl_horizon)
-        self.rollout: Rollout | None = None
-        self.acc: dict[str, list[float]] = {}  # per-step statistics of the current rollout
-        self.buffer = RolloutBuffer("actor", self, schedule)
         self.tokenizer = None
         self.prompts: list[list[int]] = []
         self.vocab_size = 0
-        self.device = "cpu"
-        self.ctx: TrainContext | None = None
-        self.returned: int | None = None  # the loop's exit code once training returned (0, or 17 preempted)
         self._last_rollout_end = time.time()
 
-    # -- set-up ---------------------------------------------------------------------------------------
     def setup(self, cfg: Config, device: str) -> TaskSetup:
         run_cfg, self.tokenizer = with_run_vocabulary(cfg)
         self.vocab_size = run_cfg.model.vocab_size
@@ -236,15 +241,14 @@ class PPOActorTask(TaskBase):
         if bad:
             raise ValueError(f"{self.opts.prompt_data}: prompt {bad[0] + 1} has ids >= vocabulary size "
                              f"{self.vocab_size}")
-        self.device = self.buffer.device = device
-        self.buffer.roots(cfg.checkpoint.save, cfg.checkpoint.load)
+        self.device = device
         return TaskSetup(vocab_size=self.vocab_size)
 
     def checkpointables(self) -> list:
-        return [self.buffer, *self.peers.checkpointables()]
+        return [self.buffer, self.peers]
 
     def before_train(self, ctx: TrainContext) -> None:
-        self.ctx = ctx
+        super().before_train(ctx)
         self.peers.start(ctx, self.tokenizer, self.prompts, self.schedule.first_rollout(ctx.iteration))
         s, p = self.opts, self.placement
         ctx.writer.write({"kind": "event", "event": "placement", "mode": p.mode,
@@ -255,14 +259,9 @@ class PPOActorTask(TaskBase):
                   + (f"async rollouts, max staleness {s.max_staleness}" if s.async_rollouts else "sync rollouts"),
                   flush=True)
 
-    # -- rollouts -------------------------------------------------------------------------------------
-    def train_batches(self, iteration: int) -> StepBatches:
-        r = self.schedule.rollout_of(iteration)
-        if self.rollout is None or self.rollout.index != r:
-            self.rollout, self.acc = self.peers.rollout(r, self.kl.value), {}
-        return self.schedule.batches(self.rollout, iteration, actor_fields(self.rollout))
+    def fetch(self, r: int) -> Rollout:
+        return self.peers.rollout(r, self.kl.value)
 
-    # -- loss -----------------------------------------------------------------------------------------
     def forward_step(self, data_iterator, model):
         b = next(data_iterator)
         logits = model(b["tokens"], b["position_ids"], None)
@@ -285,23 +284,17 @@ class PPOActorTask(TaskBase):
             "approx kl": torch.stack([terms.approx_kl.sum(), n]),
         }
 
-    # -- per step: the critic's step, per-rollout logging ---------------------------------------------
     def on_step(self, ctx: TrainContext, record: dict) -> None:
-        for key in ("pg_loss", "clip_frac", "approx_kl", "ul_loss", "tokens_per_sec"):
-            self.acc.setdefault(key, []).append(record[key])
-        for key, value in self.peers.critic_step(ctx.iteration - 1, self.rollout).items():
-            self.acc.setdefault(key, []).append(value)
+        """The critic's step; at the end of a PPO iteration its log line."""
+        self.accumulate({key: record[key] for key in ("pg_loss", "clip_frac", "approx_kl", "ul_loss",
+                                                       "tokens_per_sec")})
+        self.accumulate(self.peers.critic_step(ctx.iteration - 1, self.rollout))
         if ctx.iteration % self.schedule.steps_per_rollout == 0:
-            for key, value in self.peers.rollout_stats(self.rollout.index).items():
-                self.acc[key] = [value]
             self._log_rollout(ctx)
             self.peers.rollout_done(ctx, self.rollout.index)
 
     def agree_stop(self, preempted: bool) -> bool:
-        stop = self.peers.agree_stop(preempted)
-        if stop:
-            self.returned = signals.EXIT_CODE_PREEMPTED  # the loop saves and returns it
-        return stop
+        return self.stopping(self.peers.agree_stop(preempted))
 
     def _log_rollout(self, ctx: TrainContext) -> None:
         ro = self.rollout
@@ -309,7 +302,7 @@ class PPOActorTask(TaskBase):
         m = ro.mask
         seq_kl = (ro.kl * m).sum(dim=1)
         n = float(ro.tokens.shape[0])
-        g = _global_means({
+        pairs = {  # (sum, count) -> global sum / count; only the last pipeline stage contributes
             "reward_mean": (w * float(ro.score.sum()), w * n),
             "kl": (w * float(seq_kl.sum()), w * n),
             "kl_per_token": (w * float((ro.kl * m).sum()), w * float(m.sum())),
@@ -317,7 +310,9 @@ class PPOActorTask(TaskBase):
             "response_length": (w * float(ro.response_length.sum()), w * n),
             "repetition": (w * float(ro.repetition.sum()), w * n),
             "gen_tokens": (w * float(ro.response_length.sum()), w),  # per replica, summed below
-        }, self.device)
+        }
+        g = reduce_metrics([{k: torch.tensor(v, dtype=torch.float64, device=self.device) for k, v in pairs.items()}],
+                           list(pairs), self.device)
         gen_tokens = g.pop("gen_tokens") * ps.get_data_parallel_world_size()
         staleness = ro.index - ro.version
         record = {"kind": "ppo", "iteration": ctx.iteration, "rollout": ro.index + 1, **g,
@@ -340,7 +335,6 @@ class PPOActorTask(TaskBase):
                   f"{record['rollout_tokens_per_sec']:.0f} gen tok/s", flush=True)
         self.kl.update(g["kl"], int(n * ps.get_data_parallel_world_size()))
 
-    # -- checkpoint (pure: the rollout buffer and the critic are checkpointables the loop saves) ---------
     def state_dict(self) -> dict[str, Any]:
         return {"ppo": {"kl": self.kl.state_dict(), "steps_per_rollout": self.schedule.steps_per_rollout}}
 
@@ -353,9 +347,6 @@ class PPOActorTask(TaskBase):
         if ppo.get("kl"):
             self.kl.load_state_dict(ppo["kl"])
 
-    def after_train(self, ctx: TrainContext) -> None:
-        self.returned = 0
-
     def close(self) -> None:
         """Always called by the loop. Once training returned (after_train; or the partitions agreed to stop,
         after which the loop saves and returns 17), release the other models."""
@@ -366,4 +357,5 @@ class PPOActorTask(TaskBase):
             self.peers.close()
 
 
-__all__ = ["Schedule", "CriticTask", "PPOActorTask", "Peers", "RolloutBuffer", "critic_fields", "actor_fields"]
+__all__ = ["Schedule", "CriticTask", "PPOActorTask", "Peers", "RolloutTask", "RolloutBuffer", "ACTOR_FIELDS",
+           "CRITIC_FIELDS"]

@@ -2,6 +2,10 @@
 the critic (DDP, its own optimizer, stepped right after each actor step), the frozen reference and the frozen
 reward model in this process.
 
+The critic is the second model the loop trains in this process: `loop.setup_model` builds it without touching
+process-wide state (no reseeding; weights are seeded per parameter, model/init.py), so whether it is set up
+before or after the actor changes nothing.
+
 --async-rollouts: a background thread samples and scores the next rollouts on a private weight snapshot while
 the learner trains (rlhf/rollout.py AsyncRollouts has the staleness bound). It runs no collectives, hence
 TP = PP = 1; on resume its queue is refilled from the resumed weights, so async runs resume correctly but not
@@ -14,36 +18,12 @@ import time
 
 from megatron.core import parallel_state as ps
 
-from hcx_megatron.rlhf.ppo_actor import CriticTask, Peers, Schedule, critic_fields
+from hcx_megatron.rlhf.ppo_actor import CRITIC_FIELDS, CriticTask, Peers, Schedule
 from hcx_megatron.rlhf.ppo_models import (build_reference, critic_config, critic_init, reference_logprobs,
-                                          reward_scores, rollout_settings, rule_score_fn)
-from hcx_megatron.rlhf.rollout import AsyncRollouts, Rollout, RolloutProducer, finalize, split_micro
+                                          reward_scores, rollout_settings, rule_score_fn, sequences_micro)
+from hcx_megatron.rlhf.rollout import AsyncRollouts, Rollout, RolloutProducer, finalize
 from hcx_megatron.training.checkpoint import save_checkpoint
-from hcx_megatron.training.loop import TrainContext, setup, train_step
-
-
-def sequences_micro(ro: Rollout, micro_batch: int) -> list[dict]:
-    """A rollout's sequences as the frozen models read them, in micro-batches."""
-    return split_micro({"tokens": ro.tokens, "position_ids": ro.position_ids, "labels": ro.labels, "mask": ro.mask,
-                        "lengths": ro.lengths}, micro_batch)
-
-
-class CriticCheckpoint:
-    """Checkpointable: the in-process critic, saved by the loop with each actor checkpoint, before the actor's
-    commit (a complete actor checkpoint implies its critic). It resumes when it is built (ppo_models.critic_config:
-    the same rule as on its own partition), so there is nothing to load here."""
-
-    name = "critic"
-
-    def __init__(self, peers: "LocalPeers"):
-        self.peers = peers
-
-    def save(self, ckpt_tmp_dir: str, iteration: int) -> None:
-        c = self.peers.critic
-        save_checkpoint(c.cfg.checkpoint.save, iteration, c.chunks, c.optimizer, c.scheduler, c.cfg.to_dict())
-
-    def load(self, ckpt_dir: str, iteration: int) -> None:
-        pass
+from hcx_megatron.training.loop import TrainContext, setup_model, start_of_run, train_step
 
 
 class LocalPeers(Peers):
@@ -51,7 +31,6 @@ class LocalPeers(Peers):
 
     def __init__(self, opts, schedule: Schedule, sft_checkpoint: str | None):
         self.opts, self.schedule, self.sft = opts, schedule, sft_checkpoint
-        self.checkpoint = CriticCheckpoint(self)
         self.critic_task: CriticTask | None = None
         self.critic: TrainContext | None = None
         self.actor: TrainContext | None = None
@@ -66,7 +45,9 @@ class LocalPeers(Peers):
         o, cfg, device = self.opts, ctx.cfg, ctx.device
         self.actor = ctx
         self.critic_task = CriticTask(o.value_clip_range, cfg)
-        self.critic = setup(critic_config(cfg, o), self.critic_task, init_from=critic_init(o, self.sft))
+        critic_cfg = critic_config(cfg, o)
+        self.critic = setup_model(critic_cfg, self.critic_task, device,
+                                  start_of_run(critic_cfg, critic_init(o, self.sft)))
         self.reference = build_reference(cfg, device, self.sft)
         self.scorer = RewardScorer.load(o.rm_checkpoint, cfg, device, o.reward_clip) if o.rm_checkpoint else None
         self.settings = rollout_settings(cfg, o, tokenizer)
@@ -105,19 +86,20 @@ class LocalPeers(Peers):
         return ro
 
     def critic_step(self, k: int, ro: Rollout) -> dict[str, float]:
-        stats, _, _ = train_step(self.critic, self.critic_task, self.schedule.batches(ro, k, critic_fields(ro)))
+        stats, _, _ = train_step(self.critic, self.critic_task, self.schedule.batches(ro, k, CRITIC_FIELDS))
         return {key: stats[key] for key in ("value_loss", "value_clip_frac")}
 
     def rollout_done(self, ctx: TrainContext, r: int) -> None:
         if self.async_rollouts is not None:
             self.async_rollouts.publish(ctx.chunks, r + 1)
 
-    def checkpointables(self) -> list:
-        return [self.checkpoint]
+    def save(self, ckpt_tmp_dir: str, iteration: int) -> None:
+        c = self.critic
+        save_checkpoint(c.cfg.checkpoint.save, iteration, c.chunks, c.optimizer, c.scheduler, c.cfg.to_dict())
 
     def close(self) -> None:
         if self.async_rollouts is not None:
             self.async_rollouts.stop()
 
 
-__all__ = ["LocalPeers", "CriticCheckpoint", "sequences_micro"]
+__all__ = ["LocalPeers"]

@@ -1,15 +1,7 @@
-"""PPO's four models, each defined once for both placements (hcx_megatron/rlhf/placement.py): where their
-weights start, where the critic's checkpoints live, and the frozen models' outputs.
-
-- actor: starts from --sft-checkpoint (the loop's start-of-run rule: only when --load holds no checkpoint);
-- critic: starts from --rm-checkpoint (or the SFT backbone with a fresh value head); its checkpoints are
-  `<--save>/critic` and it resumes from `<--load>/critic` at the actor's iteration (`critic_resume_dir`);
-- reference: the SFT weights, frozen (without an SFT checkpoint: the actor's own seeded initialisation);
-- reward: the trained reward model with its stored calibration (normalised, clipped), or a --rule-reward.
-
-PPO draws nothing from the global RNGs (sampling is seeded per prompt in hcx_megatron/inference/generate.py,
-minibatches per (seed, rollout, epoch), no dropout), so the order in which these models are built does not
-change a run.
+"""PPO's four models, each defined once for both placements (placement.py): where their weights start, where the
+critic's checkpoints live, and the frozen models' outputs. The actor starts from --sft-checkpoint (the loop's
+start-of-run rule), the critic from --rm-checkpoint or the SFT backbone with a new value head, the reference is
+the frozen SFT weights, the reward the frozen reward model (normalised, clipped) or a --rule-reward.
 """
 
 from __future__ import annotations
@@ -23,13 +15,11 @@ import torch
 from hcx_megatron.config.args import Config
 from hcx_megatron.config.sequence import sequence_multiple_for
 from hcx_megatron.data.chat import generation_stop_and_pad_ids
-from hcx_megatron.rlhf.rollout import RolloutSettings, forward_collect, scaled_logits, token_logprobs
+from hcx_megatron.rlhf.rollout import (Rollout, RolloutSettings, forward_collect, scaled_logits, split_micro,
+                                       token_logprobs)
 from hcx_megatron.training.checkpoint import checkpoint_dir, read_latest_iteration
 
 
-# ---------------------------------------------------------------------------------------------------------
-# tokenizer, prompts and sampling settings
-# ---------------------------------------------------------------------------------------------------------
 def with_run_vocabulary(cfg: Config) -> tuple[Config, object]:
     """(cfg with the run's vocabulary size, the run's tokenizer); every PPO model is built with the actor's
     vocabulary (hcx_megatron.pretrain.run_vocab_size on the actor's flags)."""
@@ -68,11 +58,10 @@ def read_prompts(path: str, tokenizer) -> list[list[int]]:
 
 def stop_and_pad_ids(opts, tokenizer) -> tuple[tuple[int, ...], int]:
     """--stop-ids, else the tokenizer's <|endofturn|> (its eod when it has no chat tokens); its pad id."""
-    if opts.stop_ids is not None:
-        return tuple(opts.stop_ids), (tokenizer.pad if tokenizer.pad >= 0 else tokenizer.eod)
-    if hasattr(tokenizer, "endofturn_id"):
+    if opts.stop_ids is None and hasattr(tokenizer, "endofturn_id"):
         return generation_stop_and_pad_ids(tokenizer)
-    return (tokenizer.eod,), (tokenizer.pad if tokenizer.pad >= 0 else tokenizer.eod)
+    stop = (tokenizer.eod,) if opts.stop_ids is None else tuple(opts.stop_ids)
+    return stop, (tokenizer.pad if tokenizer.pad >= 0 else tokenizer.eod)
 
 
 def rollout_settings(cfg: Config, opts, tokenizer) -> RolloutSettings:
@@ -87,9 +76,6 @@ def rollout_settings(cfg: Config, opts, tokenizer) -> RolloutSettings:
         seed=cfg.training.seed, kv_cache=opts.generation_kv_cache)
 
 
-# ---------------------------------------------------------------------------------------------------------
-# where weights start and where the critic's checkpoints live
-# ---------------------------------------------------------------------------------------------------------
 def critic_root(root: str | None) -> str | None:
     """Where a run's critic lives next to its actor: `<root>/critic`."""
     return os.path.join(root, "critic") if root else None
@@ -97,10 +83,9 @@ def critic_root(root: str | None) -> str | None:
 
 def critic_config(cfg: Config, opts) -> Config:
     """The critic's config in both placements (cfg: the actor's, or its partition's), with the one critic-path
-    rule: saves go to `<--save>/critic`; a run that resumes its actor from `--load` (the loop's start_of_run)
-    resumes the critic from `<--load>/critic` at the actor's iteration (the actor's tracker is written only
-    after its critic's save, so that critic exists even when a later critic save completed without its actor).
-    --critic-lr; no metrics files of its own."""
+    rule: saves go to `<--save>/critic`; a run that resumes its actor from `--load` resumes the critic from
+    `<--load>/critic` at the actor's iteration (the actor commits only after its critic's save, so that one
+    exists even when a later critic save completed without its actor). --critic-lr; no metrics files."""
     from hcx_megatron.config.args import CheckpointConfig
     from hcx_megatron.training.loop import start_of_run
 
@@ -109,8 +94,8 @@ def critic_config(cfg: Config, opts) -> Config:
     if start_of_run(cfg).kind == "resume":
         iteration = read_latest_iteration(c.load)
         if iteration is None:
-            raise FileNotFoundError(f"--load {c.load}: PPO resumes from a --save root (its critic and rollout "
-                                    "buffers sit beside the actor's checkpoints), not from one iter_ directory")
+            raise FileNotFoundError(f"--load {c.load}: PPO resumes from a --save root (its critic sits beside the "
+                                    "actor's checkpoints), not from one iter_ directory")
         load = checkpoint_dir(critic_root(c.load), iteration)
     lr = opts.critic_lr or cfg.training.lr
     return dataclasses.replace(
@@ -130,9 +115,6 @@ def critic_init(opts, sft_checkpoint: str | None):
     return InitFrom(sft_checkpoint, "--sft-checkpoint") if sft_checkpoint else None
 
 
-# ---------------------------------------------------------------------------------------------------------
-# the frozen models and their outputs
-# ---------------------------------------------------------------------------------------------------------
 def build_reference(cfg: Config, device: str, sft_checkpoint: str | None):
     from hcx_megatron.model.builder import build_model
     from hcx_megatron.rlhf.common import freeze
@@ -143,6 +125,12 @@ def build_reference(cfg: Config, device: str, sft_checkpoint: str | None):
         load_model_weights(sft_checkpoint, chunks)
     freeze(chunks)
     return chunks
+
+
+def sequences_micro(ro: Rollout, micro_batch: int) -> list[dict]:
+    """A rollout's sequences as the frozen models read them, in micro-batches."""
+    return split_micro({"tokens": ro.tokens, "position_ids": ro.position_ids, "labels": ro.labels, "mask": ro.mask,
+                        "lengths": ro.lengths}, micro_batch)
 
 
 def reference_logprobs(chunks, micro: list[dict], s: RolloutSettings) -> torch.Tensor | None:
@@ -167,9 +155,9 @@ def rule_score_fn(opts, device: str):
     from hcx_megatron.rlhf.synthetic import parse_rule_reward
 
     rule = parse_rule_reward(opts.rule_reward)
-    dev = "cuda" if device == "cuda" else "cpu"
-    return lambda batch, responses, micro: torch.tensor(rule(responses), dtype=torch.float32, device=dev)
+    return lambda batch, responses, micro: torch.tensor(rule(responses), dtype=torch.float32, device=device)
 
 
 __all__ = ["with_run_vocabulary", "read_prompts", "stop_and_pad_ids", "rollout_settings", "critic_root",
-           "critic_config", "critic_init", "build_reference", "reference_logprobs", "reward_scores", "rule_score_fn"]
+           "critic_config", "critic_init", "build_reference", "sequences_micro", "reference_logprobs", "reward_scores",
+           "rule_score_fn"]

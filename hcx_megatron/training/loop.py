@@ -281,11 +281,19 @@ def begin(ctx: TrainContext, task: TaskBase, start: RunStart) -> None:
 
 
 def setup(cfg: Config, task: TaskBase, init_from: InitFrom | None = None) -> TrainContext:
-    """Everything before the first step: processes, task set-up, the completed config, model, optimizer, scheduler
-    and the start of the run. PPO on one partition calls it once per trained model (actor, critic)."""
+    """Everything before the first step: this process's start (signal handlers, process groups, the global RNG
+    seeds), then the task's model (`setup_model`)."""
     start = start_of_run(cfg, init_from)  # before any process group: a missing checkpoint fails early
     signals.install_handlers()
     _, device = initialize_distributed(cfg)
+    return setup_model(cfg, task, device, start)
+
+
+def setup_model(cfg: Config, task: TaskBase, device: str, start: RunStart) -> TrainContext:
+    """One trained model in a started process: task set-up, the completed config, model, optimizer, scheduler and
+    the start of the run. It reseeds no global RNG and draws from none (weights are seeded per parameter,
+    model/init.py), so several models in one process (PPO's colocated actor and critic) may be set up in any
+    order; only a resume with RNG state (not --no-load-rng) sets the global RNGs."""
     cfg = completed_config(cfg, task.setup(cfg, device))
     built = build_model(cfg, device, factory=task.model_factory(cfg, "auto"))
     optimizer, scheduler = build_optimizer(cfg, built.chunks)
@@ -400,5 +408,5 @@ def main_wrapper(fn: Callable[[], int]) -> None:
 
 
 __all__ = ["TaskBase", "TaskSetup", "Checkpointable", "InitFrom", "RunStart", "start_of_run", "StepBatches",
-           "TrainContext", "run", "setup", "begin", "train", "train_step", "save", "evaluate", "reduce_metrics",
-           "completed_config", "ps", "main_wrapper"]
+           "TrainContext", "run", "setup", "setup_model", "begin", "train", "train_step", "save", "evaluate",
+           "reduce_metrics", "completed_config", "ps", "main_wrapper"]
