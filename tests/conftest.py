@@ -27,12 +27,37 @@ def pytest_configure(config):
         config.addinivalue_line("markers", f"{name}: {text}")
 
 
+# Session fixtures that train models: under pytest-xdist every file using them goes to one worker (one group), so
+# they are trained once.
+TRAINED_MODEL_FIXTURES = {"trained_reward_model", "ppo_small_vocab"}
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook, which reads the xdist_group marks
 def pytest_collection_modifyitems(config, items):
     """Files and tests that start processes say so (`pytestmark = pytest.mark.dist`, `@pytest.mark.dist`); every
     other test is a unit test, so a new in-process test needs no marker to be in the fast target."""
     for item in items:
         if not any(item.get_closest_marker(name) for name in ("dist", "slurm")):
             item.add_marker(pytest.mark.unit)
+    if config.pluginmanager.hasplugin("xdist"):
+        add_xdist_groups(items)
+
+
+def add_xdist_groups(items) -> None:
+    """For `pytest -n N --dist loadgroup`: a whole file runs on one worker (its module fixtures are built once);
+    the Slurm files share one worker (one machine's Slurm daemons and network namespaces at a time), and so do the
+    files that use TRAINED_MODEL_FIXTURES."""
+    group_of_file: dict[str, str] = {}
+    for item in items:
+        path = str(item.path)
+        if item.get_closest_marker("slurm"):
+            group_of_file[path] = "slurm"
+        elif TRAINED_MODEL_FIXTURES & set(getattr(item, "fixturenames", ())) and group_of_file.get(path) != "slurm":
+            group_of_file[path] = "trained_models"
+        else:
+            group_of_file.setdefault(path, os.path.basename(path))
+    for item in items:
+        item.add_marker(pytest.mark.xdist_group(group_of_file[str(item.path)]))
 
 
 @pytest.fixture(scope="session")

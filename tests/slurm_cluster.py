@@ -39,6 +39,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Mapping
 
+from torchrun_utils import free_port  # noqa: F401  (the tests import it from here too)
+
 REPO = Path(__file__).resolve().parents[1]
 DAEMONS = ("munged", "slurmctld", "slurmd")
 CLIENTS = ("sbatch", "scontrol", "squeue", "scancel", "srun", "sinfo")
@@ -86,12 +88,6 @@ def unavailable_reason(try_install: bool = True) -> str | None:
     if os.geteuid() != 0:
         return "a private slurmd must run as root (SlurmdUser=root) to launch job steps"
     return None
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def parse_scontrol_record(text: str) -> dict[str, str]:

@@ -9,7 +9,8 @@ import time
 import psutil
 import pytest
 
-from hcx_megatron.training.checkpoint import TRACKER_FILE, read_latest_iteration
+from hcx_megatron.training.checkpoint import TRACKER_FILE, checkpoint_dir, read_latest_iteration
+from test_overlap_param_gather import OVERLAP, assert_same_tensors
 from torchrun_utils import REPO, free_port, pretrain, read_metrics
 
 pytestmark = pytest.mark.dist  # starts processes; not in `make test-fast`
@@ -25,21 +26,30 @@ BASE = ["--model-preset", "hcx-tiny", "--seq-length", "64", "--micro-batch-size"
 
 @pytest.mark.timeout(900)
 def test_resume_is_exact(tmp_path, tiny_tokenizer_dir, tiny_indexed_dataset):
-    """6 steps straight == 3 steps, stop, resume, 3 steps (PP2 x DP2, distributed optimizer, real data)."""
+    """6 steps straight == 3 steps, stop, resume, 3 steps (PP2 x DP2, distributed optimizer, real data). The
+    stopped-and-resumed run also overlaps the grad reduce and the param gather: its checkpoints after steps 2, 4
+    and 6 (the save after step 2 is followed by more training, so the forward after a forced gather is covered)
+    are bitwise those of the plain straight run, as are its losses (test_overlap_param_gather.py, PP2 x DP2)."""
     args = [*BASE, *data_args(tiny_tokenizer_dir, tiny_indexed_dataset), "--train-iters", "6",
-            "--pipeline-model-parallel-size", "2", "--use-distributed-optimizer", "--eval-interval", "3"]
-    straight, resumed, ckpt = tmp_path / "a.jsonl", tmp_path / "b.jsonl", tmp_path / "ckpt"
-    pretrain([*args, "--metrics-jsonl", str(straight)], nproc=4)
-    pretrain([*args, "--metrics-jsonl", str(resumed), "--save", str(ckpt), "--load", str(ckpt),
+            "--pipeline-model-parallel-size", "2", "--use-distributed-optimizer", "--eval-interval", "3",
+            "--save-interval", "2"]
+    straight, resumed = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    straight_ckpt, ckpt = tmp_path / "straight_ckpt", tmp_path / "ckpt"
+    pretrain([*args, "--metrics-jsonl", str(straight), "--save", str(straight_ckpt)], nproc=4)
+    pretrain([*args, *OVERLAP, "--metrics-jsonl", str(resumed), "--save", str(ckpt), "--load", str(ckpt),
               "--exit-interval", "3"], nproc=4)
     assert read_latest_iteration(str(ckpt)) == 3
-    pretrain([*args, "--metrics-jsonl", str(resumed), "--save", str(ckpt), "--load", str(ckpt)], nproc=4)
+    pretrain([*args, *OVERLAP, "--metrics-jsonl", str(resumed), "--save", str(ckpt), "--load", str(ckpt)], nproc=4)
     a, b = read_metrics(str(straight)), read_metrics(str(resumed))
     assert [r["iteration"] for r in b] == [1, 2, 3, 4, 5, 6]
     for x, y in zip(a, b):
         assert abs(x["lm_loss"] - y["lm_loss"]) <= 1e-6 * abs(x["lm_loss"]), (x, y)
         assert abs(x["lr"] - y["lr"]) <= 1e-12
+    assert [r["lm_loss"] for r in b] == [r["lm_loss"] for r in a]  # overlap: bitwise
+    assert [r["grad_norm"] for r in b] == [r["grad_norm"] for r in a]
     assert a[-1]["lm_loss"] < a[0]["lm_loss"]
+    for it in (2, 4, 6):
+        assert_same_tensors(checkpoint_dir(str(straight_ckpt), it), checkpoint_dir(str(ckpt), it))
     ev_a = read_metrics(str(straight), kind="eval")
     ev_b = read_metrics(str(resumed), kind="eval")
     assert [e["lm_loss"] for e in ev_a] == pytest.approx([e["lm_loss"] for e in ev_b], rel=1e-6)

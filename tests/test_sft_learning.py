@@ -8,23 +8,18 @@ from __future__ import annotations
 import json
 import os
 import random
-import socket
 import subprocess
 import sys
 
 import pytest
+
+from torchrun_utils import free_port
 
 pytestmark = pytest.mark.dist  # starts processes; not in `make test-fast`
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORDS = ["data", "file", "code", "book", "test", "time", "user", "path", "name", "size", "value", "error",
          "start", "open", "read", "work"]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def reverse_task(out_dir: str, n_train: int = 4000, n_heldout: int = 64, seed: int = 0) -> tuple[str, str]:
@@ -58,7 +53,7 @@ def sft_run(tiny_tokenizer_dir, tmp_path_factory):
     work = tmp_path_factory.mktemp("sft_learning")
     train, heldout = reverse_task(str(work))
     metrics, gen_out, ckpt = work / "metrics.jsonl", work / "gen_eval.json", work / "ckpt"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", f"--master-port={_free_port()}",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", f"--master-port={free_port()}",
            "-m", "hcx_megatron.sft", "--device", "cpu", "--tensor-model-parallel-size", "2",
            "--tokenizer-model", tiny_tokenizer_dir, "--data-path", train, "--split", "95,5,0",
            "--num-layers", "2", "--hidden-size", "64", "--ffn-hidden-size", "176", "--num-attention-heads", "4",

@@ -117,21 +117,32 @@ def wait_until(pred, timeout: float, what: str, poll: float = 0.2):
     raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
-def step_pids(job: int, procid: int) -> list[int]:
-    """Our job's launch.run processes for one rank, found through their environment."""
-    pids = []
+def step_pids(job: int, procid: int, helpers: bool = False) -> list[int]:
+    """Our job's launch.run processes for one rank, found through their environment; with `helpers` also the
+    processes they started (dist_checkpointing's spawned Manager, multiprocessing's resource tracker)."""
+    rank, parent = [], {}
     for d in Path("/proc").iterdir():
         if not d.name.isdigit():
             continue
         try:
             cmd = (d / "cmdline").read_bytes().split(b"\0")
             env = dict(kv.split(b"=", 1) for kv in (d / "environ").read_bytes().split(b"\0") if b"=" in kv)
-        except (OSError, ValueError):
+            ppid = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
             continue
-        if (b"launch.run" in cmd and env.get(b"SLURM_JOB_ID") == str(job).encode()
-                and env.get(b"SLURM_PROCID") == str(procid).encode() and b"SLURM_STEP_ID" in env):
-            pids.append(int(d.name))
-    return pids
+        if (env.get(b"SLURM_JOB_ID") == str(job).encode() and env.get(b"SLURM_PROCID") == str(procid).encode()
+                and b"SLURM_STEP_ID" in env):
+            parent[int(d.name)] = ppid
+            if b"launch.run" in cmd:
+                rank.append(int(d.name))
+    if not helpers:
+        return rank
+    tree, grew = set(rank), True
+    while grew:
+        children = {pid for pid, ppid in parent.items() if ppid in tree} - tree
+        tree |= children
+        grew = bool(children)
+    return sorted(tree)
 
 
 @pytest.fixture(scope="module")
@@ -185,10 +196,16 @@ def test_preempt_requeue_crash_resume_matches_uninterrupted(cluster, uninterrupt
                 # The first run was not a preemption, or the resumed run ended before we could crash it.
                 raise AssertionError(f"unexpected attempts {a}, job {info.get('JobState')}\n"
                                      f"{diagnostics(run_dir, job)}")
-            return len(a) == 1 and checkpoint_iteration(run_dir) > a[0]["ckpt_after"] and step_pids(job, 1)
+            return (len(a) == 1 and checkpoint_iteration(run_dir) > a[0]["ckpt_after"]
+                    and step_pids(job, 1, helpers=True))
+        # The rank with its helpers: a helper left alive (orphaned, holding the step's stdout) makes slurmstepd
+        # wait 60 s before it abandons the step's IO; a crashed node takes them all.
         pids = wait_until(resumed_and_saved, 600, "the resumed run to save a checkpoint", poll=0.1)
         for pid in pids:
-            os.kill(pid, signal.SIGKILL)
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:  # a helper that ended on its own since the scan
+                pass
         # 3) The crash is requeued too, and the third run finishes from the last complete checkpoint.
         info = cluster.wait_job(job, TERMINAL_STATES, timeout=900, on_poll=cluster.release_requeued)
     except BaseException:

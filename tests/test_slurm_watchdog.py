@@ -115,19 +115,12 @@ def test_distributed_timeout_flag_reaches_every_gloo_group(tmp_path):
     import os
 
     from conftest import REPO
+    from torchrun_utils import free_port
 
     env = dict(os.environ, RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
-               MASTER_PORT=str(_free_port()))
+               MASTER_PORT=str(free_port()))
     proc = subprocess.run([sys.executable, "-c", GLOO_TIMEOUTS], capture_output=True, text=True, timeout=240,
                           cwd=REPO, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     seen = dict(line.split() for line in proc.stdout.splitlines() if line.split()[0] in ("default", "tp", "pp", "dp"))
     assert seen == {"default": "180.0", "tp": "180.0", "pp": "180.0", "dp": "180.0"}, proc.stdout
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]

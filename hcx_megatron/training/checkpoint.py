@@ -31,6 +31,8 @@ import json
 import os
 import random
 import shutil
+import sys
+import types
 from typing import Any, Callable, Sequence
 
 import numpy as np
@@ -235,6 +237,23 @@ def write_directory_atomically(final: str, write: Callable[[str], None]) -> str:
     return final
 
 
+def _start_writer_results_queue() -> None:
+    """megatron-core 0.16.1's filesystem writer (torch_dist) collects results through a Manager queue that it
+    starts on a rank's first save in a *spawned* process, and spawn re-imports the driver's `__main__` module
+    there (torch + megatron: ~5 s of CPU and a stall on every rank's first save). The Manager needs none of it:
+    start megatron's queue here with `__main__` hidden from spawn."""
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    if filesystem_async._results_queue is not None:
+        return
+    main = sys.modules["__main__"]
+    sys.modules["__main__"] = types.ModuleType("__main__")
+    try:
+        filesystem_async._get_write_results_queue()
+    finally:
+        sys.modules["__main__"] = main
+
+
 def save_checkpoint(root: str, iteration: int, chunks, optimizer, scheduler, config_dict: dict[str, Any],
                     extra: dict[str, Any] | None = None, save_optim: bool = True,
                     before_commit: Callable[[str], None] | None = None) -> str:
@@ -250,6 +269,7 @@ def save_checkpoint(root: str, iteration: int, chunks, optimizer, scheduler, con
             torch.distributed.checkpoint.save(sd, checkpoint_id=tmp)
         else:
             sd = build_sharded_state_dict(chunks, optimizer if save_optim else None, scheduler, iteration, extra)
+            _start_writer_results_queue()
             dist_checkpointing.save(sd, tmp,
                                     content_metadata={**SHARDING_METADATA, "world_size": dist.get_world_size()})
         dist.barrier()
@@ -281,6 +301,7 @@ def save_model_weights(path: str, chunks) -> str:
     def write(tmp: str) -> None:
         sd = {key: unwrap(c).sharded_state_dict(metadata=SHARDING_METADATA)
               for key, c in zip(model_keys(chunks), chunks)}
+        _start_writer_results_queue()
         dist_checkpointing.save(sd, tmp, content_metadata=SHARDING_METADATA)
 
     return write_directory_atomically(path, write)
