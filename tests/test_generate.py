@@ -8,6 +8,7 @@ Run as a script, this file is the worker: it builds a randomly initialised tiny 
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import socket
@@ -209,8 +210,8 @@ def test_kv_cache_holds_rotated_keys_bitwise_as_megatrons_cache(tiny_model, monk
     kw = dict(stop_ids=[], vocab_size=300, return_logprobs=True, temperature=1.0, top_p=0.9, seed=2)
     ours = generate(tiny_model, MIXED_PROMPTS, 6, **kw)
     shortest, n_layers = min(map(len, MIXED_PROMPTS)), len(tiny_model[0].decoder.layers)
-    assert rotated_lengths[: 2 * n_layers] == [shortest] * (2 * n_layers)  # prefill: queries and keys
-    assert set(rotated_lengths[2 * n_layers:]) == {1}  # every later step: its own position only
+    assert rotated_lengths[:n_layers] == [shortest] * n_layers  # prefill: queries and keys, one call per layer
+    assert set(rotated_lengths[n_layers:]) == {1}  # every later step: its own position only
 
     rotated_lengths.clear()
     monkeypatch.setattr(RotatedKeyCacheSelfAttention, "_adjust_key_value_for_inference",
@@ -218,6 +219,51 @@ def test_kv_cache_holds_rotated_keys_bitwise_as_megatrons_cache(tiny_model, monk
     megatrons = generate(tiny_model, MIXED_PROMPTS, 6, **kw)
     assert max(rotated_lengths) > 1  # megatron's cache: the whole key cache is rotated at every step
     assert ours.tokens == megatrons.tokens and ours.logprobs == megatrons.logprobs
+
+
+@pytest.mark.timeout(120)
+def test_no_grad_linears_skip_megatrons_autograd_functions_bitwise(tiny_model, monkeypatch):
+    """Without autograd, the local spec's linears run the matmul directly instead of megatron's linear Function:
+    generation calls megatron's Function only for the output layer (once per step), and gives the same tokens and
+    bitwise the same log-probs as megatron's own ColumnParallelLinear/RowParallelLinear forward; with autograd on
+    they are megatron's (its Function in the graph)."""
+    from megatron.core.tensor_parallel import layers
+
+    from hcx_megatron.inference.generate import generate
+    from hcx_megatron.model.spec import NoGradColumnParallelLinear, NoGradRowParallelLinear
+
+    layer = tiny_model[0].decoder.layers[0]
+    assert type(layer.self_attention.linear_qkv) is NoGradColumnParallelLinear
+    assert type(layer.mlp.linear_fc1) is NoGradColumnParallelLinear
+    assert type(layer.self_attention.linear_proj) is NoGradRowParallelLinear
+    assert type(layer.mlp.linear_fc2) is NoGradRowParallelLinear
+    function_calls = []
+    for name in ("linear_with_grad_accumulation_and_async_allreduce", "linear_with_frozen_weight"):
+        real = getattr(layers, name)
+        spy = functools.wraps(real)(lambda *a, _real=real, **k: function_calls.append(1) or _real(*a, **k))
+        spy.warned = True  # megatron's function reads its own `.warned` through the module name
+        monkeypatch.setattr(layers, name, spy)
+    steps = _count_kv_steps(monkeypatch)
+    kw = dict(stop_ids=[], vocab_size=300, return_logprobs=True, temperature=1.0, top_p=0.9, seed=4)
+    direct = generate(tiny_model, MIXED_PROMPTS, 6, **kw)
+    assert len(steps) > 1 and len(function_calls) == len(steps)  # the output layer only
+
+    function_calls.clear()
+    steps.clear()
+    monkeypatch.setattr(NoGradColumnParallelLinear, "forward", layers.ColumnParallelLinear.forward)
+    monkeypatch.setattr(NoGradRowParallelLinear, "forward", layers.RowParallelLinear.forward)
+    megatrons = generate(tiny_model, MIXED_PROMPTS, 6, **kw)
+    n_layers = len(tiny_model[0].decoder.layers)
+    assert len(function_calls) == len(steps) * (1 + 4 * n_layers)
+    assert direct.tokens == megatrons.tokens and direct.logprobs == megatrons.logprobs
+    monkeypatch.undo()
+
+    x, y = torch.randn(3, 2, layer.mlp.linear_fc1.input_size), torch.randn(3, 2, layer.mlp.linear_fc2.input_size)
+    with torch.no_grad():
+        fc1_direct, fc2_direct = layer.mlp.linear_fc1(x)[0], layer.mlp.linear_fc2(y)[0]
+    fc1, fc2 = layer.mlp.linear_fc1(x)[0], layer.mlp.linear_fc2(y)[0]
+    assert "LinearWithGradAccumulation" in type(fc1.grad_fn).__name__  # training: megatron's Function
+    assert torch.equal(fc1, fc1_direct) and torch.equal(fc2, fc2_direct)
 
 
 @pytest.mark.timeout(120)

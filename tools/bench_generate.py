@@ -4,13 +4,15 @@ transformers' `generate` (KV cache) on the Hugging Face export of the SAME check
 
 Each measurement runs in its own process (1 thread, greedy, no stop id so every side produces exactly
 `new` tokens), with the model already loaded and one short warm-up call; only the generate calls are timed, the
-best of --repeat (default 3: the machine may be shared). Prompts are random token ids (seeded, identical on every
+best of --repeat (default 3: the machine may be shared), in wall-clock seconds and in the process's CPU time (less
+sensitive to other processes taking the cores, though not to their cache/memory traffic). Prompts are random token ids (seeded, identical on every
 side) of `prompt` tokens, `batch` of them.
 
     make demo                                  # writes runs/demo/checkpoints and runs/demo/hf
     python tools/bench_generate.py             # batch 1 and 8; 32+128 and 256+256 tokens
     python tools/bench_generate.py --checkpoint CKPT --hf HF_DIR --cases 1x32+128 --json out.json
-    python tools/bench_generate.py --rollouts 12 64 --repeat 5   # PPO rollout production, old vs KV
+    python tools/bench_generate.py --same-process --repeat 5   # both sides alternating in one process (CPU time)
+    python tools/bench_generate.py --rollouts 12 64 128 256 --repeat 5   # PPO rollouts, before issue 13 vs now
 
 Prints seconds and generated tokens/s per side, the ratios against transformers, and whether the tokens of the
 three sides are equal (greedy decoding of the same weights; a differing token means a near-tie broken
@@ -22,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import subprocess
 import sys
 
@@ -37,12 +40,13 @@ def main():
     model = load_for_inference(ckpt, device="cpu", with_tokenizer=False)
     torch.set_num_threads(1)  # after loading: CPU mode gives each rank cpu_count // ranks threads
     generate(model.chunks, [p[:8] for p in prompts], 2, stop_ids=(), kv_cache=kv)  # warm-up
-    seconds = []
+    seconds, cpu = [], []
     for _ in range(repeat):
-        start = time.perf_counter()
+        start, start_cpu = time.perf_counter(), time.process_time()
         out = generate(model.chunks, prompts, new, stop_ids=(), kv_cache=kv, vocab_size=model.cfg.model.vocab_size)
         seconds.append(time.perf_counter() - start)
-    print("RESULT " + json.dumps({"seconds": min(seconds), "tokens": out.tokens}))
+        cpu.append(time.process_time() - start_cpu)
+    print("RESULT " + json.dumps({"seconds": min(seconds), "cpu_seconds": min(cpu), "tokens": out.tokens}))
 if __name__ == "__main__":
     main()
 """
@@ -58,12 +62,44 @@ def main():
     kw = dict(do_sample=False, eos_token_id=None, pad_token_id=0, attention_mask=torch.ones_like(ids))
     with torch.no_grad():
         model.generate(ids[:, :8], max_new_tokens=2, min_new_tokens=2, **{**kw, "attention_mask": torch.ones_like(ids[:, :8])})
-        seconds = []
+        seconds, cpu = [], []
         for _ in range(repeat):
-            start = time.perf_counter()
+            start, start_cpu = time.perf_counter(), time.process_time()
             out = model.generate(ids, max_new_tokens=new, min_new_tokens=new, **kw)
             seconds.append(time.perf_counter() - start)
-    print("RESULT " + json.dumps({"seconds": min(seconds), "tokens": out[:, ids.shape[1]:].tolist()}))
+            cpu.append(time.process_time() - start_cpu)
+    print("RESULT " + json.dumps({"seconds": min(seconds), "cpu_seconds": min(cpu),
+                                  "tokens": out[:, ids.shape[1]:].tolist()}))
+if __name__ == "__main__":
+    main()
+"""
+
+
+_SAME_PROCESS = r"""
+import json, sys, time, torch
+def main():
+    ckpt, hf_dir, prompts, new, repeat = sys.argv[1], sys.argv[2], json.loads(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
+    from hcx_megatron.inference.generate import generate
+    from hcx_megatron.inference.load import load_for_inference
+    from transformers import LlamaForCausalLM
+    model = load_for_inference(ckpt, device="cpu", with_tokenizer=False)
+    hf = LlamaForCausalLM.from_pretrained(hf_dir, torch_dtype=torch.float32).eval()  # CPU mode is exact for it
+    torch.set_num_threads(1)
+    ids = torch.tensor(prompts)
+    kw = dict(do_sample=False, eos_token_id=None, pad_token_id=0, attention_mask=torch.ones_like(ids))
+    def ours():
+        return generate(model.chunks, prompts, new, stop_ids=(), vocab_size=model.cfg.model.vocab_size).tokens
+    def theirs():
+        with torch.no_grad():
+            return hf.generate(ids, max_new_tokens=new, min_new_tokens=new, **kw)[:, ids.shape[1]:].tolist()
+    ours(), theirs()  # warm-up
+    best, tokens = {}, {}
+    for _ in range(repeat):
+        for name, f in (("kv", ours), ("hf", theirs)):  # alternating: both sides see the same machine load
+            start = time.process_time()
+            tokens[name] = f()
+            best[name] = min(best.get(name, 1e9), time.process_time() - start)
+    print("RESULT " + json.dumps({"kv_cpu_s": best["kv"], "hf_cpu_s": best["hf"], "equal": tokens["kv"] == tokens["hf"]}))
 if __name__ == "__main__":
     main()
 """
@@ -76,9 +112,13 @@ def main():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0)); port = s.getsockname()[1]
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
+    import hcx_megatron.inference.generate as gen_module
     from hcx_megatron.config.args import parse_config
     from hcx_megatron.distributed.initialize import initialize_distributed
+    from hcx_megatron.model import spec
     from hcx_megatron.model.builder import build_model
+    from hcx_megatron.rlhf.ppo_models import reference_logprobs, sequences_micro
     from hcx_megatron.rlhf.rollout import RolloutProducer, RolloutSettings
     # tests/conftest.py ppo_small_vocab's model: hcx-tiny widths, 2 layers, vocabulary 64 (random weights here)
     cfg, _ = parse_config(["--mock-data", "--device", "cpu", "--vocab-size", "64", "--make-vocab-size-divisible-by",
@@ -88,20 +128,41 @@ def main():
     policy, ref = (build_model(cfg, "cpu", wrap_ddp=False).chunks for _ in range(2))
     rng = random.Random(0)
     prompts = [[rng.randrange(63) for _ in range(4)] for _ in range(256)]
+    direct = (spec.NoGradColumnParallelLinear.forward, spec.NoGradRowParallelLinear.forward)
+    megatron = (ColumnParallelLinear.forward, RowParallelLinear.forward)
+    real_generate, gen_time = gen_module.generate, [0.0]
+    def timed_generate(*args, **kwargs):
+        start = time.process_time()
+        try:
+            return real_generate(*args, **kwargs)
+        finally:
+            gen_time[0] += time.process_time() - start
+    gen_module.generate = timed_generate
     rows = []
     for new in new_tokens:
-        best, tokens = {}, {}
+        best, gen_best, tokens = {}, {}, {}
         for _ in range(repeat):
-            for kv in (False, True):  # interleaved: both sides see the same machine load
+            # interleaved, so both sides see the same machine load. "before": the code before issue 13 (full-prefix
+            # generation, megatron's linear forward everywhere); "now": KV cache + the spec's no-grad linears.
+            for side, kv, linears in (("before", False, megatron), ("now", True, direct)):
+                spec.NoGradColumnParallelLinear.forward, spec.NoGradRowParallelLinear.forward = linears
                 s = RolloutSettings(rollout_batch=32, max_new_tokens=new, temperature=1.0, top_p=1.0, stop_ids=(63,),
                                     vocab_size=64, pad_id=0, micro_batch=8, seed=1234, kv_cache=kv)
-                producer = RolloutProducer(s, prompts, ref, None, "cpu", 0, 1)
-                start = time.perf_counter()
-                rollout = producer.produce(0, policy, 0)
-                best[kv] = min(best.get(kv, 1e9), time.perf_counter() - start)
-                tokens[kv] = rollout.tokens.tolist()
-        rows.append({"new": new, "old_s": best[False], "kv_s": best[True], "speedup": best[False] / best[True],
-                     "same_tokens": tokens[False] == tokens[True]})
+                producer = RolloutProducer(s, prompts, None, None, "cpu", 0, 1)
+                gen_time[0] = 0.0
+                start = time.process_time()
+                rollout = producer.produce(0, policy, 0)  # sampling + the policy's teacher-forced log-probs
+                reference_logprobs(ref, sequences_micro(rollout, s.micro_batch), s)  # as both PPO placements do
+                seconds = time.process_time() - start
+                if seconds < best.get(side, 1e9):
+                    best[side], gen_best[side] = seconds, gen_time[0]
+                tokens[side] = rollout.tokens.tolist()
+        spec.NoGradColumnParallelLinear.forward, spec.NoGradRowParallelLinear.forward = direct
+        lengths = rollout.response_length
+        rows.append({"new": new, "before_s": best["before"], "now_s": best["now"],
+                     "speedup": best["before"] / best["now"], "before_gen_s": gen_best["before"],
+                     "now_gen_s": gen_best["now"], "mean_response": float(lengths.mean()),
+                     "max_response": int(lengths.max()), "same_tokens": tokens["before"] == tokens["now"]})
     print("RESULT " + json.dumps(rows))
 if __name__ == "__main__":
     main()
@@ -136,8 +197,6 @@ def first_difference(a: list[list[int]], b: list[list[int]]) -> str:
 
 
 def bench_case(batch: int, prompt: int, new: int, a: argparse.Namespace, vocab: int) -> dict:
-    import random
-
     rng = random.Random(a.seed)
     prompts = [[rng.randrange(16, vocab) for _ in range(prompt)] for _ in range(batch)]
     blob = json.dumps(prompts)
@@ -149,7 +208,8 @@ def bench_case(batch: int, prompt: int, new: int, a: argparse.Namespace, vocab: 
     row = {"batch": batch, "prompt": prompt, "new": new, "hf_s": hf["seconds"], "kv_s": kv["seconds"],
            "kv_vs_hf": first_difference(kv["tokens"], hf["tokens"])}
     row.update({"hf_tok_s": tokens / hf["seconds"], "kv_tok_s": tokens / kv["seconds"],
-                "kv_ratio": kv["seconds"] / hf["seconds"]})
+                "kv_ratio": kv["seconds"] / hf["seconds"], "hf_cpu_s": hf["cpu_seconds"], "kv_cpu_s": kv["cpu_seconds"],
+                "kv_cpu_ratio": kv["cpu_seconds"] / hf["cpu_seconds"]})
     if old is not None:
         row.update({"old_s": old["seconds"], "old_tok_s": tokens / old["seconds"], "old_ratio": old["seconds"] / hf["seconds"],
                     "kv_vs_old": first_difference(kv["tokens"], old["tokens"])})
@@ -166,18 +226,28 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--repeat", type=int, default=3, help="time the KV and transformers calls this many times, keep "
                    "the best (the old path is timed once)")
+    p.add_argument("--same-process", action="store_true",
+                   help="instead: our KV generate and transformers' in ONE process, alternating, best of --repeat "
+                        "process CPU times (robust to a loaded machine; CPU mode is exact for transformers)")
     p.add_argument("--json", default=None)
     p.add_argument("--rollouts", type=int, nargs="*", default=None, metavar="NEW_TOKENS",
-                   help="instead: PPO rollout production (RolloutProducer.produce: sampling, then the policy's and "
-                        "the reference's teacher-forced log-probs) with and without the KV cache on the PPO tests' "
-                        "model, batch 32, 4-token prompts, stop id 63, for these max new tokens (default 12 64)")
+                   help="instead: PPO rollout production (RolloutProducer.produce: sampling and the policy's "
+                        "teacher-forced log-probs, then the reference's, as the PPO placements run them) as before "
+                        "issue 13 (full-prefix generation, megatron's linear forward) and now, on the PPO tests' model, "
+                        "batch 32, 4-token prompts, stop id 63, for these max new tokens (default 12 64 128 256); "
+                        "process CPU time, best of --repeat")
     a = p.parse_args(argv)
     if a.rollouts is not None:
-        rows = _run(_ROLLOUTS, [json.dumps(a.rollouts or [12, 64]), str(a.repeat)])
-        print("\n| max new tokens | full prefix (old) s | KV s | speedup | tokens |\n|---|---|---|---|---|")
+        rows = _run(_ROLLOUTS, [json.dumps(a.rollouts or [12, 64, 128, 256]), str(a.repeat)])
+        print("\n| max new tokens | responses mean / max | before issue 13 s (generation) | now s (generation) | "
+              "speedup | tokens |\n|---|---|---|---|---|---|")
         for r in rows:
-            print(f"| {r['new']} | {r['old_s']:.4f} | {r['kv_s']:.4f} | {r['speedup']:.2f}x | "
+            print(f"| {r['new']} | {r['mean_response']:.1f} / {r['max_response']} | {r['before_s']:.4f} "
+                  f"({r['before_gen_s']:.4f}) | {r['now_s']:.4f} ({r['now_gen_s']:.4f}) | {r['speedup']:.2f}x | "
                   f"{'equal' if r['same_tokens'] else 'DIFFER'} |")
+        if a.json:
+            with open(a.json, "w") as f:
+                json.dump(rows, f, indent=2)
         return 0
     for path, what in ((a.checkpoint, "--checkpoint"), (a.hf, "--hf")):
         if not os.path.exists(path):
@@ -185,14 +255,23 @@ def main(argv=None) -> int:
                   "runs/demo/hf", file=sys.stderr)
             return 2
     vocab = json.load(open(os.path.join(a.hf, "config.json")))["vocab_size"]
+    if a.same_process:
+        print("\n| batch | prompt+new | transformers CPU s | KV CPU s | KV / transformers | tokens |\n|---|---|---|---|---|---|")
+        for b, s, n in a.cases:
+            rng = random.Random(a.seed)
+            prompts = [[rng.randrange(16, vocab) for _ in range(s)] for _ in range(b)]
+            r = _run(_SAME_PROCESS, [a.checkpoint, a.hf, json.dumps(prompts), str(n), str(a.repeat)])
+            print(f"| {b} | {s}+{n} | {r['hf_cpu_s']:.3f} | {r['kv_cpu_s']:.3f} | {r['kv_cpu_s'] / r['hf_cpu_s']:.2f}x | "
+                  f"{'equal' if r['equal'] else 'DIFFER'} |", flush=True)
+        return 0
     rows = [bench_case(b, s, n, a, vocab) for b, s, n in a.cases]
-    print("\n| batch | prompt+new | transformers s | KV s | KV / transformers | old s | old / transformers | "
-          "KV tok/s | tokens KV vs transformers | KV vs old |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("\n| batch | prompt+new | transformers s | KV s | KV / transformers | KV / transformers, CPU time | old s | "
+          "old / transformers | KV tok/s | tokens KV vs transformers | KV vs old |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         old = (f"{r['old_s']:.2f} | {r['old_ratio']:.2f}x" if "old_s" in r else "- | -")
         print(f"| {r['batch']} | {r['prompt']}+{r['new']} | {r['hf_s']:.2f} | {r['kv_s']:.2f} | {r['kv_ratio']:.2f}x | "
-              f"{old} | {r['kv_tok_s']:.0f} | {r['kv_vs_hf']} | {r.get('kv_vs_old', '-')} |")
+              f"{r['kv_cpu_ratio']:.2f}x ({r['kv_cpu_s']:.2f} / {r['hf_cpu_s']:.2f} s) | {old} | {r['kv_tok_s']:.0f} | {r['kv_vs_hf']} | {r.get('kv_vs_old', '-')} |")
     if a.json:
         with open(a.json, "w") as f:
             json.dump(rows, f, indent=2)

@@ -20,8 +20,10 @@ Memory: one K and one V buffer per layer of [min(longest prompt + max_new_tokens
 and freed when the call returns. With the local spec the cached keys already carry RoPE
 (hcx_megatron/model/spec.py RotatedKeyCacheSelfAttention: megatron-core would re-rotate the whole cache every step).
 
-Speed (CPU, tiny models, docs/benchmarks.md): a step is dominated by megatron-core's per-module Python (custom
-autograd Functions even at TP1); the one-token steps run under torch.inference_mode, which cuts ~20% of it.
+Speed (CPU, tiny models, docs/benchmarks.md): a step is dominated by megatron-core's per-module Python. The one-token
+steps run under torch.inference_mode (~20% less); the local spec's linears skip megatron's autograd Functions without
+autograd (hcx_megatron/model/spec.py NoGradColumnParallelLinear, ~30% less) and rotate queries and keys in one RoPE
+call.
 
 Layout rules:
 - sequence parallelism: a 1-token step cannot be split over TP ranks. megatron-core's static generation refuses

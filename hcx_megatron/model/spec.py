@@ -9,6 +9,8 @@ The local spec keeps megatron-core's TransformerLayer/SelfAttention/MLP and only
   all-reduces its gradient over the TP group (megatron's WrappedTorchNorm refuses sequence parallel);
 - self attention -> `RotatedKeyCacheSelfAttention`, megatron's SelfAttention whose static inference KV cache
   holds keys with RoPE applied (KV-cached generation), identical outside inference.
+- the layers' linears -> `NoGradColumnParallelLinear` / `NoGradRowParallelLinear`, megatron's own, which under
+  torch.no_grad / inference_mode skip the autograd-Function plumbing (generation, PPO's scoring passes).
 """
 
 from __future__ import annotations
@@ -25,6 +27,11 @@ from megatron.core.models.common.embeddings.yarn_rotary_pos_embedding import (
     _yarn_get_concentration_factor_from_config,
 )
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
+from megatron.core.tensor_parallel.mappings import (
+    gather_from_tensor_model_parallel_region,
+    reduce_from_tensor_model_parallel_region,
+)
 from megatron.core.transformer.attention import SelfAttention
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
@@ -190,11 +197,59 @@ class RotatedKeyCacheSelfAttention(SelfAttention):
         end = start + key.size(0)
         rope = dict(config=self.config, mscale=_yarn_get_concentration_factor_from_config(self.config),
                     cp_group=self.pg_collection.cp)
-        if q_pos_emb is not None:
-            query = apply_rotary_pos_emb(query, q_pos_emb[start:end], **rope)
-        if k_pos_emb is not None:
-            key = apply_rotary_pos_emb(key, k_pos_emb[start:end], **rope)
+        if q_pos_emb is not None and q_pos_emb is k_pos_emb:
+            # One RoPE call over the query and key heads together: per element the same ops as two calls (cos/sin
+            # broadcast over heads), one set of cos/sin and Python dispatch fewer per layer and step.
+            both = apply_rotary_pos_emb(torch.cat((query, key), dim=2), q_pos_emb[start:end], **rope)
+            query, key = both.split((query.size(2), key.size(2)), dim=2)
+        else:
+            if q_pos_emb is not None:
+                query = apply_rotary_pos_emb(query, q_pos_emb[start:end], **rope)
+            if k_pos_emb is not None:
+                key = apply_rotary_pos_emb(key, k_pos_emb[start:end], **rope)
         return super()._adjust_key_value_for_inference(inference_context, query, key, value, None, *args, **kwargs)
+
+
+def _no_grad_direct_ok(linear) -> bool:
+    """Whether a megatron linear's forward may run as a plain matmul: no autograd graph is being recorded, and none
+    of the features whose forward is not just matmul (+ bias) (+ megatron's TP collective) is on."""
+    config = linear.config
+    return (not torch.is_grad_enabled() and not linear.sequence_parallel and not linear.explicit_expert_comm
+            and not config.defer_embedding_wgrad_compute and config._cpu_offloading_context is None)
+
+
+class NoGradColumnParallelLinear(ColumnParallelLinear):
+    """megatron-core's ColumnParallelLinear; without autograd (torch.no_grad / inference_mode) the forward is the
+    same matmul (+ bias) megatron's linear Function computes, called directly, and megatron's all-gather when the
+    output is gathered over TP > 1. Why: at decode steps of small models the ~4 autograd Function.apply per linear
+    (copy-to-TP-region, the linear Function, ...) cost more than the matmul. Same parameters, same values
+    (tests/test_generate.py compares log-probs bitwise); with autograd on, megatron's forward unchanged."""
+
+    def forward(self, input_, weight=None, runtime_gather_output=None):
+        if weight is not None or not _no_grad_direct_ok(self):
+            return super().forward(input_, weight, runtime_gather_output)
+        output = torch.matmul(input_, self.weight.t())  # LinearWithGradAccumulationAndAsyncCommunication.forward
+        if self.bias is not None and not self.skip_bias_add:
+            output = output + self.bias
+        gather = self.gather_output if runtime_gather_output is None else runtime_gather_output
+        if gather and self.tp_group.size() > 1:
+            output = gather_from_tensor_model_parallel_region(output, group=self.tp_group)
+        return output, (self.bias if self.skip_bias_add else None)
+
+
+class NoGradRowParallelLinear(RowParallelLinear):
+    """megatron-core's RowParallelLinear; without autograd, the matmul called directly, then megatron's all-reduce
+    over TP > 1 and the bias (see NoGradColumnParallelLinear)."""
+
+    def forward(self, input_):
+        if not self.input_is_parallel or not _no_grad_direct_ok(self):
+            return super().forward(input_)
+        output = torch.matmul(input_, self.weight.t())
+        if self.tp_group.size() > 1:
+            output = reduce_from_tensor_model_parallel_region(output, group=self.tp_group)
+        if self.skip_bias_add:
+            return output, self.bias
+        return (output + self.bias if self.bias is not None else output), None
 
 
 def local_layer_spec() -> ModuleSpec:
@@ -204,6 +259,10 @@ def local_layer_spec() -> ModuleSpec:
     sub.pre_mlp_layernorm = RMSNorm
     sub.self_attention.module = RotatedKeyCacheSelfAttention
     sub.self_attention.submodules.core_attention = SDPAAttention
+    sub.self_attention.submodules.linear_qkv = NoGradColumnParallelLinear
+    sub.self_attention.submodules.linear_proj = NoGradRowParallelLinear
+    sub.mlp.submodules.linear_fc1 = NoGradColumnParallelLinear
+    sub.mlp.submodules.linear_fc2 = NoGradRowParallelLinear
     return spec
 
 
