@@ -134,3 +134,16 @@ def ppo_small_vocab(tmp_path_factory):
     prompts = str(root / "prompts.jsonl")
     write_prompt_ids_jsonl(prompts, 64, vocab=63, length=4, seed=0)
     return root, sft, prompts
+
+
+SIMULATED_TE_IMPORT_ERROR = "ImportError: No module named 'transformer_engine' (simulated by the test)"
+
+
+@pytest.fixture
+def without_transformer_engine(monkeypatch) -> str:
+    """Transformer Engine's import fails as on a machine without it, whether or not TE is installed here, so the
+    no-TE paths are tested everywhere (every caller asks hcx_megatron.model.spec.transformer_engine_import_error)."""
+    import hcx_megatron.model.spec as spec
+
+    monkeypatch.setattr(spec, "transformer_engine_import_error", lambda: SIMULATED_TE_IMPORT_ERROR)
+    return SIMULATED_TE_IMPORT_ERROR

@@ -187,24 +187,17 @@ def test_packed_batch_shares_reassemble_per_document(monkeypatch):
     assert loss_tokens == int(mb["loss_mask"].sum())
 
 
-def test_packed_context_parallel_without_transformer_engine_is_a_clear_error(monkeypatch):
-    from hcx_megatron.model.spec import transformer_engine_available
-
-    if transformer_engine_available():
-        pytest.skip("Transformer Engine is installed here")
+def test_packed_context_parallel_without_transformer_engine_is_a_clear_error(monkeypatch, without_transformer_engine):
     mb = collate(_conversations([6, 3]), [[0, 1]], pad_multiple=8, packed=True, document_multiple=4)
     _set_cp(monkeypatch, 2, 0)
     with pytest.raises(RuntimeError, match="Transformer Engine"):
         packed_batch_for_transformer_engine(mb)
 
 
-def test_sft_flags_refuse_packing_with_context_parallel_without_transformer_engine(tmp_path):
+def test_sft_flags_refuse_packing_with_context_parallel_without_transformer_engine(tmp_path, without_transformer_engine):
     from hcx_megatron.config.args import parse_config
-    from hcx_megatron.model.spec import transformer_engine_available
     from hcx_megatron.sft import add_sft_args, check_sft_config, options_from_args
 
-    if transformer_engine_available():
-        pytest.skip("Transformer Engine is installed here")
     cfg, ns = parse_config(["--device", "cuda", "--tokenizer-model", str(tmp_path), "--data-path", "a.jsonl",
                             "--seq-length", "64", "--context-parallel-size", "2", "--sft-packing"],
                            extra_args=add_sft_args, world_size=2)

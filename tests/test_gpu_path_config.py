@@ -7,10 +7,12 @@ from __future__ import annotations
 import pytest
 
 from hcx_megatron.config.args import ConfigError, build_parser, config_from_args, validate_config
-from hcx_megatron.model.spec import select_layer_spec, transformer_engine_import_error
+from hcx_megatron.model.spec import select_layer_spec
 
-TE_ERROR = transformer_engine_import_error()
-needs_no_te = pytest.mark.skipif(TE_ERROR is None, reason="Transformer Engine imports here: the no-TE paths differ")
+from conftest import SIMULATED_TE_IMPORT_ERROR as TE_ERROR
+
+# The no-TE paths run everywhere: the fixture makes TE's import fail as on a machine without it.
+needs_no_te = pytest.mark.usefixtures("without_transformer_engine")
 
 
 def config(argv, world_size=1):

@@ -32,8 +32,8 @@ def _shellcheck() -> str:
         subprocess.run(["bash", str(REPO / "tools" / "install_system_deps.sh")], capture_output=True, timeout=900)
         exe = shutil.which("shellcheck")
     if exe is None:
-        pytest.skip("shellcheck not installed and cannot be installed here (needs root + apt-get; "
-                    "tools/install_system_deps.sh)")
+        pytest.fail("shellcheck is not installed and could not be installed here (needs root + apt-get): run "
+                    "tools/install_system_deps.sh (`make test` does)")
     return exe
 
 
