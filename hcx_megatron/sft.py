@@ -30,6 +30,7 @@ from megatron.core import parallel_state as ps
 
 from hcx_megatron.config.args import Config, parse_config
 from hcx_megatron.config.frozen import freeze
+from hcx_megatron.config.options import add_options, option, options_from_args
 from hcx_megatron.config.sequence import context_parallel_chunks, sequence_multiple_for
 from hcx_megatron.data.context_parallel import packed_batch_for_transformer_engine, slice_batch_for_context_parallel
 from hcx_megatron.inference.generate import add_generation_args
@@ -43,46 +44,31 @@ from hcx_megatron.training.loop import StepBatches, TaskBase, TaskSetup, TrainCo
 
 @dataclass(frozen=True)
 class SFTOptions:
-    tokens_per_microbatch: int | None = None
-    packing: bool = False
-    truncation: str = "drop_oldest_turns"
-    strict: bool = False
-    pad_to_multiple_of: int = 8
-    data_report: str | None = None
-    gen_eval_data: str | None = None
-    gen_eval_output: str | None = None
-    gen_max_new_tokens: int = 64
-    generation_kv_cache: bool = True
+    """SFT's own flags, defined once (config/options.py makes the argparse group and this typed value)."""
+
+    tokens_per_microbatch: int | None = option(
+        None, "padded-token budget of a micro-batch (length-grouped batching); default: --micro-batch-size "
+              "conversations per micro-batch", flag="--sft-tokens-per-microbatch")
+    packing: bool = option(False, "pack conversations into rows of --seq-length with per-document positions and "
+                                  "attention", flag="--sft-packing")
+    truncation: str = option("drop_oldest_turns", "what to do with a conversation longer than --seq-length tokens",
+                             flag="--sft-truncation", choices=TRUNCATION_RULES)
+    strict: bool = option(False, "fail on the first bad conversation instead of counting and skipping it",
+                          flag="--sft-strict", aliases=("--strict",))
+    pad_to_multiple_of: int = option(8, flag="--sft-pad-to-multiple-of")
+    data_report: str | None = option(None, "write the data report (counts, file:line of rejects) as JSON",
+                                     flag="--sft-data-report")
+    gen_eval_data: str | None = option(None, "chat JSONL; after training, greedy-generate the last assistant turn "
+                                             "of each line and report exact match")
+    gen_eval_output: str | None = option(None, "JSON file for the generation eval (rank 0)")
+    gen_max_new_tokens: int = option(64)
+    generation_kv_cache: bool = option(True, elsewhere=True)  # add_generation_args
 
 
 def add_sft_args(parser) -> None:
     g = parser.add_argument_group("sft")
-    g.add_argument("--sft-tokens-per-microbatch", type=int, default=None,
-                   help="padded-token budget of a micro-batch (length-grouped batching); default: "
-                        "--micro-batch-size conversations per micro-batch")
-    g.add_argument("--sft-packing", action="store_true",
-                   help="pack conversations into rows of --seq-length with per-document positions and attention")
-    g.add_argument("--sft-truncation", choices=TRUNCATION_RULES, default="drop_oldest_turns",
-                   help="what to do with a conversation longer than --seq-length tokens")
-    g.add_argument("--sft-strict", "--strict", dest="sft_strict", action="store_true",
-                   help="fail on the first bad conversation instead of counting and skipping it")
-    g.add_argument("--sft-pad-to-multiple-of", type=int, default=8)
-    g.add_argument("--sft-data-report", default=None, help="write the data report (counts, file:line of rejects) as JSON")
-    g.add_argument("--gen-eval-data", default=None,
-                   help="chat JSONL; after training, greedy-generate the last assistant turn of each line and "
-                        "report exact match")
-    g.add_argument("--gen-eval-output", default=None, help="JSON file for the generation eval (rank 0)")
-    g.add_argument("--gen-max-new-tokens", type=int, default=64)
+    add_options(g, SFTOptions)
     add_generation_args(g)
-
-
-def options_from_args(ns) -> SFTOptions:
-    return SFTOptions(
-        tokens_per_microbatch=ns.sft_tokens_per_microbatch, packing=ns.sft_packing, truncation=ns.sft_truncation,
-        strict=ns.sft_strict, pad_to_multiple_of=ns.sft_pad_to_multiple_of, data_report=ns.sft_data_report,
-        gen_eval_data=ns.gen_eval_data, gen_eval_output=ns.gen_eval_output, gen_max_new_tokens=ns.gen_max_new_tokens,
-        generation_kv_cache=ns.generation_kv_cache,
-    )
 
 
 def check_sft_config(cfg: Config, opts: SFTOptions) -> None:
@@ -345,7 +331,7 @@ def run_generation_eval(chunks, tokenizer, path: str, max_new_tokens: int, max_l
 def main(argv=None) -> int:
     cfg, ns = parse_config(argv, extra_args=add_sft_args, description="HCX supervised fine-tuning on megatron-core",
                            world_size=world_size_from_env())
-    opts = options_from_args(ns)
+    opts = options_from_args(ns, SFTOptions)
     try:
         check_sft_config(cfg, opts)
     except ValueError as e:

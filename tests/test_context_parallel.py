@@ -196,13 +196,13 @@ def test_packed_context_parallel_without_transformer_engine_is_a_clear_error(mon
 
 def test_sft_flags_refuse_packing_with_context_parallel_without_transformer_engine(tmp_path, without_transformer_engine):
     from hcx_megatron.config.args import parse_config
-    from hcx_megatron.sft import add_sft_args, check_sft_config, options_from_args
+    from hcx_megatron.sft import SFTOptions, add_sft_args, check_sft_config, options_from_args
 
     cfg, ns = parse_config(["--device", "cuda", "--tokenizer-model", str(tmp_path), "--data-path", "a.jsonl",
                             "--seq-length", "64", "--context-parallel-size", "2", "--sft-packing"],
                            extra_args=add_sft_args, world_size=2)
     with pytest.raises(ValueError, match="--sft-packing with --context-parallel-size 2 needs Transformer Engine"):
-        check_sft_config(cfg, options_from_args(ns))
+        check_sft_config(cfg, options_from_args(ns, SFTOptions))
 
 
 def test_generation_refuses_context_parallel(tmp_path):
@@ -210,13 +210,13 @@ def test_generation_refuses_context_parallel(tmp_path):
     itself refuses a CP model instead of running every rank on the whole prompt."""
     from hcx_megatron.config.args import parse_config
     from hcx_megatron.inference.generate import generate
-    from hcx_megatron.sft import add_sft_args, check_sft_config, options_from_args
+    from hcx_megatron.sft import SFTOptions, add_sft_args, check_sft_config, options_from_args
 
     cfg, ns = parse_config(["--device", "cuda", "--tokenizer-model", str(tmp_path), "--data-path", "a.jsonl",
                             "--seq-length", "64", "--context-parallel-size", "2", "--gen-eval-data", "e.jsonl"],
                            extra_args=add_sft_args, world_size=2)
     with pytest.raises(ValueError, match="--gen-eval-data with --context-parallel-size 2"):
-        check_sft_config(cfg, options_from_args(ns))
+        check_sft_config(cfg, options_from_args(ns, SFTOptions))
 
     class CPModel(torch.nn.Module):
         config = types.SimpleNamespace(context_parallel_size=2)

@@ -92,14 +92,14 @@ def test_dali_without_dali_names_the_flag_and_the_import_error(monkeypatch):
 
 
 def test_sft_rejects_the_pretraining_loader_flags(tmp_path):
-    from hcx_megatron.sft import add_sft_args, check_sft_config, options_from_args
+    from hcx_megatron.sft import SFTOptions, add_sft_args, check_sft_config, options_from_args
 
     parser = build_parser()
     add_sft_args(parser)
     for extra in (["--dataloader", "dali"], ["--num-workers", "2"]):
         ns = parser.parse_args(["--data-path", str(tmp_path / "chat.jsonl"), "--tokenizer-model", "tok", *extra])
         with pytest.raises(ValueError, match="SFT builds its micro-batches in the training process"):
-            check_sft_config(config_from_args(ns, 1), options_from_args(ns))
+            check_sft_config(config_from_args(ns, 1), options_from_args(ns, SFTOptions))
 
 
 @pytest.mark.dist

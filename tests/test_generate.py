@@ -331,13 +331,13 @@ def test_drivers_take_the_kv_cache_switch():
 
     from hcx_megatron.inference.chat import build_parser
     from hcx_megatron.rlhf.ppo import add_ppo_args
-    from hcx_megatron.sft import add_sft_args, options_from_args
+    from hcx_megatron.sft import SFTOptions, add_sft_args, options_from_args
 
     assert build_parser().parse_args(["--load", "x"]).generation_kv_cache is True
     assert build_parser().parse_args(["--load", "x", "--no-generation-kv-cache"]).generation_kv_cache is False
     sft = argparse.ArgumentParser()
     add_sft_args(sft)
-    assert options_from_args(sft.parse_args(["--no-generation-kv-cache"])).generation_kv_cache is False
+    assert options_from_args(sft.parse_args(["--no-generation-kv-cache"]), SFTOptions).generation_kv_cache is False
     ppo = argparse.ArgumentParser()
     add_ppo_args(ppo)
     assert ppo.parse_args(["--prompt-data", "p", "--no-generation-kv-cache"]).generation_kv_cache is False

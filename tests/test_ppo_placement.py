@@ -33,11 +33,12 @@ def _cfg(flags):
 
 
 def _options(*flags):
-    from hcx_megatron.rlhf.ppo import add_ppo_args, ppo_options_from_args
+    from hcx_megatron.config.options import options_from_args
+    from hcx_megatron.rlhf.ppo import PPOOptions, add_ppo_args
 
     ns = parse_config(["--mock-data", "--prompt-data", "p", "--rule-reward", "share:1-2", *flags],
                       extra_args=add_ppo_args, validate=False)[1]
-    return ppo_options_from_args(ns)
+    return options_from_args(ns, PPOOptions)
 
 
 def _plan(world, flags=(), rule=True, async_=False, rollout_batch=8):
@@ -233,7 +234,8 @@ def test_colocated_critic_leaves_the_process_rng_and_a_half_trained_rollout_comm
     import numpy as np
 
     from hcx_megatron.config.frozen import freeze
-    from hcx_megatron.rlhf.ppo import add_ppo_args, ppo_options_from_args
+    from hcx_megatron.config.options import options_from_args
+    from hcx_megatron.rlhf.ppo import PPOOptions, add_ppo_args
     from hcx_megatron.rlhf.ppo_actor import PPOActorTask, Schedule
     from hcx_megatron.rlhf.ppo_colocated import LocalPeers
     from hcx_megatron.training.checkpoint import checkpoint_dir
@@ -244,7 +246,7 @@ def test_colocated_critic_leaves_the_process_rng_and_a_half_trained_rollout_comm
     cfg, ns = parse_config([*TINY, "--prompt-data", str(prompts), "--rule-reward", "share:1-2", "--save", ckpt,
                             "--rollout-batch-size", "2", "--max-new-tokens", "2"], extra_args=add_ppo_args,
                            validate=False)
-    opts, schedule = ppo_options_from_args(ns), Schedule(2, 2, 1, 1234, 2)  # 2 steps per PPO iteration
+    opts, schedule = options_from_args(ns, PPOOptions), Schedule(2, 2, 1, 1234, 2)  # 2 steps per PPO iteration
 
     def rng_states():
         return torch.get_rng_state(), random.getstate(), np.random.get_state()[1].tolist()

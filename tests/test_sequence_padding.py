@@ -204,13 +204,13 @@ def _chat_jsonl(path, n: int) -> str:
 def test_sft_rows_pad_to_the_rule(tp, sp, cp, fp8, single_rank_world, tiny_tokenizer_dir, tmp_path):
     from hcx_megatron.config.args import parse_config
     from hcx_megatron.data.sft_dataset import collate
-    from hcx_megatron.sft import SFTTask, add_sft_args, options_from_args
+    from hcx_megatron.sft import SFTOptions, SFTTask, add_sft_args, options_from_args
 
     cfg, ns = parse_config(["--device", "cpu", "--tokenizer-model", tiny_tokenizer_dir, "--seq-length", "512",
                             "--data-path", _chat_jsonl(tmp_path / "chat.jsonl", 24), "--split", "90,10,0",
                             *layout_flags(tp, sp, cp, fp8)], extra_args=add_sft_args, world_size=tp * cp,
                            validate=False)
-    task = SFTTask(options_from_args(ns))
+    task = SFTTask(options_from_args(ns, SFTOptions))
     task.setup(cfg, "cpu")
     assert task.pad_multiple == math.lcm(8, sequence_multiple_for(cfg))  # --sft-pad-to-multiple-of 8 (default)
     plan = task.train_plan
@@ -228,7 +228,8 @@ def test_sft_rows_pad_to_the_rule(tp, sp, cp, fp8, single_rank_world, tiny_token
 @pytest.mark.parametrize("tp,sp,cp,fp8", DRIVER_LAYOUTS)
 def test_reward_rows_pad_to_the_rule(tp, sp, cp, fp8, single_rank_world, tiny_tokenizer_dir, tmp_path):
     from hcx_megatron.config.args import parse_config
-    from hcx_megatron.rlhf.reward import RewardModelTask, add_reward_args, rm_options_from_args
+    from hcx_megatron.config.options import options_from_args
+    from hcx_megatron.rlhf.reward import RMOptions, RewardModelTask, add_reward_args
     from hcx_megatron.rlhf.synthetic import write_preference_jsonl
 
     prefs = str(tmp_path / "prefs.jsonl")
@@ -237,7 +238,7 @@ def test_reward_rows_pad_to_the_rule(tp, sp, cp, fp8, single_rank_world, tiny_to
                               "--preference-data", prefs, "--global-batch-size", "4", "--micro-batch-size", "2",
                               *layout_flags(tp, sp, cp, fp8)], extra_args=add_reward_args, world_size=tp * cp,
                              validate=False)
-    task = RewardModelTask(rm_options_from_args(args))
+    task = RewardModelTask(options_from_args(args, RMOptions))
     task.setup(cfg, "cpu")
     assert task.multiple_of == sequence_multiple_for(cfg)
     for mb in task.batcher.microbatches(task.batcher.step_examples(0)):

@@ -198,12 +198,12 @@ def test_split_helpers():
 @pytest.mark.timeout(60)
 def test_flag_checks(tmp_path):
     from hcx_megatron.config.args import parse_config
-    from hcx_megatron.sft import add_sft_args, check_sft_config, options_from_args
+    from hcx_megatron.sft import SFTOptions, add_sft_args, check_sft_config, options_from_args
 
     def check(*extra):
         cfg, ns = parse_config(["--device", "cpu", "--tokenizer-model", str(tmp_path), "--seq-length", "64", *extra],
                                extra_args=add_sft_args, world_size=1)
-        check_sft_config(cfg, options_from_args(ns))
+        check_sft_config(cfg, options_from_args(ns, SFTOptions))
 
     check("--data-path", "a.jsonl", "--sft-tokens-per-microbatch", "64")
     with pytest.raises(ValueError, match="--sft-tokens-per-microbatch"):

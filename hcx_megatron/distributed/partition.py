@@ -120,6 +120,29 @@ class Partition:
         self.leaders.recv([data], src, tag).wait()
         return _unpack(data)
 
+    # -- block to block, called on every rank of the block ---------------------------------------------------
+    def tell(self, to: list[str], tag: int, obj: Any) -> None:
+        """Every rank calls; the leader sends `obj` to each of the `to` partitions' leaders."""
+        if self.is_leader:
+            for name in to:
+                self.send(name, tag, obj)
+
+    def hear(self, frm: str, tag: int) -> Any:
+        """Every rank calls; partition `frm`'s message (sent to this leader) on every rank of this block."""
+        return self.broadcast(self.recv(frm, tag) if self.is_leader else None)
+
+    def vote(self, other: str, tag: int, mine: bool, send_first: bool) -> bool:
+        """Every rank calls: this block's and block `other`'s flags or-ed, on every rank (exactly one of the two
+        sends first: gloo sends return once received)."""
+        if self.is_leader:
+            if send_first:
+                self.send(other, tag, mine)
+            theirs = bool(self.recv(other, tag))
+            if not send_first:
+                self.send(other, tag, mine)
+            mine = mine or theirs
+        return bool(self.broadcast(mine))
+
     # -- inside the block (the default group) -------------------------------------------------------------
     def broadcast(self, obj: Any = None) -> Any:
         """The leader's `obj` on every rank of this block."""

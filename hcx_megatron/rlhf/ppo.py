@@ -6,12 +6,12 @@ ppo_separate.py on their own rank partitions (placement.py chooses). docs/rlhf.m
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import sys
 
 from hcx_megatron.config.args import Config, ConfigError, explicit_model_flags, parse_config, validate_config
 from hcx_megatron.config.frozen import freeze
+from hcx_megatron.config.options import add_options, option, options_from_args
 from hcx_megatron.inference.generate import add_generation_args
 from hcx_megatron.rlhf import placement as ppo_placement
 from hcx_megatron.rlhf.common import (apply_checkpoint_model_shape, reject_context_parallel,
@@ -21,82 +21,49 @@ from hcx_megatron.rlhf.ppo_models import critic_config, critic_init, read_prompt
 from hcx_megatron.training.loop import main_wrapper, run, start_of_run
 
 
-def add_ppo_args(parser) -> None:
-    g = parser.add_argument_group("ppo")
-    g.add_argument("--prompt-data", required=True,
-                   help='JSONL of {"prompt": messages | "text"} (chat format) or {"prompt_ids": [...]}')
-    g.add_argument("--sft-checkpoint", dest="pretrained_checkpoint", default=None,
-                   help="actor and reference initialisation (the same flag as --pretrained-checkpoint)")
-    g.add_argument("--rm-checkpoint", default=None, help="reward model (frozen) and critic initialisation")
-    g.add_argument("--rule-reward", default=None,
-                   help="synthetic rule reward instead of a reward model, e.g. share:7-7")
-    g.add_argument("--reward-clip", type=float, default=None, help="override the reward model's stored clip")
-    g.add_argument("--rollout-batch-size", type=int, default=16, help="prompts per PPO iteration (all DP ranks)")
-    g.add_argument("--ppo-epochs", type=int, default=2, help="passes over each rollout batch")
-    g.add_argument("--ppo-rollouts", type=int, default=None, help="number of PPO iterations (sets --train-iters)")
-    g.add_argument("--max-new-tokens", type=int, default=64)
-    add_generation_args(g)
-    g.add_argument("--rollout-temperature", type=float, default=1.0,
-                   help="sampling temperature; log-probs for the ratio and KL are computed at the same one")
-    g.add_argument("--rollout-top-p", type=float, default=1.0,
-                   help="< 1 makes the sampler differ from the temperature-scaled policy the ratio uses")
-    g.add_argument("--stop-ids", type=int, nargs="*", default=None,
-                   help="default: <|endofturn|> with an HCX tokenizer, eod otherwise")
-    g.add_argument("--init-kl-coef", type=float, default=0.04)
-    g.add_argument("--adaptive-kl", action="store_true", help="Ziegler et al. adaptive KL controller")
-    g.add_argument("--kl-target", type=float, default=6.0)
-    g.add_argument("--kl-horizon", type=int, default=10000)
-    g.add_argument("--kl-estimator", choices=["k1", "k3"], default="k1")
-    g.add_argument("--gamma", type=float, default=1.0)
-    g.add_argument("--lam", type=float, default=0.95)
-    g.add_argument("--clip-range", type=float, default=0.2)
-    g.add_argument("--value-clip-range", type=float, default=0.2)
-    g.add_argument("--critic-lr", type=float, default=None, help="default: --lr")
-    g.add_argument("--unlikelihood-weight", type=float, default=0.0,
-                   help="sequence-level unlikelihood on repeated n-grams (0 = off)")
-    g.add_argument("--repetition-ngram", type=int, default=2)
-    g.add_argument("--async-rollouts", action="store_true")
-    g.add_argument("--max-staleness", type=int, default=1,
-                   help="async: a rollout is sampled at most this many PPO iterations behind the learner")
-    ppo_placement.add_placement_args(parser)
-
-
 @dataclasses.dataclass(frozen=True)
 class PPOOptions:
-    """PPO's own flags as one typed, frozen value (like SFT's `SFTOptions`); add_ppo_args holds the defaults.
+    """PPO's own flags, defined once (config/options.py makes the argparse group and this typed, frozen value).
     Where the actor and reference start (--sft-checkpoint) is the shared cfg.checkpoint.pretrained_checkpoint."""
 
-    prompt_data: str
-    rm_checkpoint: str | None  # frozen reward model; also the critic's initialisation
-    rule_reward: str | None
-    reward_clip: float | None  # None: the reward model's stored clip
-    rollout_batch_size: int
-    ppo_epochs: int
-    ppo_rollouts: int | None
-    max_new_tokens: int
-    generation_kv_cache: bool
-    rollout_temperature: float
-    rollout_top_p: float
-    stop_ids: tuple[int, ...] | None
-    init_kl_coef: float
-    adaptive_kl: bool
-    kl_target: float
-    kl_horizon: int
-    kl_estimator: str
-    gamma: float
-    lam: float
-    clip_range: float
-    value_clip_range: float
-    critic_lr: float | None  # None: --lr
-    unlikelihood_weight: float
-    repetition_ngram: int
-    async_rollouts: bool
-    max_staleness: int
+    prompt_data: str = option(help='JSONL of {"prompt": messages | "text"} (chat format) or {"prompt_ids": [...]}')
+    rm_checkpoint: str | None = option(None, "reward model (frozen) and critic initialisation")
+    rule_reward: str | None = option(None, "synthetic rule reward instead of a reward model, e.g. share:7-7")
+    reward_clip: float | None = option(None, "override the reward model's stored clip")
+    rollout_batch_size: int = option(16, "prompts per PPO iteration (all DP ranks)")
+    ppo_epochs: int = option(2, "passes over each rollout batch")
+    ppo_rollouts: int | None = option(None, "number of PPO iterations (sets --train-iters)")
+    max_new_tokens: int = option(64)
+    generation_kv_cache: bool = option(True, elsewhere=True)  # add_generation_args
+    rollout_temperature: float = option(1.0, "sampling temperature; log-probs for the ratio and KL are computed "
+                                             "at the same one")
+    rollout_top_p: float = option(1.0, "< 1 makes the sampler differ from the temperature-scaled policy the "
+                                       "ratio uses")
+    stop_ids: tuple[int, ...] | None = option(None, "default: <|endofturn|> with an HCX tokenizer, eod otherwise")
+    init_kl_coef: float = option(0.04)
+    adaptive_kl: bool = option(False, "Ziegler et al. adaptive KL controller")
+    kl_target: float = option(6.0)
+    kl_horizon: int = option(10000)
+    kl_estimator: str = option("k1", choices=("k1", "k3"))
+    gamma: float = option(1.0)
+    lam: float = option(0.95)
+    clip_range: float = option(0.2)
+    value_clip_range: float = option(0.2)
+    critic_lr: float | None = option(None, "default: --lr")
+    unlikelihood_weight: float = option(0.0, "sequence-level unlikelihood on repeated n-grams (0 = off)")
+    repetition_ngram: int = option(2)
+    async_rollouts: bool = option(False)
+    max_staleness: int = option(1, "async: a rollout is sampled at most this many PPO iterations behind the "
+                                   "learner")
 
 
-def ppo_options_from_args(ns: argparse.Namespace) -> PPOOptions:
-    values = {f.name: getattr(ns, f.name) for f in dataclasses.fields(PPOOptions)}
-    return PPOOptions(**{**values, "stop_ids": None if ns.stop_ids is None else tuple(ns.stop_ids)})
+def add_ppo_args(parser) -> None:
+    g = parser.add_argument_group("ppo")
+    add_options(g, PPOOptions)
+    g.add_argument("--sft-checkpoint", dest="pretrained_checkpoint", default=None,
+                   help="actor and reference initialisation (the same flag as --pretrained-checkpoint)")
+    add_generation_args(g)
+    ppo_placement.add_placement_args(parser)
 
 
 def resolve_ppo_config(argv, world_size: int) -> tuple[Config, PPOOptions, ppo_placement.Placement]:
@@ -105,7 +72,7 @@ def resolve_ppo_config(argv, world_size: int) -> tuple[Config, PPOOptions, ppo_p
     argv = list(sys.argv[1:] if argv is None else argv)
     cfg, ns = parse_config(argv, extra_args=add_ppo_args, description="HCX PPO (RLHF)", world_size=world_size,
                            validate=False)
-    opts = ppo_options_from_args(ns)
+    opts = options_from_args(ns, PPOOptions)
     reject_context_parallel(cfg, "hcx-ppo")
     reject_pretraining_loader_flags(cfg, "hcx-ppo")
     if bool(opts.rm_checkpoint) == bool(opts.rule_reward):
@@ -179,5 +146,5 @@ if __name__ == "__main__":  # the dist-checkpoint writer spawns processes: keep 
     main_wrapper(main)
 
 
-__all__ = ["PPOActorTask", "CriticTask", "PPOOptions", "ppo_options_from_args", "add_ppo_args", "read_prompts",
+__all__ = ["PPOActorTask", "CriticTask", "PPOOptions", "add_ppo_args", "read_prompts",
            "rollout_settings", "resolve_ppo_config", "run_ppo", "main"]

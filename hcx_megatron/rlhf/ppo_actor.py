@@ -66,38 +66,31 @@ class Schedule:
 
 class RolloutBuffer:
     """Checkpointable: a half-trained rollout (a checkpoint in the middle of a PPO iteration), i.e. this rank's
-    rollout rows and the iteration's step statistics, written into the checkpoint directory before its commit,
-    so it is part of the checkpoint or absent with it."""
+    rows and the iteration's step statistics, written into the checkpoint directory before its commit."""
 
     name = "rollout_buffer"
 
     def __init__(self, task: "RolloutTask"):
         self.task = task
 
-    def _mid_rollout(self, iteration: int) -> bool:
-        return iteration % self.task.schedule.steps_per_rollout != 0
-
-    @staticmethod
-    def _path(ckpt_dir: str) -> str:
-        return os.path.join(ckpt_dir, f"ppo_rollout_rank_{dist.get_rank():05d}.pt")
-
     def save(self, ckpt_tmp_dir: str, iteration: int) -> None:
-        if self._mid_rollout(iteration) and self.task.rollout is not None:
-            torch.save({"rollout": self.task.rollout.to_state(), "acc": self.task.acc}, self._path(ckpt_tmp_dir))
+        if iteration % self.task.schedule.steps_per_rollout and self.task.rollout is not None:
+            torch.save({"rollout": self.task.rollout.to_state(), "acc": self.task.acc}, _buffer_path(ckpt_tmp_dir))
 
     def load(self, ckpt_dir: str, iteration: int) -> None:
-        if not self._mid_rollout(iteration):
-            return
-        path = self._path(ckpt_dir)
+        if iteration % self.task.schedule.steps_per_rollout == 0:
+            return  # saved at the end of a PPO iteration: nothing half-trained
+        path = _buffer_path(ckpt_dir)
         if not os.path.isfile(path):
             raise FileNotFoundError(f"{path}: the checkpoint was saved in the middle of a PPO iteration but this "
                                     "rank's rollout buffer is missing (resume needs the same world size and "
                                     "placement)")
         state = torch.load(path, weights_only=False)
-        device = self.task.device
-        self.task.rollout = Rollout.from_state({k: v.to(device) if torch.is_tensor(v) else v
-                                                for k, v in state["rollout"].items()})
-        self.task.acc = state["acc"]
+        self.task.rollout, self.task.acc = Rollout.from_state(state["rollout"], self.task.device), state["acc"]
+
+
+def _buffer_path(ckpt_dir: str) -> str:
+    return os.path.join(ckpt_dir, f"ppo_rollout_rank_{dist.get_rank():05d}.pt")
 
 
 class RolloutTask(TaskBase):

@@ -20,8 +20,6 @@ sampler report a signal with their next message, so a signal anywhere stops the 
 from __future__ import annotations
 
 import datetime
-import os
-import shutil
 import time
 from typing import Any
 
@@ -30,18 +28,16 @@ from megatron.core import parallel_state as ps
 
 from hcx_megatron.config.args import Config, resolve_device
 from hcx_megatron.distributed.partition import Partition
-from hcx_megatron.model.builder import sync_params_before_read, unwrap
+from hcx_megatron.distributed.weight_transfer import WeightSender, receive_weights
 from hcx_megatron.rlhf.ppo_actor import CriticTask, Peers, RolloutTask, Schedule
 from hcx_megatron.rlhf.ppo_models import (build_reference, read_prompts, reference_logprobs, reward_scores,
                                           rollout_settings, rule_score_fn, sequences_micro, with_run_vocabulary)
 from hcx_megatron.rlhf.rollout import (Rollout, RolloutProducer, RolloutSettings, assemble_rows, dp_rows,
                                        finalize, take_rows)
 from hcx_megatron.training import signals
-from hcx_megatron.training.checkpoint import load_model_weights, save_model_weights
 from hcx_megatron.training.loop import TaskSetup
 
 TAG_SEQ, TAG_REF, TAG_SCORE, TAG_KL, TAG_ADV, TAG_STATS, TAG_VOTE, TAG_SAVED, TAG_WEIGHTS = range(1, 10)
-TAG_WEIGHT_TENSORS = 1000  # + parameter index, on the actor <-> rollout pair groups
 
 # What the sampler sends for every row of a rollout batch.
 SAMPLE_FIELDS = ("tokens", "labels", "mask", "old_logp", "entropy", "ul_negative", "response_length",
@@ -74,30 +70,11 @@ def sampler_version(r: int, v0: int, staleness: int) -> int:
 
 
 def _recv(part: Partition, src: str, tag: int, r: int | None = None) -> Any:
-    """Partition `src`'s message: its leader sent it to ours, every rank of this partition gets it. With `r`:
-    it must be about rollout r."""
-    msg = part.broadcast(part.recv(src, tag) if part.is_leader else None)
+    """Partition.hear, checked (with `r`) to be about rollout r."""
+    msg = part.hear(src, tag)
     if r is not None and msg["index"] != r:
         raise RuntimeError(f"{part.name}: expected rollout {r} from the {src} (tag {tag}), got {msg['index']}")
     return msg
-
-
-def _send(part: Partition, to: list[str], tag: int, msg: Any) -> None:
-    if part.is_leader:
-        for dst in to:
-            part.send(dst, tag, msg)
-
-
-def _agree(part: Partition, other: str, mine: bool, send_first: bool) -> bool:
-    """The stop vote of this partition and `other` (one leader sends first: gloo sends return once received)."""
-    if part.is_leader:
-        if send_first:
-            part.send(other, TAG_VOTE, mine)
-        theirs = bool(part.recv(other, TAG_VOTE))
-        if not send_first:
-            part.send(other, TAG_VOTE, mine)
-        mine = mine or theirs
-    return bool(part.broadcast(mine))
 
 
 def _contributes() -> bool:
@@ -131,22 +108,6 @@ def rollout_from_rows(rows: dict[str, torch.Tensor], index: int, version: int, g
                    **{name: rows[name] for name in SAMPLE_FIELDS})
 
 
-def _param_list(chunks) -> list[torch.Tensor]:
-    return [p for c in chunks for _, p in unwrap(c).named_parameters()]
-
-
-def prune_weight_versions(root: str, keep_from: int | None) -> None:
-    """Remove weights versions below `keep_from` (all with None): the sampler has loaded every version below
-    v - s by the time the actor publishes v (it sampled rollout v - 1 with version v - 1 - s or later)."""
-    if not os.path.isdir(root):
-        return
-    for name in os.listdir(root):
-        if name.startswith("v_") and (keep_from is None or int(name[2:].split(".")[0]) < keep_from):
-            shutil.rmtree(os.path.join(root, name), ignore_errors=True)
-    if keep_from is None:
-        shutil.rmtree(root, ignore_errors=True)
-
-
 def sample_and_send(part: Partition, producer: RolloutProducer, chunks, r: int, version: int,
                     consumers: list[str]) -> Rollout:
     """Sample rollout r on this partition (each DP rank its rows) and send the whole batch to `consumers`."""
@@ -155,7 +116,7 @@ def sample_and_send(part: Partition, producer: RolloutProducer, chunks, r: int, 
     full = gather_batch(part, s.rollout_batch, {f: getattr(raw, f) for f in SAMPLE_FIELDS},
                         pad={"tokens": s.pad_id, "labels": s.pad_id})
     preempt = signals.any_rank_received(producer.device)
-    _send(part, consumers, TAG_SEQ, {"index": r, "version": version, "gen_seconds": raw.gen_seconds,
+    part.tell(consumers, TAG_SEQ, {"index": r, "version": version, "gen_seconds": raw.gen_seconds,
                                      "batch": full, "preempt": preempt})
     return raw
 
@@ -167,7 +128,7 @@ def sampler_consumers(part: Partition, include_actor: bool) -> list[str]:
 
 
 def _stop_frozen(part: Partition, code: int) -> int:
-    _send(part, [name for name in ("reference", "reward") if part.has(name)], TAG_SEQ, {"stop": code})
+    part.tell([name for name in ("reference", "reward") if part.has(name)], TAG_SEQ, {"stop": code})
     return code
 
 
@@ -180,13 +141,12 @@ class PartitionPeers(Peers):
     def __init__(self, part: Partition, opts, schedule, weight_transfer: str | None, weights_dir: str | None):
         self.part, self.opts, self.schedule = part, opts, schedule
         self.staleness = opts.max_staleness if opts.async_rollouts else None  # None: sync (the actor samples)
-        self.transfer, self.weights_dir = weight_transfer, weights_dir  # async: "p2p" | "checkpoint"
+        self.weights = None if self.staleness is None else WeightSender(part, "rollout", weight_transfer,
+                                                                        weights_dir, TAG_WEIGHTS)
         self.producer: RolloutProducer | None = None
         self.settings: RolloutSettings | None = None
         self.ctx = None
         self.start_iteration = 0
-        self._works: list = []
-        self._keep: list = []
 
     def start(self, ctx, tokenizer, prompts, first_rollout: int) -> None:
         self.ctx, self.start_iteration = ctx, ctx.iteration
@@ -198,23 +158,9 @@ class PartitionPeers(Peers):
             self._publish(ctx.iteration // self.schedule.steps_per_rollout, first=first_rollout)
 
     def _publish(self, version: int, first: int | None = None) -> None:
-        """Hand weights version `version` to the rollout partition without waiting for it (the sampler takes a
-        version when it needs it: waiting here would deadlock against its rollout sends)."""
-        for w in self._works:
-            w.wait()
-        self._works = []
-        header = {"version": version, "first": first}
-        sync_params_before_read(self.ctx.chunks)  # both transfers read the parameters directly
-        if self.transfer == "p2p":  # same layout: rank j's shards to rank j
-            pair = self.part.pair("rollout")
-            self._keep = [p.detach().to("cpu", copy=True) for p in _param_list(self.ctx.chunks)]
-            self._works = [pair.send([t], 1, TAG_WEIGHT_TENSORS + i) for i, t in enumerate(self._keep)]
-        else:  # another layout: a weights-only dist checkpoint, loaded resharded on the other side
-            header["path"] = save_model_weights(os.path.join(self.weights_dir, f"v_{version:07d}"), self.ctx.chunks)
-            if self.part.is_leader:
-                prune_weight_versions(self.weights_dir, keep_from=version - self.staleness)
-        if self.part.is_leader:
-            self._works.append(self.part.isend("rollout", TAG_WEIGHTS, header))
+        # The sampler has loaded every version below v - s by the time the actor publishes v (it sampled rollout
+        # v - 1 with version v - 1 - s or later).
+        self.weights.publish(self.ctx.chunks, version, keep_from=version - self.staleness, first=first)
 
     def rollout(self, r: int, kl_coef: float) -> Rollout:
         part, s = self.part, self.settings
@@ -225,7 +171,7 @@ class PartitionPeers(Peers):
             ro = rollout_from_rows(local_rows(msg["batch"], s.seq_multiple, self.ctx.device), r, msg["version"],
                                    msg["gen_seconds"])
         start = time.time()
-        _send(part, ["critic"], TAG_KL, {"index": r, "kl_coef": kl_coef})
+        part.tell(["critic"], TAG_KL, {"index": r, "kl_coef": kl_coef})
         got = local_rows(_recv(part, "critic", TAG_ADV, r)["batch"], s.seq_multiple, self.ctx.device)
         ro.advantages, ro.kl, ro.score = got["advantages"], got["kl"], got["score"]
         ro.values = ro.returns = torch.zeros_like(ro.mask)  # the critic's, not needed here
@@ -243,7 +189,7 @@ class PartitionPeers(Peers):
             self._publish(version)
 
     def agree_stop(self, preempted: bool) -> bool:
-        return _agree(self.part, "critic", preempted, send_first=True)
+        return self.part.vote("critic", TAG_VOTE, preempted, send_first=True)
 
     def save(self, ckpt_tmp_dir: str, iteration: int) -> None:
         """The critic partition saves the same iteration in parallel; wait for its report."""
@@ -262,11 +208,7 @@ class PartitionPeers(Peers):
             for _ in _in_flight(self.schedule, self.start_iteration, iteration, self.staleness):
                 if part.is_leader:
                     part.recv("rollout", TAG_SEQ)
-            for w in self._works:
-                w.wait()
-            _send(part, ["rollout"], TAG_WEIGHTS, {"stop": code})  # received after every version it loads
-            if self.transfer == "checkpoint" and part.is_leader:
-                prune_weight_versions(self.weights_dir, keep_from=None)
+            self.weights.stop(code)
         part.job_barrier()
 
 
@@ -319,13 +261,13 @@ class CriticPartitionTask(CriticTask, RolloutTask):
         self.accumulate({key: record[key] for key in ("value_loss", "value_clip_frac")})
         if ctx.iteration % self.schedule.steps_per_rollout == 0:
             stats = {k: sum(v) / len(v) for k, v in self.acc.items()}
-            _send(self.part, ["actor"], TAG_STATS, {"index": self.rollout.index, "stats": stats})
+            self.part.tell(["actor"], TAG_STATS, {"index": self.rollout.index, "stats": stats})
 
     def agree_stop(self, preempted: bool) -> bool:
-        return self.stopping(_agree(self.part, "actor", preempted or self._signalled, send_first=False))
+        return self.stopping(self.part.vote("actor", TAG_VOTE, preempted or self._signalled, send_first=False))
 
     def after_save(self, ctx) -> None:
-        _send(self.part, ["actor"], TAG_SAVED, ctx.iteration)
+        self.part.tell(["actor"], TAG_SAVED, ctx.iteration)
 
     def state_dict(self) -> dict[str, Any]:
         return {"ppo_critic": {"steps_per_rollout": self.schedule.steps_per_rollout}}
@@ -371,29 +313,17 @@ def run_sampler(part: Partition, producer: RolloutProducer, chunks, total_rollou
                 transfer: str = "p2p") -> int:
     """Sample rollouts with the actor's weights of version max(v0, r - s) until the actor says stop; returns the
     job's exit code."""
-    params = _param_list(chunks)
-    pair = part.pair("actor") if transfer == "p2p" else None
+    def receive() -> dict:
+        return receive_weights(part, "actor", transfer, chunks, TAG_WEIGHTS)
 
-    def receive_weights() -> dict:
-        header = _recv(part, "actor", TAG_WEIGHTS)
-        if "path" in header:
-            load_model_weights(header["path"], chunks)
-        elif "stop" not in header:
-            with torch.no_grad():
-                for i, p in enumerate(params):
-                    buf = torch.empty(p.shape, dtype=p.dtype)
-                    pair.recv([buf], 0, TAG_WEIGHT_TENSORS + i).wait()
-                    p.copy_(buf)
-        return header
-
-    header = receive_weights()
+    header = receive()
     if "stop" not in header:
         v0 = version = int(header["version"])
         consumers = sampler_consumers(part, include_actor=True)
         for r in range(int(header["first"]), total_rollouts):
             need = sampler_version(r, v0, staleness)
             if need > version:
-                header = receive_weights()
+                header = receive()
                 if "stop" in header:
                     break
                 version = int(header["version"])
@@ -401,7 +331,7 @@ def run_sampler(part: Partition, producer: RolloutProducer, chunks, total_rollou
                     raise RuntimeError(f"rollout partition: expected weights version {need}, got {version}")
             sample_and_send(part, producer, chunks, r, version, consumers)
         else:  # every rollout sampled: what follows is the stop
-            header = receive_weights()
+            header = receive()
             if "stop" not in header:
                 raise RuntimeError(f"rollout partition: all rollouts sampled, yet the actor sent version {header}")
     return _stop_frozen(part, int(header["stop"]))

@@ -31,6 +31,7 @@ from megatron.core import parallel_state as ps
 
 from hcx_megatron.config.args import Config, ConfigError, explicit_model_flags, parse_config, validate_config
 from hcx_megatron.config.frozen import freeze
+from hcx_megatron.config.options import add_options, option, options_from_args
 from hcx_megatron.config.sequence import sequence_multiple_for
 from hcx_megatron.data.preference import (LoadStats, PreferenceBatcher, build_example, chat_renderer,
                                           eval_shards, read_preference_jsonl, split_indices)
@@ -44,36 +45,24 @@ from hcx_megatron.training.loop import (StepBatches, TaskBase, TaskSetup, TrainC
 CALIBRATION_KEY = "reward_calibration"
 
 
-def add_reward_args(parser) -> None:
-    g = parser.add_argument_group("reward model")
-    g.add_argument("--preference-data", required=True,
-                   help="JSONL {prompt, responses, ranking} (see data/preference.py)")
-    g.add_argument("--preference-valid-data", default=None,
-                   help="validation JSONL; default: --valid-fraction of the data")
-    g.add_argument("--valid-fraction", type=float, default=0.05)
-    g.add_argument("--calibration-data", default=None,
-                   help="JSONL whose responses calibrate reward mean/std; default: the validation split")
-    g.add_argument("--rm-epochs", type=float, default=1.0,
-                   help="epochs over the training prompts (sets --train-iters unless that is given)")
-    g.add_argument("--reward-clip", type=float, default=5.0, help="normalised rewards are clipped to +-this")
-    g.add_argument("--sft-checkpoint", dest="pretrained_checkpoint", default=None,
-                   help="initialise the backbone from this SFT checkpoint (= --pretrained-checkpoint)")
-
-
 @dataclass(frozen=True)
 class RMOptions:
-    preference_data: str
-    preference_valid_data: str | None = None
-    valid_fraction: float = 0.05
-    calibration_data: str | None = None
-    rm_epochs: float = 1.0
-    reward_clip: float = 5.0
+    """The reward-model driver's own flags, defined once (config/options.py)."""
+
+    preference_data: str = option(help="JSONL {prompt, responses, ranking} (see data/preference.py)")
+    preference_valid_data: str | None = option(None, "validation JSONL; default: --valid-fraction of the data")
+    valid_fraction: float = option(0.05)
+    calibration_data: str | None = option(None, "JSONL whose responses calibrate reward mean/std; default: the "
+                                                "validation split")
+    rm_epochs: float = option(1.0, "epochs over the training prompts (sets --train-iters unless that is given)")
+    reward_clip: float = option(5.0, "normalised rewards are clipped to +-this")
 
 
-def rm_options_from_args(ns) -> RMOptions:
-    return RMOptions(preference_data=ns.preference_data, preference_valid_data=ns.preference_valid_data,
-                     valid_fraction=ns.valid_fraction, calibration_data=ns.calibration_data, rm_epochs=ns.rm_epochs,
-                     reward_clip=ns.reward_clip)
+def add_reward_args(parser) -> None:
+    g = parser.add_argument_group("reward model")
+    add_options(g, RMOptions)
+    g.add_argument("--sft-checkpoint", dest="pretrained_checkpoint", default=None,
+                   help="initialise the backbone from this SFT checkpoint (= --pretrained-checkpoint)")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -262,7 +251,7 @@ def resolve_reward_config(argv, world_size: int) -> tuple[Config, RMOptions]:
     argv = list(sys.argv[1:] if argv is None else argv)
     cfg, ns = parse_config(argv, extra_args=add_reward_args, description="HCX reward model (Bradley-Terry)",
                            world_size=world_size, validate=False)
-    opts = rm_options_from_args(ns)
+    opts = options_from_args(ns, RMOptions)
     reject_context_parallel(cfg, "hcx-reward")
     reject_pretraining_loader_flags(cfg, "hcx-reward")
     if not cfg.data.tokenizer_model:
@@ -294,6 +283,6 @@ if __name__ == "__main__":  # the dist-checkpoint writer spawns processes: keep 
     main_wrapper(main)
 
 
-__all__ = ["RewardModelTask", "RewardScorer", "Calibration", "RMOptions", "rm_options_from_args",
+__all__ = ["RewardModelTask", "RewardScorer", "Calibration", "RMOptions",
            "resolve_reward_config", "bradley_terry_terms", "rm_loss_func", "main", "add_reward_args",
            "CALIBRATION_KEY"]

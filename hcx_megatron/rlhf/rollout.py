@@ -165,8 +165,8 @@ class Rollout:
         return {k: (v.cpu() if torch.is_tensor(v) else v) for k, v in self.__dict__.items()}
 
     @classmethod
-    def from_state(cls, state: dict) -> "Rollout":
-        return cls(**state)
+    def from_state(cls, state: dict, device: str) -> "Rollout":
+        return cls(**{k: v.to(device) if torch.is_tensor(v) else v for k, v in state.items()})
 
 
 def build_sequences(prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]], pad_id: int,
