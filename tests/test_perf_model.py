@@ -239,3 +239,78 @@ def test_context_parallel_splits_work_and_memory():
     assert m1.optimizer_bytes == pytest.approx(m0.optimizer_bytes)
     with pytest.raises(ValueError, match="cannot run"):
         step_time(w, parse_layout("tp=3,dp=1"), c)
+
+
+@pytest.mark.timeout(30)
+def test_megatron_fsdp_shards_partition_every_element_once():
+    """Megatron-FSDP layout rule on an 8B-class model (the built-model test checks it exactly on hcx-tiny):
+    groups padded to DP x grid, items inside their group without overlap, every real element optimized by one DP
+    rank, and each strategy's per-rank buffers."""
+    import math
+
+    from hcx_megatron.perf.params import chunk_param_shapes, megatron_fsdp_shards
+
+    cfg = get_preset("hcx-s")
+    shapes = chunk_param_shapes(cfg, 1, 1, 0)
+    total = sum(math.prod(s) for _, s in shapes)
+    for dp in (2, 8, 64):
+        s = megatron_fsdp_shards(shapes, dp)
+        assert len(s.buckets) == cfg.num_layers + 1  # a group per layer, one for embeddings / norm / output
+        assert sum(s.optimizer_elements_per_dp_rank) == total
+        padded = sum(b.numel for b in s.buckets)
+        assert s.model_weight_elements == s.main_weight_elements == s.main_grad_elements == padded // dp
+        for b in s.buckets:
+            assert b.numel % (dp * b.chunk_size_factor) == 0
+            spans = sorted((o, o + k) for _, o, k in b.items)
+            assert all(e <= s2 for (_, e), (s2, _) in zip(spans, spans[1:])) and spans[-1][1] <= b.numel
+        assert 0 < padded - total < dp * len(s.buckets) * max(b.chunk_size_factor for b in s.buckets)
+    optim = megatron_fsdp_shards(shapes, 8, "optim")
+    assert len(optim.buckets) == 1  # no FSDP units: one group for the whole model
+    assert optim.model_weight_elements == optim.main_grad_elements == optim.buckets[0].numel
+    assert optim.main_weight_elements == optim.buckets[0].numel // 8
+    grads = megatron_fsdp_shards(shapes, 8, "optim_grads")
+    assert grads.model_weight_elements == grads.buckets[0].numel
+    assert grads.main_grad_elements == grads.buckets[0].numel // 8
+    # --ddp-bucket-size splits the non-unit group; a tied embedding split over PP gets a group of its own
+    split = megatron_fsdp_shards(shapes, 8, bucket_size=1)
+    assert sum(b.unit is None for b in split.buckets) == 3
+    tied = dataclasses.replace(cfg, untie_embeddings_and_output_weights=False)
+    last = chunk_param_shapes(tied, 1, 2, 1, layers_in_chunk=16)
+    shared = megatron_fsdp_shards(last, 8, shared_embedding_names=frozenset({"output_layer.weight"}))
+    assert [[n for n, _, _ in b.items] for b in shared.buckets if b.unit is None] == \
+        [["decoder.final_layernorm.weight"], ["output_layer.weight"]]
+    with pytest.raises(ValueError, match="data_parallel_sharding_strategy"):
+        megatron_fsdp_shards(shapes, 8, "zero3")
+
+
+@pytest.mark.timeout(30)
+def test_megatron_fsdp_memory_terms_and_flags():
+    from hcx_megatron.config.args import build_parser, config_from_args, validate_config
+    from hcx_megatron.perf.memory import megatron_fsdp_memory, stage_memory
+    from hcx_megatron.perf.params import layer_params
+
+    w = Workload(model=get_preset("hcx-s"), seq_length=4096, global_batch_size=64)
+    c = default_cluster()
+    n = params_per_rank(w.model, 1, 1, 0)
+    full = Layout(dp=8, use_megatron_fsdp=True, use_distributed_optimizer=False)
+    f = megatron_fsdp_memory(w, full)
+    # bf16: 2-byte weight and 4-byte gradient shards, fp32 main weights + Adam m, v: 18 bytes / 8, plus padding
+    assert 18 * n / 8 < f.weights_bytes + f.grads_bytes + f.optimizer_bytes < 18 * n / 8 * 1.001
+    # in flight: the embedding/output group (weights + grads) and at least two layers
+    per_layer = sum(k for _, k in layer_params(w.model, 1))
+    outside = n - w.model.num_layers * per_layer
+    assert f.gathered_bytes >= outside * 6 + 2 * per_layer * 6
+    m = stage_memory(w, full, c, 0)
+    assert m.weights_bytes == f.weights_bytes + f.gathered_bytes and m.optimizer_bytes == f.optimizer_bytes
+    # weights replicated under optim_grads, weights and gradients under optim
+    og = megatron_fsdp_memory(w, dataclasses.replace(full, data_parallel_sharding_strategy="optim_grads"))
+    assert og.weights_bytes > 7 * f.weights_bytes and og.grads_bytes == pytest.approx(f.grads_bytes, rel=1e-3)
+    bad = dataclasses.replace(full, data_parallel_sharding_strategy="zero3")
+    assert any("data_parallel_sharding_strategy" in e for e in bad.check(w))
+    # the trainer takes the strategy the perf model assumed
+    flags = parse_layout("dp=8,fsdp,fsdp_shard=optim_grads").megatron_flags()
+    a = build_parser().parse_args(["--model-preset", "hcx-s", "--seq-length", "4096", "--global-batch-size", "64",
+                                   "--mock-data", "--device", "cuda", "--bf16"] + flags)
+    cfg = config_from_args(a, world_size=8)
+    validate_config(cfg)
+    assert cfg.parallel.use_megatron_fsdp and cfg.parallel.data_parallel_sharding_strategy == "optim_grads"

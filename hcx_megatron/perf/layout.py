@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 from hcx_megatron.config.layout_rules import layout_errors
 from hcx_megatron.config.model import ModelConfig
+from hcx_megatron.perf.params import FSDP_SHARDING_STRATEGIES
 
 
 @dataclass(frozen=True)
@@ -69,6 +70,9 @@ class Layout:
     # Megatron-FSDP (--use-megatron-fsdp, optim_grads_params): weights, gradients and optimizer state all
     # sharded over DP x CP; each layer's weights all-gathered before its forward and backward
     use_megatron_fsdp: bool = False
+    # Megatron-LM --data-parallel-sharding-strategy under Megatron-FSDP: optim_grads_params (ZeRO-3), optim_grads
+    # (weights replicated), optim (weights and gradients replicated) or no_shard (perf/params.megatron_fsdp_shards)
+    data_parallel_sharding_strategy: str = "optim_grads_params"
     grad_reduce_in_fp32: bool = True  # Megatron-LM bf16 default; NVIDIA's benchmark recipes reduce in bf16
     ddp_bucket_size: int | None = None  # --ddp-bucket-size (params); None: max(40M, 1M x DP)
     tp_comm_overlap: bool = False  # --tp-comm-overlap (TE userbuffers: TP collectives overlapped with GEMMs)
@@ -136,7 +140,7 @@ class Layout:
         if self.overlap_param_gather:
             f.append("--overlap-param-gather")
         if self.use_megatron_fsdp:
-            f.append("--use-megatron-fsdp")
+            f += ["--use-megatron-fsdp", "--data-parallel-sharding-strategy", self.data_parallel_sharding_strategy]
         if self.ddp_bucket_size:
             f += ["--ddp-bucket-size", str(self.ddp_bucket_size)]
         if self.tp_comm_overlap:
@@ -191,6 +195,9 @@ class Layout:
             micro_batch_size=self.micro_batch_size, global_batch_size=w.global_batch_size,
             seq_lengths={"--seq-length": w.seq_length}, sequence_parallel=self.sequence_parallel,
             fp8=w.precision == "fp8", use_megatron_fsdp=self.use_megatron_fsdp)
+        if self.use_megatron_fsdp and self.data_parallel_sharding_strategy not in FSDP_SHARDING_STRATEGIES:
+            bad.append(f"data_parallel_sharding_strategy must be one of {FSDP_SHARDING_STRATEGIES}, "
+                       f"got {self.data_parallel_sharding_strategy!r}")
         if self.recompute_granularity not in RECOMPUTE:
             bad.append(f"recompute_granularity must be one of {RECOMPUTE}")
         if self.recompute_granularity == "full" and self.recompute_method not in ("uniform", "block"):
@@ -204,19 +211,21 @@ def parse_layout(text: str) -> Layout:
              "rcn": "recompute_num_layers", "sp": "sequence_parallel", "distopt": "use_distributed_optimizer",
              "fsdp": "use_megatron_fsdp", "tpo": "tp_comm_overlap", "first": "num_layers_in_first_pipeline_stage",
              "last": "num_layers_in_last_pipeline_stage", "emb": "account_for_embedding_in_pipeline_split",
-             "loss": "account_for_loss_in_pipeline_split"}
+             "loss": "account_for_loss_in_pipeline_split", "fsdp_shard": "data_parallel_sharding_strategy"}
     kw: dict = {}
     for item in filter(None, (t.strip() for t in text.split(","))):
         key, _, val = item.partition("=")
         key = alias.get(key.strip(), key.strip())
         if key not in {f.name for f in dataclasses.fields(Layout)}:
             raise ValueError(f"layout {text!r}: unknown key {item!r} (use tp, pp, dp, cp, vpp, mb, sp, rc, rcm, rcn, "
-                             f"fsdp, tpo, first, last, emb, loss or a Layout field name)")
+                             f"fsdp, fsdp_shard, tpo, first, last, emb, loss or a Layout field name)")
         field_type = {f.name: f.type for f in dataclasses.fields(Layout)}[key]
         if "bool" in str(field_type):
             kw[key] = val.strip().lower() not in ("0", "false", "no") if val else True
         elif key in ("recompute_granularity", "recompute_method"):
             kw[key] = None if val in ("", "none") else val
+        elif key == "data_parallel_sharding_strategy":
+            kw[key] = val.strip()
         else:
             try:
                 kw[key] = int(val)

@@ -32,7 +32,9 @@ Weights/grads/optimizer (mixed bf16, Megatron defaults): 2-byte weights, 4-byte 
 buffer (gradients accumulate and reduce in fp32), 12 bytes of optimizer state (fp32 main weights
 + Adam m and v) per parameter, sharded over the DP x CP group by the distributed optimizer:
 bytes/param = 2 + 4 + 12/(d·c). fp32 training: 4 + 4 + 8/(d·c). Gradients are 2 bytes without
-grad_reduce_in_fp32; Megatron-FSDP shards all three (plus two layers of gathered weights and gradients).
+grad_reduce_in_fp32. Megatron-FSDP: its exact per-rank buffers (megatron_fsdp_memory: padded groups, fp32
+main weights even for fp32 training) plus its unsharded buckets in flight (embeddings and output layer, the
+all-gather prefetch window and the reduce-scatter queue), modelled from its code.
 
 FP8 (Transformer Engine): the inputs the FP8 linear layers save (norm outputs, proj and fc2 inputs) are their
 1-byte casts; the attention output is kept twice (bf16 by flash attention, FP8 by linear_proj). The local
@@ -194,17 +196,93 @@ def bytes_per_param(w: Workload, lay: Layout) -> tuple[float, float, float]:
     2-byte weights, a 4-byte gradient buffer (2 without grad_reduce_in_fp32), 12 bytes of fp32 main
     weights + Adam m, v (10 with optimizer_param_remainders: only the 16 low bits of each fp32 main weight
     are kept, the high 16 are the bf16 weight). The distributed optimizer shards the optimizer bytes over
-    DP x CP; Megatron-FSDP shards all three (its per-layer all-gather buffers are counted in stage_memory)."""
+    DP x CP. Under Megatron-FSDP this is the unpadded average (stage_memory uses the exact per-rank buffers,
+    megatron_fsdp_memory): it keeps fp32 main weights even for fp32 training (12 optimizer bytes, not 8) and
+    shards what its sharding strategy says."""
     shard = lay.dp * lay.cp
-    opt_shard = shard if (lay.use_distributed_optimizer or lay.use_megatron_fsdp) else 1
+    if lay.use_megatron_fsdp:
+        wb, gb = _fsdp_weight_bytes(w, lay), _fsdp_grad_bytes(w, lay)
+        strategy = lay.data_parallel_sharding_strategy
+        return (wb / (shard if strategy == "optim_grads_params" else 1),
+                gb / (shard if strategy in ("optim_grads", "optim_grads_params") else 1),
+                12.0 / (1 if strategy == "no_shard" else shard))
+    opt_shard = shard if lay.use_distributed_optimizer else 1
     if w.precision == "fp32":
         wb, gb, ob = 4.0, 4.0, 8.0
     else:
         wb, gb = 2.0, (4.0 if lay.grad_reduce_in_fp32 else 2.0)
         ob = 10.0 if lay.optimizer_param_remainders else 12.0
-    if lay.use_megatron_fsdp:
-        return wb / shard, gb / shard, ob / shard
     return wb, gb, ob / opt_shard
+
+
+def _fsdp_weight_bytes(w: Workload, lay: Layout) -> float:
+    """Megatron-FSDP's model-weight buffer dtype: the parameters' (fp32, bf16; uint8 for FP8 parameters)."""
+    return 4.0 if w.precision == "fp32" else 1.0 if (w.fp8 and lay.fp8_param_gather) else 2.0
+
+
+def _fsdp_grad_bytes(w: Workload, lay: Layout) -> float:
+    return 4.0 if (w.precision == "fp32" or lay.grad_reduce_in_fp32) else 2.0
+
+
+@dataclass(frozen=True)
+class FsdpMemory:
+    """Megatron-FSDP's bytes on one GPU (the worst DP rank of the stage)."""
+
+    weights_bytes: float  # model-weight buffer (shard, or all under optim / optim_grads)
+    grads_bytes: float  # main-gradient buffer
+    optimizer_bytes: float  # fp32 main-weight buffer + Adam m and v over the rank's real elements
+    gathered_bytes: float  # transient unsharded buckets (see megatron_fsdp_memory)
+
+
+# megatron_fsdp.py: its all-gather prefetch and reduce-scatter queue are sized by a "communication unit" of
+# max(1e9, 2 x the mean parameters of an FSDP unit) elements (prefetch: half of it)
+FSDP_COMMUNICATION_UNIT_MIN = 1_000_000_000
+
+
+def megatron_fsdp_memory(w: Workload, lay: Layout, pp_rank: int = 0) -> FsdpMemory:
+    """Megatron-FSDP's per-rank buffers from its exact layout (params.megatron_fsdp_shards), in bytes.
+
+    Persistent, exact (test_perf_params_builder checks them against the built buffers): model weights, fp32
+    main weights, gradients, and Adam's two fp32 moments over this rank's real parameter elements (the worst
+    DP rank: ranks differ by the padding they own).
+
+    Transient (unsharded buckets), modelled from megatron-fsdp's hooks and pipelines, not measured (its backward
+    does not run on gloo here): the group outside the FSDP units (embeddings, final norm, output layer) is
+    gathered at the first forward and kept through the backward, its gradients from the output layer's
+    backward to the end. Under optim_grads_params the running layer's weights are gathered with a prefetch of
+    the next layers until at least half a communication unit (FSDP_COMMUNICATION_UNIT_MIN) is in flight, and
+    unreduced layer gradients wait in the reduce-scatter queue until it holds more than one communication unit,
+    plus the layer accumulating. Under optim_grads (no units) the whole gradient group is unsharded through the
+    backward. optim and no_shard keep unsharded weights and gradients anyway (counted as persistent)."""
+    from hcx_megatron.perf.params import chunk_param_shapes, megatron_fsdp_shards
+
+    layers = stage_layer_counts(w, lay)[pp_rank]
+    group = lay.dp * lay.cp
+    strategy = lay.data_parallel_sharding_strategy
+    wb, gb = _fsdp_weight_bytes(w, lay), _fsdp_grad_bytes(w, lay)
+    weights = grads = optimizer = gathered = 0.0
+    for c in range(lay.chunks):
+        shapes = chunk_param_shapes(w.model, lay.tp, lay.pp, pp_rank, lay.vpp, c, layers_in_chunk=layers[c])
+        s = megatron_fsdp_shards(shapes, group, strategy, lay.ddp_bucket_size)
+        weights += s.model_weight_elements * wb
+        grads += s.main_grad_elements * gb
+        optimizer += s.main_weight_elements * 4.0 + 8.0 * max(s.optimizer_elements_per_dp_rank)
+        if group == 1:
+            continue
+        if strategy == "optim_grads_params":
+            outside = sum(b.numel for b in s.buckets if b.unit is None)
+            units = [b for b in s.buckets if b.unit is not None]
+            gathered += outside * (wb + gb)
+            if units:
+                unit = max(b.numel for b in units)
+                mean_params = sum(k for b in units for _, _, k in b.items) // len(units)
+                comm_unit = max(FSDP_COMMUNICATION_UNIT_MIN, 2 * mean_params)
+                prefetched = min(len(units) - 1, -(-(comm_unit // 2) // unit))
+                queued = min(len(units), comm_unit // unit + 2)
+                gathered += (1 + prefetched) * unit * wb + queued * unit * gb
+        elif strategy == "optim_grads":
+            gathered += sum(b.numel for b in s.buckets) * gb
+    return FsdpMemory(weights_bytes=weights, grads_bytes=grads, optimizer_bytes=optimizer, gathered_bytes=gathered)
 
 
 @dataclass(frozen=True)
@@ -234,17 +312,16 @@ class MemoryBreakdown:
 def stage_memory(w: Workload, lay: Layout, cluster: ClusterConfig, pp_rank: int) -> MemoryBreakdown:
     layers = sum(stage_layer_counts(w, lay)[pp_rank])
     n = params_per_rank(w.model, lay.tp, lay.pp, pp_rank, lay.vpp, layers_on_rank=layers)
-    bw, bg, bo = bytes_per_param(w, lay)
     act = stage_activation_bytes(w, lay, pp_rank) * cluster.perf.activation_memory_factor
-    extra = 0.0
-    if lay.use_megatron_fsdp and lay.dp * lay.cp > 1:
-        # unsharded weights of the layer being run and of the one prefetched, plus their gradients
-        from hcx_megatron.perf.params import layer_params
-
-        per_layer = sum(k for _, k in layer_params(w.model, lay.tp))
-        extra = 2 * per_layer * (act_bytes(w) + (4.0 if lay.grad_reduce_in_fp32 else 2.0))
     overhead = cluster.memory_overhead_gib * GIB + cluster.allocator_fragmentation * act
-    return MemoryBreakdown(pp_rank=pp_rank, params=n, weights_bytes=n * bw + extra, grads_bytes=n * bg,
+    if lay.use_megatron_fsdp:
+        f = megatron_fsdp_memory(w, lay, pp_rank)
+        # the gathered (unsharded) buckets count as weights, as the per-layer all-gather buffers always have
+        return MemoryBreakdown(pp_rank=pp_rank, params=n, weights_bytes=f.weights_bytes + f.gathered_bytes,
+                               grads_bytes=f.grads_bytes, optimizer_bytes=f.optimizer_bytes, activations_bytes=act,
+                               overhead_bytes=overhead)
+    bw, bg, bo = bytes_per_param(w, lay)
+    return MemoryBreakdown(pp_rank=pp_rank, params=n, weights_bytes=n * bw, grads_bytes=n * bg,
                            optimizer_bytes=n * bo, activations_bytes=act, overhead_bytes=overhead)
 
 
@@ -272,6 +349,9 @@ __all__ = [
     "stage_activation_bytes",
     "last_stage_extra_bytes",
     "bytes_per_param",
+    "FsdpMemory",
+    "megatron_fsdp_memory",
+    "FSDP_COMMUNICATION_UNIT_MIN",
     "MemoryBreakdown",
     "stage_memory",
     "peak_memory",
