@@ -106,9 +106,9 @@ def _count_kv_steps(monkeypatch) -> list:
     steps = []
     real = kv_generate._step_logits
 
-    def counting(chunks, context, tokens, n_micro, mbs):
+    def counting(chunks, context, tokens, n_micro, mbs, **kwargs):
         steps.append(tokens.shape[1])
-        return real(chunks, context, tokens, n_micro, mbs)
+        return real(chunks, context, tokens, n_micro, mbs, **kwargs)
 
     monkeypatch.setattr(kv_generate, "_step_logits", counting)
     return steps
@@ -207,7 +207,9 @@ def test_kv_cache_holds_rotated_keys_bitwise_as_megatrons_cache(tiny_model, monk
         return real_rope(t, freqs, *args, **kwargs)
 
     monkeypatch.setattr(rope_utils, "_apply_rotary_pos_emb_bshd", spy)
-    kw = dict(stop_ids=[], vocab_size=300, return_logprobs=True, temperature=1.0, top_p=0.9, seed=2)
+    # Eager steps: the spy counts calls (the compiled step is bitwise the eager one, its own test below).
+    kw = dict(stop_ids=[], vocab_size=300, return_logprobs=True, temperature=1.0, top_p=0.9, seed=2,
+              compile_decode=False)
     ours = generate(tiny_model, MIXED_PROMPTS, 6, **kw)
     shortest, n_layers = min(map(len, MIXED_PROMPTS)), len(tiny_model[0].decoder.layers)
     assert rotated_lengths[:n_layers] == [shortest] * n_layers  # prefill: queries and keys, one call per layer
@@ -244,7 +246,8 @@ def test_no_grad_linears_skip_megatrons_autograd_functions_bitwise(tiny_model, m
         spy.warned = True  # megatron's function reads its own `.warned` through the module name
         monkeypatch.setattr(layers, name, spy)
     steps = _count_kv_steps(monkeypatch)
-    kw = dict(stop_ids=[], vocab_size=300, return_logprobs=True, temperature=1.0, top_p=0.9, seed=4)
+    kw = dict(stop_ids=[], vocab_size=300, return_logprobs=True, temperature=1.0, top_p=0.9, seed=4,
+              compile_decode=False)  # eager steps: the spies count calls
     direct = generate(tiny_model, MIXED_PROMPTS, 6, **kw)
     assert len(steps) > 1 and len(function_calls) == len(steps)  # the output layer only
 
@@ -277,9 +280,9 @@ def test_decode_steps_run_in_inference_mode_without_leaking_inference_tensors(ti
     modes = []
     real = kv_generate._step_logits
 
-    def recording(chunks, context, tokens, n_micro, mbs):
+    def recording(chunks, context, tokens, n_micro, mbs, **kwargs):
         modes.append(torch.is_inference_mode_enabled())
-        return real(chunks, context, tokens, n_micro, mbs)
+        return real(chunks, context, tokens, n_micro, mbs, **kwargs)
 
     monkeypatch.setattr(kv_generate, "_step_logits", recording)
     prompts, new = [[3, 4, 5, 6, 7, 8, 9]], 5
@@ -287,6 +290,89 @@ def test_decode_steps_run_in_inference_mode_without_leaking_inference_tensors(ti
     assert modes == [False] + [True] * (new - 1)
     cache_length = len(prompts[0]) + new
     assert not tiny_model[0].rotary_pos_emb(cache_length).is_inference()
+
+
+@pytest.mark.timeout(180)
+def test_compiled_decode_step_is_bitwise_the_eager_step(tiny_model, monkeypatch):
+    """The one-token steps as one dynamo-captured graph (torch.compile, backend "eager", under CPU mode): the same
+    tokens and bitwise the same log-probs as the eager step, greedy and sampled; traced once, not per step or per
+    call; weights changed in place after the capture (a PPO update) are the ones used."""
+    import torch._dynamo
+
+    from hcx_megatron.inference import kv_generate
+    from hcx_megatron.inference.generate import generate
+
+    assert kv_generate.compiled_decode_unsupported_reason(tiny_model) is None
+    calls = []
+    real = kv_generate._compiled_forward
+    monkeypatch.setattr(kv_generate, "_compiled_forward", lambda: lambda *a: calls.append(1) or real()(*a))
+
+    def both(prompts, new, **kw):
+        kw.update(stop_ids=[], vocab_size=300, return_logprobs=True)
+        eager = generate(tiny_model, prompts, new, compile_decode=False, **kw)
+        assert not calls
+        compiled = generate(tiny_model, prompts, new, **kw)  # compile_decode=True is the default
+        assert len(calls) >= new - 1 and not kv_generate._compile_failure, kv_generate._compile_failure
+        calls.clear()
+        assert compiled.tokens == eager.tokens and compiled.logprobs == eager.logprobs
+        return compiled
+
+    both(MIXED_PROMPTS, 8)
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    before = both(MIXED_PROMPTS, 8, temperature=1.0, top_p=0.9, seed=5)
+    both([list(range(3, 20 + i)) for i in range(len(MIXED_PROMPTS))], 12)  # other offsets and cache length
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs  # no re-trace per call or per offset
+    weight = tiny_model[0].decoder.final_layernorm.weight
+    saved = weight.detach().clone()
+    try:
+        with torch.no_grad():
+            weight.mul_(3.0)
+        after = both(MIXED_PROMPTS, 8, temperature=1.0, top_p=0.9, seed=5)
+        assert after.logprobs != before.logprobs
+    finally:
+        with torch.no_grad():
+            weight.copy_(saved)
+
+
+@pytest.mark.timeout(180)
+def test_finished_rows_leave_the_cache_batch_bitwise(tiny_model, monkeypatch):
+    """Once fewer than half the rows run are still generating, only the active ones (and finished ones up to
+    MIN_ROWS_RUN) are run, on CPU with one intra-op thread: bitwise the same tokens and log-probs as running every
+    row to the end."""
+    from hcx_megatron.inference import kv_generate
+    from hcx_megatron.inference.generate import generate
+
+    rows_run = []
+    real = kv_generate._step_logits
+
+    def counting(chunks, context, tokens, n_micro, mbs, **kwargs):
+        rows_run.append(tokens.shape[0])
+        return real(chunks, context, tokens, n_micro, mbs, **kwargs)
+
+    monkeypatch.setattr(kv_generate, "_step_logits", counting)
+    prompts = [[3 + i, 7, 11 + 2 * i][: 1 + i % 3] for i in range(12)]
+    # A tenth of the vocabulary stops a response: lengths from 1 to 38 of 40, the last row long alone.
+    kw = dict(stop_ids=list(range(0, 300, 10)), vocab_size=300, return_logprobs=True, temperature=1.0, seed=3)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)  # SDPA's CPU decode kernel then splits keys by batch: rows are not dropped
+        generate(tiny_model, prompts, 40, **kw)
+        assert set(rows_run) == {len(prompts)}
+        torch.set_num_threads(1)
+        for compile_decode in (True, False):
+            rows_run.clear()
+            dropped = generate(tiny_model, prompts, 40, compile_decode=compile_decode, **kw)
+            assert rows_run[0] == len(prompts) and min(rows_run) == kv_generate.MIN_ROWS_RUN < len(prompts) / 2
+            monkeypatch.setattr(kv_generate, "DROP_FINISHED_BELOW", 0.0)
+            rows_run.clear()
+            every_row = generate(tiny_model, prompts, 40, compile_decode=compile_decode, **kw)
+            monkeypatch.undo()
+            monkeypatch.setattr(kv_generate, "_step_logits", counting)
+            assert set(rows_run) == {len(prompts)}
+            assert dropped.tokens == every_row.tokens and dropped.logprobs == every_row.logprobs
+            assert dropped.finished == every_row.finished and 1 < len({len(t) for t in dropped.tokens})
+    finally:
+        torch.set_num_threads(threads)
 
 
 @pytest.mark.timeout(60)
@@ -446,13 +532,16 @@ def _worker(out_path: str) -> None:
         results[name] = {}
         before = _sequence_parallel_state(chunks)
         for path, kv in (("full_prefix", False), ("kv_cache", True)):
-            greedy = generate(chunks, PROMPTS, 8, stop_ids=[], vocab_size=300, return_logprobs=True, kv_cache=kv)
+            # The compiled decode step (TP1 x PP1 only) is checked bitwise in-process; tracing it in 4 ranks here
+            # would add ~10 s.
+            opts = dict(kv_cache=kv, compile_decode=False)
+            greedy = generate(chunks, PROMPTS, 8, stop_ids=[], vocab_size=300, return_logprobs=True, **opts)
             sampled = generate(chunks, PROMPTS, 8, temperature=1.0, top_p=0.9, stop_ids=[], seed=5, vocab_size=300,
-                               return_logprobs=True, kv_cache=kv)
+                               return_logprobs=True, **opts)
             stop_id = greedy.tokens[0][3]
-            stopped = generate(chunks, PROMPTS, 8, stop_ids=[stop_id], vocab_size=300, kv_cache=kv)
+            stopped = generate(chunks, PROMPTS, 8, stop_ids=[stop_id], vocab_size=300, **opts)
             split = generate_data_parallel(chunks, PROMPTS, 8, temperature=1.0, top_p=0.9, stop_ids=[], seed=5,
-                                           vocab_size=300, kv_cache=kv)
+                                           vocab_size=300, **opts)
             results[name][path] = {
                 "greedy": greedy.tokens, "greedy_logprobs": greedy.logprobs, "sampled": sampled.tokens,
                 "sampled_logprobs": sampled.logprobs, "stop_id": stop_id,

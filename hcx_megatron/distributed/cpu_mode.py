@@ -29,6 +29,9 @@ transformers' `from_pretrained` builds a model) recognises factories by identity
 first use and keeps for the life of the process; filled while the factories are our wrappers, the device context
 would ignore torch's real factories from then on, even after `deactivate()` (transformers then left its rotary
 `inv_freq` buffer uninitialised: garbage or NaN logits). `activate()` fills such caches before patching.
+torch.compile's tables of torch functions, which torch clears when a process group is created, are built from the
+originals by `prepare_torch_compile()` (KV-cached generation calls it before compiling its decode step) and dropped
+by `deactivate()`.
 """
 
 from __future__ import annotations
@@ -226,6 +229,40 @@ def activate() -> None:
     _active = True
 
 
+def prepare_torch_compile() -> None:
+    """Let torch.compile (dynamo) trace code while CPU mode is active, exactly: dynamo decides how to treat a torch
+    function from tables keyed by the identity of the objects under torch's names
+    (`torch._dynamo.trace_rules.get_torch_obj_rule_map` / `get_tensor_method`, built lazily, cleared when the
+    default process group is created). Built while the patches are in place they would list our wrappers under
+    torch's names (and refuse `_noop`, found under names with different rules). Built here from torch's own
+    objects, our patches are plain Python that dynamo inlines (torch.cuda.current_device() folds to the CPU
+    device). The patches are lifted while the tables are built: call only where no other thread runs torch code.
+    No-op when CPU mode is not active or the tables are already built."""
+    if not _active:
+        return
+    from torch._dynamo import trace_rules
+
+    if trace_rules.get_torch_obj_rule_map.cache_info().currsize:
+        return  # built since the last clear; by us or before activate() (clear_lru_cache rebuilds after a clear)
+    current = [(owner, name, vars(owner).get(name, _ABSENT)) for owner, name, _ in _saved]
+    try:
+        for owner, name, original in reversed(_saved):
+            _set_or_delete(owner, name, original)
+        trace_rules.clear_lru_cache()
+        trace_rules.get_torch_obj_rule_map()
+        trace_rules.get_tensor_method()
+    finally:
+        for owner, name, value in current:
+            _set_or_delete(owner, name, value)
+
+
+def _set_or_delete(owner: Any, name: str, value: Any) -> None:
+    if value is _ABSENT:
+        delattr(owner, name)
+    else:
+        setattr(owner, name, value)
+
+
 @contextlib.contextmanager
 def cuda_ordinal():
     """torch.cuda.current_device() returns the CUDA ordinal 0 inside (see the module docstring); factories and
@@ -247,8 +284,10 @@ def deactivate() -> None:
     global _active
     while _saved:
         owner, name, original = _saved.pop()
-        if original is _ABSENT:
-            delattr(owner, name)
-        else:
-            setattr(owner, name, original)
+        _set_or_delete(owner, name, original)
     _active = False
+    import sys
+
+    if "torch._dynamo" in sys.modules:
+        # Tables dynamo may have built while the patches were in place would outlive them (prepare_torch_compile).
+        sys.modules["torch._dynamo"].trace_rules.clear_lru_cache()

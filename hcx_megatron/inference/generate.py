@@ -168,6 +168,7 @@ def generate(
     max_seq_length: int | None = None,
     seed_indices: Sequence[int] | None = None,
     kv_cache: bool = True,
+    compile_decode: bool = True,
 ) -> GenerationOutput:
     """Generate a response for each prompt (see the module docstring for the contract and the cost).
 
@@ -179,6 +180,9 @@ def generate(
     kv_cache: decode with megatron-core's static KV cache (hcx_megatron/inference/kv_generate.py); False runs
     the full-prefix path, the reference the KV path is tested against. FP8 models always take the full-prefix
     path (a notice says so once).
+    compile_decode: the KV path's one-token steps run as one dynamo-captured graph of the same ops (torch.compile,
+    backend "eager": no kernel changes, bitwise the same logits; traced once per model and process, 2.5-4 s CPU on
+    the demo model) where the layout allows (kv_generate.compiled_decode_unsupported_reason), else eagerly.
     """
     chunks = _as_list(model_chunks)
     if not prompts_ids:
@@ -256,7 +260,7 @@ def generate(
         elif kv_cache and not unsupported:
             with sequence_parallel_off(chunks):
                 decode_with_kv_cache(chunks, prompts, max_new_tokens, limit, pad_id, device,
-                                     micro_batch_layout(n, len(chunks)), pick, record)
+                                     micro_batch_layout(n, len(chunks)), pick, record, compile_decode)
         else:
             active = list(range(n))
             for _ in range(max_new_tokens):

@@ -23,7 +23,11 @@ and freed when the call returns. With the local spec the cached keys already car
 Speed (CPU, tiny models, docs/benchmarks.md): a step is dominated by megatron-core's per-module Python. The one-token
 steps run under torch.inference_mode (~20% less); the local spec's linears skip megatron's autograd Functions without
 autograd (hcx_megatron/model/spec.py NoGradColumnParallelLinear, ~30% less) and rotate queries and keys in one RoPE
-call.
+call. At TP1 x PP1 on CPU the one-token forward runs as ONE dynamo-captured graph of the same torch ops
+(`_compiled_forward`: torch.compile with the "eager" backend, no kernel changes, bitwise the same logits; traced
+once per model and process, 2.5-4 s CPU; the step loses megatron's module Python and the forward-only schedule
+around it), and once fewer than half the rows run are still generating only those are run
+(`DROP_FINISHED_BELOW`, where a row's logits do not depend on the batch size).
 
 Layout rules:
 - sequence parallelism: a 1-token step cannot be split over TP ranks. megatron-core's static generation refuses
@@ -44,11 +48,14 @@ engine (dynamic batching; its own request/engine interface, not a drop-in for th
 from __future__ import annotations
 
 import contextlib
+import threading
 from typing import Callable, Sequence
 
 import torch
+from megatron.core import parallel_state as ps
 from megatron.core.inference.contexts import StaticInferenceContext
 
+from hcx_megatron.distributed import cpu_mode
 from hcx_megatron.model.builder import unwrap
 from hcx_megatron.training.schedule import forward_only_collect
 
@@ -88,15 +95,67 @@ def sequence_parallel_off(chunks: Sequence[torch.nn.Module]):
             setattr(owner, attr, True)
 
 
+def compiled_decode_unsupported_reason(chunks: Sequence[torch.nn.Module]) -> str | None:
+    """Why the one-token steps of these chunks run eagerly instead of as one dynamo-captured graph, or None."""
+    if threading.current_thread() is not threading.main_thread():
+        # prepare_torch_compile lifts CPU mode's patches for a moment (async rollouts run next to training steps)
+        return "not on the main thread"
+    if next(unwrap(chunks[0]).parameters()).device.type != "cpu":
+        return "measured and tested on CPU only"
+    if ps.get_tensor_model_parallel_world_size() > 1 or ps.get_pipeline_model_parallel_world_size() > 1:
+        return "TP or PP > 1 (collectives and pipeline sends are not traced)"
+    return None
+
+
+def _decode_forward(model, tokens, position_ids, context):
+    return model(tokens, position_ids, None, inference_context=context, runtime_gather_output=True)
+
+
+# The one-token forward captured by dynamo (torch.compile, backend "eager"): one FX graph of the same torch ops,
+# run without megatron-core's per-module Python (hooks, __call__, the inference context's bookkeeping); no kernel
+# changes, so the logits are bitwise those of the eager step (tests/test_generate.py). The cache offset and the
+# rows are symbolic (dynamic=True), so the graph is traced once per model and process (2.5-4 s CPU on the demo
+# model), not per step.
+# Guards re-trace on anything else (another model, grad mode); past dynamo's recompile limit it runs eagerly.
+# Made at first use: torch.compile looks its function up in dynamo's tables, which CPU mode must build first.
+_compiled_decode_forward: list[Callable] = []
+_compile_failure: list[str] = []  # the first tracing error of this process: every later step runs eagerly
+
+
+def _compiled_forward() -> Callable:
+    if not _compiled_decode_forward:
+        _compiled_decode_forward.append(torch.compile(_decode_forward, backend="eager", dynamic=True))
+    return _compiled_decode_forward[0]
+
+
+def _forward(model, tokens, position_ids, context, compiled: bool):
+    if compiled and not _compile_failure:
+        try:
+            return _compiled_forward()(model, tokens, position_ids, context)
+        except Exception as error:  # a layout dynamo cannot trace: the eager step computes the same
+            _compile_failure.append(f"{type(error).__name__}: {error}"[:300])
+            print(f"[hcx] generate: compiled decode step failed, running eagerly ({_compile_failure[0]})", flush=True)
+    return _decode_forward(model, tokens, position_ids, context)
+
+
 def _step_logits(chunks: list, context: StaticInferenceContext, tokens: torch.Tensor, n_micro: int,
-                 mbs: int) -> torch.Tensor | None:
+                 mbs: int, compiled: bool = False) -> torch.Tensor | None:
     """One inference step: `tokens` [rows, s] at positions context.sequence_len_offset .. + s - 1 through the
     pipeline; returns the full-vocabulary logits after the last of them, [rows, padded_vocab] float32, on the last
-    pipeline stage (None on the others). Advances the context by s on every stage."""
+    pipeline stage (None on the others). Advances the context by s on every stage. compiled: run the forward as
+    the dynamo-captured graph (_compiled_forward)."""
     rows, length = tokens.shape
     start = context.sequence_len_offset
     positions = torch.arange(start, start + length, dtype=torch.long, device=tokens.device)
     positions = positions.unsqueeze(0).expand(rows, -1)
+    if compiled and len(chunks) == 1 and n_micro == 1:
+        # One stage, one micro-batch: the forward-only schedule around it would only call it (its per-step Python
+        # is a tenth of a compiled step on the demo model).
+        context.batch_size_offset = 0
+        logits = _forward(chunks[0], tokens, positions, context, compiled)[:, -1].float()
+        context.increment_sequence_len_offset(length)
+        context.reset_batch_size_offset()
+        return logits
     micro = [{"tokens": tokens[k * mbs:(k + 1) * mbs], "position_ids": positions[k * mbs:(k + 1) * mbs],
               "first_row": k * mbs} for k in range(n_micro)]
 
@@ -105,8 +164,7 @@ def _step_logits(chunks: list, context: StaticInferenceContext, tokens: torch.Te
         context.batch_size_offset = batch["first_row"]  # the cache rows this micro-batch reads and writes
         # runtime_gather_output: inference logits are gathered over TP (megatron asserts it); the context keeps
         # only the last position's logits (materialize_only_last_token_logits).
-        output = model(batch["tokens"], batch["position_ids"], None, inference_context=context,
-                       runtime_gather_output=True)
+        output = _forward(model, batch["tokens"], batch["position_ids"], context, compiled)
 
         def collect(output_tensor, non_loss_data=False):
             return output_tensor[:, -1].float()
@@ -121,6 +179,36 @@ def _step_logits(chunks: list, context: StaticInferenceContext, tokens: torch.Te
     return torch.cat(collected, dim=0)
 
 
+# Rows whose response ended stay in the static cache batch and are run with the others at every step, unless fewer
+# than this fraction of the rows run are still active: then the active rows' caches move to the front (megatron's
+# StaticInferenceContext.swap_key_value_dict) and only they are run. Pays at long, uneven responses (PPO's 256-token
+# rollouts: one row of 32 runs 241 steps, the mean is 69); at short ones the copy and a re-trace of the compiled
+# step for the new batch size do not (session 4: no gain at 12-64 tokens). Only where a row's logits do not depend
+# on how many rows run, so they stay bitwise those of the full batch (tests/test_generate.py): on CPU with one
+# intra-op thread (with more, SDPA's CPU decode kernel splits the keys over threads by batch x heads: last-bit
+# differences; GPU kernels are chosen by shape too), keeping at least MIN_ROWS_RUN rows (finished ones fill up:
+# the CPU GEMMs compute a row bitwise the same at any M >= 4, not at M = 1-3). Properties of the kernels,
+# checked on this machine's CPU.
+DROP_FINISHED_BELOW = 0.5
+MIN_ROWS_RUN = 4
+
+
+def _drop_finished_rows(context: StaticInferenceContext, order: list[int], row_of: list[int],
+                        active: list[int]) -> int:
+    """Reorder the cache rows so that the `active` table rows come first (updating order / row_of in place);
+    returns how many rows to run from now on (at least MIN_ROWS_RUN). Attention reads cache rows [0, rows run)
+    only."""
+    running = set(active)
+    rest = [r for r in order if r not in running]
+    new_order = list(active) + rest
+    with torch.inference_mode(False):  # normal tensors, as the prefill made them (else the compiled step re-traces)
+        context.swap_key_value_dict([row_of[r] for r in new_order])  # new cache row j <- old row of new_order[j]
+    order[:] = new_order
+    for j, r in enumerate(new_order):
+        row_of[r] = j
+    return max(len(active), MIN_ROWS_RUN)
+
+
 def decode_with_kv_cache(
     chunks: list,
     prompts: list[list[int]],
@@ -131,13 +219,19 @@ def decode_with_kv_cache(
     micro_layout: tuple[int, int],
     pick: Callable[[torch.Tensor | None, list[int]], tuple[list[int], list[float]]],
     record: Callable[[int, int, float], bool],
+    compile_decode: bool = True,
 ) -> None:
     """Generate for `prompts` with a static KV cache (see the module docstring).
 
     micro_layout: (micro-batches, rows per micro-batch) for the pipeline schedule; rows beyond len(prompts) are
     filler (pads), their logits dropped. pick(logits of the generating rows or None off the last stage, their
     indices) -> (tokens, logprobs), identical on every rank. record(row, token, logprob) -> whether the row goes on.
+    compile_decode: run the one-token steps as one dynamo-captured graph where the layout allows
+    (compiled_decode_unsupported_reason), else eagerly; bitwise the same logits either way.
     """
+    compiled = compile_decode and compiled_decode_unsupported_reason(chunks) is None
+    if compiled:
+        cpu_mode.prepare_torch_compile()
     n = len(prompts)
     n_micro, mbs = micro_layout
     rows = n_micro * mbs
@@ -152,6 +246,11 @@ def decode_with_kv_cache(
     active = list(range(n))
     position = min(lengths)  # index of the token the next logits predict
     logits = _step_logits(chunks, context, table[:, :position].to(device), n_micro, mbs)
+    # Cache row r holds row order[r] of the table; the first `fed` cache rows are run each step (_drop_finished_rows).
+    order, fed = list(range(rows)), rows
+    row_of = list(range(rows))  # the inverse of order
+    # One micro-batch (its size may shrink between steps), where rows are batch-invariant (DROP_FINISHED_BELOW).
+    can_drop = n_micro == 1 and len(chunks) == 1 and device.type == "cpu" and torch.get_num_threads() == 1
     # The one-token steps run in inference mode (no autograd version counters / view tracking: ~20% of a tiny
     # model's step, same values). Not the prefill: what megatron caches across calls is created there, under the
     # caller's no_grad (the RoPE embedding of this cache length in RotaryEmbedding.forward's lru_cache, which a
@@ -160,7 +259,8 @@ def decode_with_kv_cache(
         while True:
             generating = [i for i in active if lengths[i] <= position]
             if generating:
-                tokens, logprobs = pick(None if logits is None else logits[generating], generating)
+                at = [row_of[i] for i in generating] if fed < rows else generating
+                tokens, logprobs = pick(None if logits is None else logits[at], generating)
                 table[generating, position] = torch.as_tensor(tokens, dtype=torch.long)
                 stopped = {i for i, token, lp in zip(generating, tokens, logprobs) if not record(i, token, lp)}
                 active = [i for i in active if i not in stopped]
@@ -168,8 +268,18 @@ def decode_with_kv_cache(
                 return
             if all(length <= position + 1 for length in lengths):
                 context.enable_decode_mode()  # every prompt consumed: from here on only generated tokens are fed
-            logits = _step_logits(chunks, context, table[:, position:position + 1].to(device), n_micro, mbs)
+            if can_drop and len(active) < DROP_FINISHED_BELOW * fed and max(len(active), MIN_ROWS_RUN) < fed:
+                fed = _drop_finished_rows(context, order, row_of, active)
+            # Always a new (inference) tensor: a view of `table` would differ from it in dispatch keys, a second
+            # trace of the compiled step.
+            if fed < rows:
+                step_tokens = table[order[:fed], position:position + 1]
+            else:
+                step_tokens = table[:, position:position + 1].clone()
+            logits = _step_logits(chunks, context, step_tokens.to(device), 1 if fed < rows else n_micro,
+                                  fed if fed < rows else mbs, compiled=compiled)
             position += 1
 
 
-__all__ = ["decode_with_kv_cache", "kv_cache_unsupported_reason", "sequence_parallel_off"]
+__all__ = ["decode_with_kv_cache", "kv_cache_unsupported_reason", "compiled_decode_unsupported_reason",
+           "sequence_parallel_off"]

@@ -255,16 +255,17 @@ def take_rows(batch: dict[str, torch.Tensor], rows: Sequence[int], multiple: int
 # producer (generation + frozen scoring) and learner-side finalisation
 # ---------------------------------------------------------------------------------------------------------
 class RolloutProducer:
-    """Samples and scores rollouts for this DP rank. `score_fn(batch) -> [N] scores or None` runs the reward
-    (a rule on token ids, or the frozen reward model via forward_collect)."""
+    """Samples rollouts for this DP rank, with the sampling policy's log-probs and entropy; `score_fn(batch,
+    responses, micro) -> [N]` (a rule on the sampled token ids) or None. The reference and a reward model score
+    them where they live (hcx_megatron/rlhf/ppo_models.py)."""
 
-    def __init__(self, settings: RolloutSettings, prompts: list[list[int]], ref_chunks, score_fn, device: str,
-                 dp_rank: int, dp_size: int):
+    def __init__(self, settings: RolloutSettings, prompts: list[list[int]], score_fn, device: str, dp_rank: int,
+                 dp_size: int):
         s = settings
         if s.rollout_batch % dp_size or (s.rollout_batch // dp_size) % s.micro_batch:
             raise ValueError(f"--rollout-batch-size {s.rollout_batch} must split into data-parallel size "
                              f"{dp_size} x --micro-batch-size {s.micro_batch}")
-        self.s, self.prompts, self.ref, self.score_fn = s, prompts, ref_chunks, score_fn
+        self.s, self.prompts, self.score_fn = s, prompts, score_fn
         self.device, self.dp_rank, self.dp_size = device, dp_rank, dp_size
         self._perm: dict[int, np.ndarray] = {}
 
@@ -305,9 +306,6 @@ class RolloutProducer:
             return torch.stack([token_logprobs(x, b["labels"]), vocab_parallel_entropy(x)], dim=0).transpose(0, 1)
 
         pol = forward_collect(policy_chunks, micro, logp_and_entropy)  # [N, 2, L]
-        # Separate placement: the reference (and a reward model) live on their own partitions -> None here.
-        ref = None if self.ref is None else forward_collect(self.ref, micro, lambda out, b: token_logprobs(
-            scaled_logits(out, s.temperature, s.vocab_size), b["labels"]))
         score = None if self.score_fn is None else self.score_fn(batch, gen.tokens, micro)
         n, length = batch["tokens"].shape
         zeros = torch.zeros(n, length, device=dev)
@@ -315,7 +313,7 @@ class RolloutProducer:
         return Rollout(
             index=r, version=version, tokens=batch["tokens"], labels=batch["labels"], mask=m,
             old_logp=pol[:, 0] * m if pol is not None else zeros,
-            ref_logp=ref * m if ref is not None else zeros,
+            ref_logp=zeros,
             entropy=pol[:, 1] * m if pol is not None else zeros,
             score=score if score is not None else torch.zeros(n, device=dev),
             ul_negative=batch["ul_negative"], response_length=batch["response_length"],
