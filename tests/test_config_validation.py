@@ -233,3 +233,34 @@ def test_driver_and_perf_model_apply_the_same_rules():
         accepted += driver
         rejected += not driver
     assert accepted > 50 and rejected > 50
+
+
+def test_driver_options_are_defined_once_as_typed_frozen_values():
+    """config/options.py: each field of an options dataclass is one flag (type from its annotation, aliases,
+    choices, a required flag when it has no default), and the parsed value comes back typed and frozen."""
+    import argparse
+    import dataclasses
+
+    from hcx_megatron.config.options import add_options, option, options_from_args
+
+    @dataclasses.dataclass(frozen=True)
+    class Opts:
+        data: str = option(help="required: no default")
+        ids: tuple[int, ...] | None = option(None)
+        rate: float = option(0.5, flag="--my-rate", aliases=("--rate",))
+        kind: str = option("a", choices=("a", "b"))
+        on: bool = option(False)
+        kv: bool = option(True, elsewhere=True)
+
+    parser = argparse.ArgumentParser()
+    add_options(parser.add_argument_group("t"), Opts)
+    parser.add_argument("--no-kv", dest="kv", action="store_false")
+    got = options_from_args(parser.parse_args(["--data", "x", "--ids", "3", "4", "--rate", "2", "--on", "--no-kv"]),
+                            Opts)
+    assert got == Opts(data="x", ids=(3, 4), rate=2.0, kind="a", on=True, kv=False)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        got.rate = 1.0
+    assert options_from_args(parser.parse_args(["--data", "y"]), Opts) == Opts(data="y")
+    for bad in (["--ids", "1"], ["--data", "x", "--kind", "c"], ["--data", "x", "--rate", "fast"]):
+        with pytest.raises(SystemExit):
+            parser.parse_args(bad)

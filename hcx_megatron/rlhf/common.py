@@ -65,18 +65,6 @@ def freeze(chunks) -> None:
             p.requires_grad_(False)
 
 
-@torch.no_grad()
-def copy_weights(dst_chunks, src_chunks) -> None:
-    """dst <- src parameter values (same architecture and layout), e.g. the rollout actor snapshot."""
-    from hcx_megatron.model.builder import unwrap
-
-    for d, s in zip(dst_chunks, src_chunks):
-        for (nd, pd), (ns, ps_) in zip(unwrap(d).named_parameters(), unwrap(s).named_parameters()):
-            if nd != ns:
-                raise RuntimeError(f"weight copy: parameter order differs ({nd} vs {ns})")
-            pd.copy_(ps_)
-
-
 __all__ = ["load_model_weights", "apply_checkpoint_model_shape", "flag_given", "rank0",
-           "freeze", "copy_weights", "model_keys", "reject_context_parallel",
+           "freeze", "model_keys", "reject_context_parallel",
            "reject_pretraining_loader_flags"]

@@ -1,27 +1,20 @@
-"""PPO with every model on the actor's ranks, in its layout (`--placement colocated`): the `Peers` that keep
-the critic (DDP, its own optimizer, stepped right after each actor step), the frozen reference and the frozen
-reward model in this process.
-
-The critic is the second model the loop trains in this process: `loop.setup_model` builds it without touching
-process-wide state (no reseeding; weights are seeded per parameter, model/init.py), so whether it is set up
-before or after the actor changes nothing.
-
---async-rollouts: a background thread samples and scores the next rollouts on a private weight snapshot while
-the learner trains (rlhf/rollout.py AsyncRollouts has the staleness bound). It runs no collectives, hence
-TP = PP = 1; on resume its queue is refilled from the resumed weights, so async runs resume correctly but not
-bit-identically.
+"""PPO with every model on the actor's ranks, in its layout (`--placement colocated`): `LocalPeers` keeps the
+critic (its own optimizer, stepped right after each actor step; built by loop.setup_model, which neither reseeds
+nor draws from the process RNG, so set-up order does not matter), the frozen reference and reward model here.
+--async-rollouts: a thread samples the next rollouts on a weight snapshot while the learner trains
+(rollout.AsyncRollouts bounds the staleness); it runs no collectives, hence TP = PP = 1, and on resume its queue
+refills from the resumed weights (correct, not bit-identical).
 """
 
 from __future__ import annotations
 
 import time
 
-from megatron.core import parallel_state as ps
 
 from hcx_megatron.rlhf.ppo_actor import CRITIC_FIELDS, CriticTask, Peers, Schedule
 from hcx_megatron.rlhf.ppo_models import (build_reference, critic_config, critic_init, reference_logprobs,
-                                          reward_scores, rollout_settings, rule_score_fn, sequences_micro)
-from hcx_megatron.rlhf.rollout import AsyncRollouts, Rollout, RolloutProducer, finalize
+                                          reward_scores, rollout_producer, rollout_settings, sequences_micro)
+from hcx_megatron.rlhf.rollout import AsyncRollouts, Rollout, finalize
 from hcx_megatron.training.checkpoint import save_checkpoint
 from hcx_megatron.training.loop import TrainContext, setup_model, start_of_run, train_step
 
@@ -51,8 +44,7 @@ class LocalPeers(Peers):
         self.reference = build_reference(cfg, device, self.sft)
         self.scorer = RewardScorer.load(o.rm_checkpoint, cfg, device, o.reward_clip) if o.rm_checkpoint else None
         self.settings = rollout_settings(cfg, o, tokenizer)
-        self.producer = RolloutProducer(self.settings, prompts, None, rule_score_fn(o, device), device,
-                                        ps.get_data_parallel_rank(), ps.get_data_parallel_world_size())
+        self.producer = rollout_producer(self.settings, prompts, o, device)
         if o.async_rollouts:
             snapshot = build_model(cfg, device, wrap_ddp=False).chunks
             freeze(snapshot)

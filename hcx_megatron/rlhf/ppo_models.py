@@ -15,8 +15,8 @@ import torch
 from hcx_megatron.config.args import Config
 from hcx_megatron.config.sequence import sequence_multiple_for
 from hcx_megatron.data.chat import generation_stop_and_pad_ids
-from hcx_megatron.rlhf.rollout import (Rollout, RolloutSettings, forward_collect, scaled_logits, split_micro,
-                                       token_logprobs)
+from hcx_megatron.rlhf.rollout import (Rollout, RolloutProducer, RolloutSettings, forward_collect, scaled_logits,
+                                       split_micro, token_logprobs)
 from hcx_megatron.training.checkpoint import checkpoint_dir, read_latest_iteration
 
 
@@ -32,25 +32,23 @@ def with_run_vocabulary(cfg: Config) -> tuple[Config, object]:
 
 def read_prompts(path: str, tokenizer) -> list[list[int]]:
     from hcx_megatron.data.chat import prompt_ids
+    from hcx_megatron.data.jsonl import iter_lines
 
     out = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-                if "prompt_ids" in obj:
-                    ids = [int(t) for t in obj["prompt_ids"]]
-                else:
-                    p = obj["prompt"]
-                    ids = prompt_ids(tokenizer, [{"role": "user", "content": p}] if isinstance(p, str) else p)
-            except (KeyError, TypeError, ValueError) as exc:
-                raise ValueError(f"{path}:{lineno}: expected {{\"prompt\": ...}} or {{\"prompt_ids\": [...]}} "
-                                 f"({exc})") from None
-            if not ids:
-                raise ValueError(f"{path}:{lineno}: empty prompt")
-            out.append(ids)
+    for lineno, raw in iter_lines(path):
+        try:
+            obj = json.loads(raw)
+            if "prompt_ids" in obj:
+                ids = [int(t) for t in obj["prompt_ids"]]
+            else:
+                p = obj["prompt"]
+                ids = prompt_ids(tokenizer, [{"role": "user", "content": p}] if isinstance(p, str) else p)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ValueError(f"{path}:{lineno}: expected {{\"prompt\": ...}} or {{\"prompt_ids\": [...]}} "
+                             f"({exc})") from None
+        if not ids:
+            raise ValueError(f"{path}:{lineno}: empty prompt")
+        out.append(ids)
     if not out:
         raise ValueError(f"{path}: no prompts")
     return out
@@ -148,16 +146,21 @@ def reward_scores(scorer, micro: list[dict]) -> torch.Tensor | None:
     return None if raw is None else scorer.calibration.normalise(raw, scorer.clip)
 
 
-def rule_score_fn(opts, device: str):
-    """--rule-reward as the sampler's score function (it needs the sampled token ids), else None."""
-    if not opts.rule_reward:
-        return None
-    from hcx_megatron.rlhf.synthetic import parse_rule_reward
+def rollout_producer(settings: RolloutSettings, prompts: list[list[int]], opts, device: str) -> RolloutProducer:
+    """The sampler of this rank's rows; a --rule-reward scores where the sampled token ids are."""
+    from megatron.core import parallel_state as ps
 
-    rule = parse_rule_reward(opts.rule_reward)
-    return lambda batch, responses, micro: torch.tensor(rule(responses), dtype=torch.float32, device=device)
+    score_fn = None
+    if opts.rule_reward:
+        from hcx_megatron.rlhf.synthetic import parse_rule_reward
+
+        rule = parse_rule_reward(opts.rule_reward)
+        score_fn = lambda batch, responses, micro: torch.tensor(rule(responses), dtype=torch.float32,  # noqa: E731
+                                                                device=device)
+    return RolloutProducer(settings, prompts, score_fn, device, ps.get_data_parallel_rank(),
+                           ps.get_data_parallel_world_size())
 
 
 __all__ = ["with_run_vocabulary", "read_prompts", "stop_and_pad_ids", "rollout_settings", "critic_root",
            "critic_config", "critic_init", "build_reference", "sequences_micro", "reference_logprobs", "reward_scores",
-           "rule_score_fn"]
+           "rollout_producer"]

@@ -1,20 +1,12 @@
-"""PPO with every model on its own rank partition, each with its own TP/PP (`--placement separate`): the
-actor's `PartitionPeers`, the critic partition's Task, the frozen reference / reward partitions and the async
-sampler (docs/rlhf.md draws the messages of one PPO iteration). Partitions (placement.py sizes them,
-distributed/partition.py builds them) are independent megatron worlds; their leaders exchange whole rollout
-batches and inside a partition each data-parallel rank takes its rows (rollout.dp_rows / take_rows), so
-partitions may differ in DP size.
+"""PPO with every model on its own rank partition, each with its own TP/PP (`--placement separate`): the actor's
+`PartitionPeers`, the critic partition's Task, the frozen reference / reward partitions and the async sampler.
+Partitions (placement.py sizes them, distributed/partition.py builds them) are independent megatron worlds whose
+leaders exchange whole rollout batches; each data-parallel rank takes its rows, so partitions may differ in DP.
+Every send has its receive at a known point (gloo sends return once received): no queue, nothing dropped.
 
-Every send has its receive at a known point (gloo sends return once received), so there is no queue to
-overflow and nothing is dropped. --async-rollouts adds a `rollout` partition that samples rollout r with the
-actor's weights of version max(v0, r - s) (s = --max-staleness, v0 = the version it started from), handed over
-shard to shard when it mirrors the actor's layout, else as a weights-only dist checkpoint it loads resharded.
-That schedule is a pure function of (v0, s, rollouts), which is what lets actor and critic know which rollouts
-are in flight at a stop (`async_in_flight`) and drain them before the frozen partitions are released.
-
-The critic partition saves in parallel with the actor and reports each save; the actor's commit waits for it.
-Frozen partitions keep no state. Preemption: actor and critic agree every step; the frozen partitions and the
-sampler report a signal with their next message, so a signal anywhere stops the job within one PPO iteration.
+docs/rlhf.md ("Placement", "Asynchronous rollouts") draws one PPO iteration's messages, the async sampler's
+weights schedule (a pure function of v0, --max-staleness and the rollout count, so actor and critic know which
+rollouts are in flight at a stop and drain them), the critic's save beside the actor's commit, and preemption.
 """
 
 from __future__ import annotations
@@ -31,7 +23,7 @@ from hcx_megatron.distributed.partition import Partition
 from hcx_megatron.distributed.weight_transfer import WeightSender, receive_weights
 from hcx_megatron.rlhf.ppo_actor import CriticTask, Peers, RolloutTask, Schedule
 from hcx_megatron.rlhf.ppo_models import (build_reference, read_prompts, reference_logprobs, reward_scores,
-                                          rollout_settings, rule_score_fn, sequences_micro, with_run_vocabulary)
+                                          rollout_producer, rollout_settings, sequences_micro, with_run_vocabulary)
 from hcx_megatron.rlhf.rollout import (Rollout, RolloutProducer, RolloutSettings, assemble_rows, dp_rows,
                                        finalize, take_rows)
 from hcx_megatron.training import signals
@@ -57,11 +49,17 @@ def async_in_flight(v0: int, first: int, consumed: int, completed: int, total: i
     return range(max(consumed, first), last + 1)
 
 
-def _in_flight(schedule: Schedule, start_iteration: int, iteration: int, staleness: int) -> range:
-    """async_in_flight of a learner that started at `start_iteration` and returned at `iteration`."""
+def _drain(part: Partition, sources: list[tuple[str, int]], schedule: Schedule, start_iteration: int,
+           iteration: int, staleness: int) -> None:
+    """Take (and drop) what `sources` sent about the async rollouts in flight when a learner that started at
+    `start_iteration` returned at `iteration` (async_in_flight)."""
     spr = schedule.steps_per_rollout
-    return async_in_flight(start_iteration // spr, schedule.first_rollout(start_iteration), -(-iteration // spr),
-                           iteration // spr, schedule.total_rollouts, staleness)
+    if part.is_leader:
+        for _ in async_in_flight(start_iteration // spr, schedule.first_rollout(start_iteration), -(-iteration // spr),
+                                 iteration // spr, schedule.total_rollouts, staleness):
+            for src, tag in sources:
+                if part.has(src):
+                    part.recv(src, tag)
 
 
 def sampler_version(r: int, v0: int, staleness: int) -> int:
@@ -116,8 +114,8 @@ def sample_and_send(part: Partition, producer: RolloutProducer, chunks, r: int, 
     full = gather_batch(part, s.rollout_batch, {f: getattr(raw, f) for f in SAMPLE_FIELDS},
                         pad={"tokens": s.pad_id, "labels": s.pad_id})
     preempt = signals.any_rank_received(producer.device)
-    part.tell(consumers, TAG_SEQ, {"index": r, "version": version, "gen_seconds": raw.gen_seconds,
-                                     "batch": full, "preempt": preempt})
+    part.tell(consumers, TAG_SEQ, {"index": r, "version": version, "gen_seconds": raw.gen_seconds, "batch": full,
+                                   "preempt": preempt})
     return raw
 
 
@@ -152,8 +150,7 @@ class PartitionPeers(Peers):
         self.ctx, self.start_iteration = ctx, ctx.iteration
         self.settings = rollout_settings(ctx.cfg, self.opts, tokenizer)
         if self.staleness is None:  # sync: the actor samples (a rule reward is scored where the tokens are)
-            self.producer = RolloutProducer(self.settings, prompts, None, rule_score_fn(self.opts, ctx.device),
-                                            ctx.device, ps.get_data_parallel_rank(), ps.get_data_parallel_world_size())
+            self.producer = rollout_producer(self.settings, prompts, self.opts, ctx.device)
         else:
             self._publish(ctx.iteration // self.schedule.steps_per_rollout, first=first_rollout)
 
@@ -205,9 +202,7 @@ class PartitionPeers(Peers):
         if self.staleness is None:
             _stop_frozen(part, code)
         else:
-            for _ in _in_flight(self.schedule, self.start_iteration, iteration, self.staleness):
-                if part.is_leader:
-                    part.recv("rollout", TAG_SEQ)
+            _drain(part, [("rollout", TAG_SEQ)], self.schedule, self.start_iteration, iteration, self.staleness)
             self.weights.stop(code)
         part.job_barrier()
 
@@ -277,13 +272,10 @@ class CriticPartitionTask(CriticTask, RolloutTask):
         frozen partitions already sent; then wait for the whole job."""
         if self.returned is None:
             return
-        part = self.part
-        if self.sampler == "rollout" and part.is_leader:
-            for _ in _in_flight(self.schedule, self.start_iteration, self.ctx.iteration, self.opts.max_staleness):
-                for src, tag in ((self.sampler, TAG_SEQ), ("reference", TAG_REF), ("reward", TAG_SCORE)):
-                    if part.has(src):
-                        part.recv(src, tag)
-        part.job_barrier()
+        if self.sampler == "rollout":
+            _drain(self.part, [("rollout", TAG_SEQ), ("reference", TAG_REF), ("reward", TAG_SCORE)], self.schedule,
+                   self.start_iteration, self.ctx.iteration, self.opts.max_staleness)
+        self.part.job_barrier()
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -369,9 +361,7 @@ def serve_role(part: Partition, rcfg: Config, opts, schedule: Schedule, transfer
     elif part.name == "reference":
         code = serve_frozen(part, "reference", settings, device, build_reference(cfg, device, sft_checkpoint))
     else:  # rollout: the async sampler, a copy of the actor whose weights arrive before it samples
-        producer = RolloutProducer(settings, read_prompts(opts.prompt_data, tokenizer), None,
-                                   rule_score_fn(opts, device), device, ps.get_data_parallel_rank(),
-                                   ps.get_data_parallel_world_size())
+        producer = rollout_producer(settings, read_prompts(opts.prompt_data, tokenizer), opts, device)
         code = run_sampler(part, producer, build_reference(cfg, device, None), schedule.total_rollouts,
                            opts.max_staleness, transfer)
     part.job_barrier()
