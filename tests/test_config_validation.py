@@ -177,12 +177,16 @@ def test_126_layers_at_pp8():
     (["--tensor-model-parallel-size", "2", "--ffn-hidden-size", "351"], 2,
      ["--ffn-hidden-size (351)", "--tensor-model-parallel-size (2)"]),
     (["--data-parallel-sharding-strategy", "optim"], 2, ["--data-parallel-sharding-strategy needs"]),
-    (["--use-megatron-fsdp", "--pretrained-checkpoint", "/tmp/x"], 2, ["--pretrained-checkpoint"]),
+    (["--use-megatron-fsdp", "--data-parallel-sharding-strategy", "optim", "--pretrained-checkpoint", "/tmp/x"], 2,
+     ["--pretrained-checkpoint"]),
     (["--use-megatron-fsdp"], 1, ["--use-megatron-fsdp needs data-parallel x --context-parallel-size >= 2"]),
     (["--use-megatron-fsdp", "--pipeline-model-parallel-size", "2"], 4,
      ["--use-megatron-fsdp needs --pipeline-model-parallel-size 1"]),
-    (["--use-megatron-fsdp", "--tensor-model-parallel-size", "2"], 4,
+    (["--use-megatron-fsdp", "--data-parallel-sharding-strategy", "optim", "--tensor-model-parallel-size", "2"], 4,
      ["--use-megatron-fsdp with --tensor-model-parallel-size 2 needs Transformer Engine", "CPU mode"]),
+    # megatron-core 0.16.1 fails in its synchronous parameter sync for unsharded weights (seen on gloo)
+    (["--use-megatron-fsdp", "--data-parallel-sharding-strategy", "no_shard"], 2,
+     ["--data-parallel-sharding-strategy no_shard needs --overlap-param-gather"]),
 ])
 def test_bad_uneven_fsdp_and_schedule_layouts_name_their_flags(argv, world, flags):
     with pytest.raises(ConfigError) as err:
@@ -194,11 +198,13 @@ def test_bad_uneven_fsdp_and_schedule_layouts_name_their_flags(argv, world, flag
 def test_megatron_fsdp_is_gpu_only_in_cpu_mode(monkeypatch):
     """A valid FSDP layout (DP2) is refused in CPU mode, naming the opt-in; with the opt-in it passes validation."""
     monkeypatch.delenv("HCX_CPU_MEGATRON_FSDP", raising=False)
+    fsdp = ["--device", "cpu", "--use-megatron-fsdp", "--data-parallel-sharding-strategy", "optim_grads_params"]
     with pytest.raises(ConfigError) as err:
-        make(["--device", "cpu", "--use-megatron-fsdp"], 2)
+        make(fsdp, 2)
     assert "--use-megatron-fsdp is GPU-only" in str(err.value) and "HCX_CPU_MEGATRON_FSDP" in str(err.value)
     monkeypatch.setenv("HCX_CPU_MEGATRON_FSDP", "1")
-    make(["--device", "cpu", "--use-megatron-fsdp"], 2)
+    make(fsdp, 2)
+    make(["--device", "cpu", "--use-megatron-fsdp", "--overlap-param-gather"], 2)  # no_shard, the default
 
 
 def test_driver_and_perf_model_apply_the_same_rules():

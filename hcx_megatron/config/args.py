@@ -393,7 +393,8 @@ def validate_config(cfg: Config, check_installed: bool = True) -> None:
         account_for_loss=p.account_for_loss_in_pipeline_split,
         micro_batch_size=t.micro_batch_size, global_batch_size=t.global_batch_size,
         seq_lengths={"--seq-length": t.seq_length, "--long-context-seq-length": t.long_context_seq_length},
-        sequence_parallel=p.sequence_parallel, fp8=bool(cfg.runtime.fp8_format), use_megatron_fsdp=p.use_megatron_fsdp)
+        sequence_parallel=p.sequence_parallel, fp8=bool(cfg.runtime.fp8_format), use_megatron_fsdp=p.use_megatron_fsdp,
+        fsdp_sharding_strategy=p.data_parallel_sharding_strategy, overlap_param_gather=p.overlap_param_gather)
     if errors:
         raise ConfigError("; ".join(errors))
     if p.data_parallel_sharding_strategy != "no_shard" and not p.use_megatron_fsdp:

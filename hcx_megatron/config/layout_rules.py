@@ -151,8 +151,8 @@ def layout_errors(model, *, world_size: int, tp: int = 1, pp: int = 1, cp: int =
                   account_for_embedding: bool = False, account_for_loss: bool = False,
                   micro_batch_size: int = 1, global_batch_size: int = 1,
                   seq_lengths: Mapping[str, int | None] | None = None, sequence_parallel: bool = False,
-                  fp8: bool = False, use_megatron_fsdp: bool = False,
-                  flags: Mapping[str, str] | None = None) -> list[str]:
+                  fp8: bool = False, use_megatron_fsdp: bool = False, fsdp_sharding_strategy: str | None = None,
+                  overlap_param_gather: bool = False, flags: Mapping[str, str] | None = None) -> list[str]:
     """Every reason `model` (a config.model.ModelConfig) cannot run in this layout; empty when it can.
 
     Rules (each where megatron-core would assert, fail or silently mis-train):
@@ -168,7 +168,10 @@ def layout_errors(model, *, world_size: int, tp: int = 1, pp: int = 1, cp: int =
     - Megatron-FSDP: no pipeline parallelism (megatron-core 0.16.1's adapter lays its device mesh over the whole
       world as DP x CP x TP: mcore_fsdp_adapter.py `_get_dp_tp_mesh` fails in einops.rearrange when PP > 1), and
       DP x CP >= 2: nothing to shard otherwise, and at DP 1 its gradients come out wrong (measured here, hcx-tiny
-      on CPU: grad norm 154.9 where DDP and FSDP at DP 2 give 1.559), which gradient clipping would then use.
+      on CPU: grad norm 154.9 where DDP and FSDP at DP 2 give 1.559), which gradient clipping would then use;
+      sharding strategy `no_shard` only with --overlap-param-gather (without it, megatron_fsdp's synchronous
+      `start_param_sync` all-gathers groups that have no sharded weight buffer: AttributeError 'NoneType' object
+      has no attribute 'fetch_bucket' in the first step, seen here on gloo).
     `seq_lengths`: {flag: length} (None values are skipped). `flags`: display names for the flag constants above."""
     name = dict(flags or {})
 
@@ -221,6 +224,10 @@ def layout_errors(model, *, world_size: int, tp: int = 1, pp: int = 1, cp: int =
     elif use_megatron_fsdp and dp and dp * cp < 2:
         bad.append(f"--use-megatron-fsdp needs data-parallel x {f(CP)} >= 2 to shard over, got {dp} x {cp} "
                    "(and megatron-core 0.16.1's Megatron-FSDP computes wrong gradients at DP 1)")
+    if use_megatron_fsdp and fsdp_sharding_strategy == "no_shard" and not overlap_param_gather:
+        bad.append("--use-megatron-fsdp with --data-parallel-sharding-strategy no_shard needs --overlap-param-gather "
+                   "(megatron-core 0.16.1's synchronous parameter sync fails for unsharded weights); or shard "
+                   "(optim, optim_grads, optim_grads_params)")
     multiple = sequence_multiple(tp, sequence_parallel, cp, fp8)
     for flag, seq in (seq_lengths or {}).items():
         if seq is None:

@@ -194,7 +194,8 @@ class Layout:
             account_for_loss=self.account_for_loss_in_pipeline_split,
             micro_batch_size=self.micro_batch_size, global_batch_size=w.global_batch_size,
             seq_lengths={"--seq-length": w.seq_length}, sequence_parallel=self.sequence_parallel,
-            fp8=w.precision == "fp8", use_megatron_fsdp=self.use_megatron_fsdp)
+            fp8=w.precision == "fp8", use_megatron_fsdp=self.use_megatron_fsdp,
+            fsdp_sharding_strategy=self.data_parallel_sharding_strategy, overlap_param_gather=self.overlap_param_gather)
         if self.use_megatron_fsdp and self.data_parallel_sharding_strategy not in FSDP_SHARDING_STRATEGIES:
             bad.append(f"data_parallel_sharding_strategy must be one of {FSDP_SHARDING_STRATEGIES}, "
                        f"got {self.data_parallel_sharding_strategy!r}")
