@@ -292,36 +292,60 @@ def test_decode_steps_run_in_inference_mode_without_leaking_inference_tensors(ti
     assert not tiny_model[0].rotary_pos_emb(cache_length).is_inference()
 
 
+@pytest.fixture
+def compiled_calls(monkeypatch) -> list:
+    """Forwards compile at their first call (no eager calls first: COMPILE_AFTER_CALLS emptied), in fresh
+    per-test state; returns the names of the forwards run as captured graphs, one entry per call."""
+    from hcx_megatron.inference import compiled
+
+    calls = []
+    real_compile = torch.compile
+
+    def counting_compile(forward, **options):
+        graph = real_compile(forward, **options)  # same code object: dynamo's cache is shared with earlier tests
+        return lambda *args: calls.append(forward.__name__) or graph(*args)
+
+    monkeypatch.setattr(compiled, "COMPILE_AFTER_CALLS", {})
+    monkeypatch.setattr(compiled, "_graphs", {})
+    monkeypatch.setattr(compiled, "_eager_calls", {})
+    monkeypatch.setattr(compiled, "_failures", {})
+    monkeypatch.setattr(torch, "compile", counting_compile)
+    yield calls
+    assert not compiled._failures, compiled._failures
+
+
+def _unique_graphs() -> int:
+    import torch._dynamo
+
+    return torch._dynamo.utils.counters["stats"]["unique_graphs"]
+
+
 @pytest.mark.timeout(180)
-def test_compiled_decode_step_is_bitwise_the_eager_step(tiny_model, monkeypatch):
+def test_compiled_decode_step_is_bitwise_the_eager_step(tiny_model, compiled_calls):
     """The one-token steps as one dynamo-captured graph (torch.compile, backend "eager", under CPU mode): the same
     tokens and bitwise the same log-probs as the eager step, greedy and sampled; traced once, not per step or per
     call; weights changed in place after the capture (a PPO update) are the ones used."""
-    import torch._dynamo
-
-    from hcx_megatron.inference import kv_generate
+    from hcx_megatron.inference.compiled import compiled_forward_unsupported_reason
     from hcx_megatron.inference.generate import generate
 
-    assert kv_generate.compiled_decode_unsupported_reason(tiny_model) is None
-    calls = []
-    real = kv_generate._compiled_forward
-    monkeypatch.setattr(kv_generate, "_compiled_forward", lambda: lambda *a: calls.append(1) or real()(*a))
+    assert compiled_forward_unsupported_reason(tiny_model) is None
+    calls = compiled_calls
 
     def both(prompts, new, **kw):
         kw.update(stop_ids=[], vocab_size=300, return_logprobs=True)
         eager = generate(tiny_model, prompts, new, compile_decode=False, **kw)
         assert not calls
         compiled = generate(tiny_model, prompts, new, **kw)  # compile_decode=True is the default
-        assert len(calls) >= new - 1 and not kv_generate._compile_failure, kv_generate._compile_failure
+        assert len(calls) >= new - 1 and set(calls) == {"decode_forward"}, calls
         calls.clear()
         assert compiled.tokens == eager.tokens and compiled.logprobs == eager.logprobs
         return compiled
 
     both(MIXED_PROMPTS, 8)
-    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    graphs = _unique_graphs()
     before = both(MIXED_PROMPTS, 8, temperature=1.0, top_p=0.9, seed=5)
     both([list(range(3, 20 + i)) for i in range(len(MIXED_PROMPTS))], 12)  # other offsets and cache length
-    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs  # no re-trace per call or per offset
+    assert _unique_graphs() == graphs  # no re-trace per call or per offset
     weight = tiny_model[0].decoder.final_layernorm.weight
     saved = weight.detach().clone()
     try:
@@ -335,7 +359,7 @@ def test_compiled_decode_step_is_bitwise_the_eager_step(tiny_model, monkeypatch)
 
 
 @pytest.mark.timeout(180)
-def test_finished_rows_leave_the_cache_batch_bitwise(tiny_model, monkeypatch):
+def test_finished_rows_leave_the_cache_batch_bitwise(tiny_model, monkeypatch, compiled_calls):
     """Once fewer than half the rows run are still generating, only the active ones (and finished ones up to
     MIN_ROWS_RUN) are run, on CPU with one intra-op thread: bitwise the same tokens and log-probs as running every
     row to the end."""
@@ -359,20 +383,97 @@ def test_finished_rows_leave_the_cache_batch_bitwise(tiny_model, monkeypatch):
         generate(tiny_model, prompts, 40, **kw)
         assert set(rows_run) == {len(prompts)}
         torch.set_num_threads(1)
+        drop_below = kv_generate.DROP_FINISHED_BELOW
         for compile_decode in (True, False):
             rows_run.clear()
+            compiled_calls.clear()
             dropped = generate(tiny_model, prompts, 40, compile_decode=compile_decode, **kw)
             assert rows_run[0] == len(prompts) and min(rows_run) == kv_generate.MIN_ROWS_RUN < len(prompts) / 2
+            assert bool(compiled_calls) == compile_decode
             monkeypatch.setattr(kv_generate, "DROP_FINISHED_BELOW", 0.0)
             rows_run.clear()
             every_row = generate(tiny_model, prompts, 40, compile_decode=compile_decode, **kw)
-            monkeypatch.undo()
-            monkeypatch.setattr(kv_generate, "_step_logits", counting)
+            monkeypatch.setattr(kv_generate, "DROP_FINISHED_BELOW", drop_below)
             assert set(rows_run) == {len(prompts)}
             assert dropped.tokens == every_row.tokens and dropped.logprobs == every_row.logprobs
             assert dropped.finished == every_row.finished and 1 < len({len(t) for t in dropped.tokens})
     finally:
         torch.set_num_threads(threads)
+
+
+def _teacher_forced_batch(rows: int, length: int, seed: int) -> dict:
+    tokens = torch.randint(0, 300, (rows, length), generator=torch.Generator().manual_seed(seed))
+    return {"tokens": tokens, "labels": torch.roll(tokens, -1, 1),
+            "position_ids": torch.arange(length).expand(rows, length).contiguous()}
+
+
+@pytest.mark.timeout(180)
+def test_compiled_teacher_forced_pass_is_bitwise_the_eager_and_the_learners_forward(tiny_model, monkeypatch,
+                                                                                    compiled_calls):
+    """forward_collect (PPO's policy / reference / critic passes) at TP1 x PP1 on CPU runs the forward as a
+    dynamo-captured graph: bitwise the outputs, log-probs and entropies of the schedule's eager no-grad forward and
+    of the learner's forward (train mode, autograd on: megatron's linear and cross-entropy Functions) of the same
+    micro-batches, so PPO's first ratio stays exactly 1; two batch shapes, one graph."""
+    from hcx_megatron.rlhf import rollout
+
+    def logits_logp_entropy(out, b):
+        x = rollout.scaled_logits(out, 0.7, 300)  # the padded vocabulary rows (300 -> 384) masked
+        return torch.cat([out.float(), rollout.token_logprobs(x, b["labels"]).unsqueeze(-1),
+                          rollout.vocab_parallel_entropy(x).unsqueeze(-1)], dim=-1)
+
+    model = tiny_model[0]
+    assert model.training
+    graphs = None
+    for rows, length, mbs in ((6, 19, 3), (8, 33, 4)):
+        micro = rollout.split_micro(_teacher_forced_batch(rows, length, seed=length), mbs)
+        compiled_calls.clear()
+        compiled = rollout.forward_collect(tiny_model, micro, logits_logp_entropy)
+        assert compiled_calls == ["teacher_forced_forward"] * len(micro) and model.training
+        graphs = _unique_graphs() if graphs is None else graphs
+        assert _unique_graphs() == graphs  # the second shape reuses the first one's graph
+        with monkeypatch.context() as eager_only:
+            eager_only.setattr(rollout, "compiled_forward_unsupported_reason", lambda chunks: "the test")
+            eager = rollout.forward_collect(tiny_model, micro, logits_logp_entropy)  # megatron's schedule
+        assert len(compiled_calls) == len(micro)
+        learner = []
+        with torch.enable_grad():
+            for b in micro:
+                out = model(b["tokens"], b["position_ids"], None)
+                assert out.requires_grad
+                learner.append(logits_logp_entropy(out, b).detach())
+        assert compiled.shape == (rows, length, 384 + 2)
+        assert torch.equal(compiled, eager) and torch.equal(compiled, torch.cat(learner))
+
+
+def test_compile_rule_names_the_forwards_it_delays():
+    from hcx_megatron.inference.compiled import COMPILE_AFTER_CALLS
+    from hcx_megatron.inference.kv_generate import decode_forward
+    from hcx_megatron.rlhf.rollout import teacher_forced_forward
+
+    assert set(COMPILE_AFTER_CALLS) == {decode_forward.__name__, teacher_forced_forward.__name__}
+    assert min(COMPILE_AFTER_CALLS.values()) > 0
+
+
+@pytest.mark.timeout(120)
+def test_forwards_run_eagerly_until_their_break_even(tiny_model, monkeypatch, compiled_calls):
+    """Short runs never pay the trace: a forward runs COMPILE_AFTER_CALLS[its name] eager calls per process before
+    it is compiled, decode steps and teacher-forced passes alike."""
+    from hcx_megatron.inference import compiled
+    from hcx_megatron.inference.generate import generate
+    from hcx_megatron.rlhf import rollout
+
+    monkeypatch.setitem(compiled.COMPILE_AFTER_CALLS, "teacher_forced_forward", 3)
+    monkeypatch.setitem(compiled.COMPILE_AFTER_CALLS, "decode_forward", 5)
+    micro = rollout.split_micro(_teacher_forced_batch(4, 9, seed=1), 2)
+    first = rollout.forward_collect(tiny_model, micro, lambda out, b: out)  # calls 1, 2: eager
+    assert compiled_calls == []
+    second = rollout.forward_collect(tiny_model, micro, lambda out, b: out)  # call 3 eager, call 4 compiled
+    assert compiled_calls == ["teacher_forced_forward"] and torch.equal(first, second)
+    compiled_calls.clear()
+    generate(tiny_model, [[5, 6, 7]] * 4, 9, stop_ids=[], compile_decode=False)  # does not count
+    assert compiled_calls == []
+    generate(tiny_model, [[5, 6, 7]] * 4, 9, stop_ids=[])  # a prefill, then 8 one-token steps: 5 eager, 3 compiled
+    assert compiled_calls == ["decode_forward"] * 3
 
 
 @pytest.mark.timeout(60)

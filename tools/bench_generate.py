@@ -14,6 +14,9 @@ side) of `prompt` tokens, `batch` of them.
     python tools/bench_generate.py --same-process --repeat 5   # both sides alternating in one process (CPU time)
     python tools/bench_generate.py --rollouts 12 64 128 256 --repeat 5   # PPO rollouts, before issue 13 vs now
 
+Our side runs with its forwards compiled from the warm-up on (hcx_megatron/inference/compiled.py: a long session
+or run compiles them after COMPILE_AFTER_CALLS eager calls); the first call's CPU time, tracing included, is printed.
+
 Prints seconds and generated tokens/s per side, the ratios against transformers, and whether the tokens of the
 three sides are equal (greedy decoding of the same weights; a differing token means a near-tie broken
 differently by differently ordered float sums, or a bug — the first differing position is printed).
@@ -35,8 +38,10 @@ import json, sys, time, torch
 def main():
     ckpt, prompts, new, kv = sys.argv[1], json.loads(sys.argv[2]), int(sys.argv[3]), sys.argv[4] == "kv"
     repeat = int(sys.argv[5])
+    from hcx_megatron.inference import compiled
     from hcx_megatron.inference.generate import generate
     from hcx_megatron.inference.load import load_for_inference
+    compiled.COMPILE_AFTER_CALLS.clear()  # decode steps compiled from the warm-up on, as a long session has them
     model = load_for_inference(ckpt, device="cpu", with_tokenizer=False)
     torch.set_num_threads(1)  # after loading: CPU mode gives each rank cpu_count // ranks threads
     generate(model.chunks, [p[:8] for p in prompts], 2, stop_ids=(), kv_cache=kv)  # warm-up
@@ -79,9 +84,11 @@ _SAME_PROCESS = r"""
 import json, sys, time, torch
 def main():
     ckpt, hf_dir, prompts, new, repeat = sys.argv[1], sys.argv[2], json.loads(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
+    from hcx_megatron.inference import compiled
     from hcx_megatron.inference.generate import generate
     from hcx_megatron.inference.load import load_for_inference
     from transformers import LlamaForCausalLM
+    compiled.COMPILE_AFTER_CALLS.clear()  # decode steps compiled from the warm-up on, as a long session has them
     model = load_for_inference(ckpt, device="cpu", with_tokenizer=False)
     hf = LlamaForCausalLM.from_pretrained(hf_dir, torch_dtype=torch.float32).eval()  # CPU mode is exact for it
     torch.set_num_threads(1)
@@ -119,21 +126,38 @@ def main():
     from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
     import hcx_megatron.inference.generate as gen_module
     from hcx_megatron.config.args import parse_config
+    from hcx_megatron.inference import compiled
     from hcx_megatron.distributed.initialize import initialize_distributed
     from hcx_megatron.model import spec
     from hcx_megatron.model.builder import build_model
+    from hcx_megatron.rlhf import rollout as rollout_module
+    from hcx_megatron.rlhf.common import freeze
     from hcx_megatron.rlhf.ppo_models import reference_logprobs, sequences_micro
     from hcx_megatron.rlhf.rollout import RolloutProducer, RolloutSettings
+    from megatron.core import tensor_parallel
     # tests/conftest.py ppo_small_vocab's model: hcx-tiny widths, 2 layers, vocabulary 64 (random weights here)
     cfg, _ = parse_config(["--mock-data", "--device", "cpu", "--vocab-size", "64", "--make-vocab-size-divisible-by",
                            "64", "--num-layers", "2", "--seq-length", "32", "--seed", "7"])
     initialize_distributed(cfg)
     torch.set_num_threads(1)
     policy, ref = (build_model(cfg, "cpu", wrap_ddp=False).chunks for _ in range(2))
+    freeze(ref)  # as PPO holds its reference
     rng = random.Random(0)
     prompts = [[rng.randrange(63) for _ in range(4)] for _ in range(256)]
-    direct = (spec.NoGradColumnParallelLinear.forward, spec.NoGradRowParallelLinear.forward)
-    megatron = (ColumnParallelLinear.forward, RowParallelLinear.forward)
+    # "now": the spec's no-grad linears, the teacher-forced passes called directly (compiled) at TP1 x PP1 and their
+    # log-probs without the one-rank all-reduces; "before": megatron's linear forward, its schedule and cross entropy.
+    layout_rule, one_rank_logprobs = (rollout_module.compiled_forward_unsupported_reason,
+                                      rollout_module._one_rank_no_grad_token_logprobs)
+    now = (spec.NoGradColumnParallelLinear.forward, spec.NoGradRowParallelLinear.forward, layout_rule,
+           one_rank_logprobs)
+    before = (ColumnParallelLinear.forward, RowParallelLinear.forward, lambda chunks: "before issue 13",
+              lambda x, labels: -tensor_parallel.vocab_parallel_cross_entropy(x.clone(), labels))
+    def use(code):
+        (spec.NoGradColumnParallelLinear.forward, spec.NoGradRowParallelLinear.forward,
+         rollout_module.compiled_forward_unsupported_reason, rollout_module._one_rank_no_grad_token_logprobs) = code
+    # The steady state of a long run: its forwards compiled (a run compiles them after COMPILE_AFTER_CALLS eager
+    # calls, hcx_megatron/inference/compiled.py; the trace is the first rollout's cost, reported below).
+    compiled.COMPILE_AFTER_CALLS.clear()
     real_generate, gen_time = gen_module.generate, [0.0]
     def timed_generate(*args, **kwargs):
         start = time.process_time()
@@ -142,37 +166,42 @@ def main():
         finally:
             gen_time[0] += time.process_time() - start
     gen_module.generate = timed_generate
-    # One-off per process: the KV path's compiled decode step is traced at its first use (reported, not timed).
+    # One-off per process: the compiled decode step and teacher-forced forwards are traced at their first use
+    # (reported, not timed).
     start = time.process_time()
-    RolloutProducer(RolloutSettings(rollout_batch=32, max_new_tokens=4, temperature=1.0, top_p=1.0, stop_ids=(63,),
-                                    vocab_size=64, pad_id=0, micro_batch=8, seed=1, kv_cache=True),
-                    prompts, score_fn=None, device="cpu", dp_rank=0, dp_size=1).produce(0, policy, 0)
+    warmup = RolloutSettings(rollout_batch=32, max_new_tokens=4, temperature=1.0, top_p=1.0, stop_ids=(63,),
+                             vocab_size=64, pad_id=0, micro_batch=8, seed=1, kv_cache=True)
+    rollout = RolloutProducer(warmup, prompts, score_fn=None, device="cpu", dp_rank=0, dp_size=1).produce(0, policy, 0)
+    reference_logprobs(ref, sequences_micro(rollout, warmup.micro_batch), warmup)
     warmup_s = time.process_time() - start
     rows = []
     for new in new_tokens:
-        best, gen_best, tokens = {}, {}, {}
+        best, gen_best, tokens, logprobs = {}, {}, {}, {}
         for _ in range(repeat):
             # interleaved, so both sides see the same machine load. "before": the code before issue 13 (full-prefix
-            # generation, megatron's linear forward everywhere); "now": KV cache + the spec's no-grad linears.
-            for side, kv, linears in (("before", False, megatron), ("now", True, direct)):
-                spec.NoGradColumnParallelLinear.forward, spec.NoGradRowParallelLinear.forward = linears
+            # generation, megatron's linear forward, schedule and cross entropy); "now": KV cache, the spec's no-grad
+            # linears, compiled decode steps and teacher-forced forwards.
+            for side, kv, code in (("before", False, before), ("now", True, now)):
+                use(code)
                 s = RolloutSettings(rollout_batch=32, max_new_tokens=new, temperature=1.0, top_p=1.0, stop_ids=(63,),
                                     vocab_size=64, pad_id=0, micro_batch=8, seed=1234, kv_cache=kv)
                 producer = RolloutProducer(s, prompts, None, "cpu", 0, 1)
                 gen_time[0] = 0.0
                 start = time.process_time()
                 rollout = producer.produce(0, policy, 0)  # sampling + the policy's teacher-forced log-probs
-                reference_logprobs(ref, sequences_micro(rollout, s.micro_batch), s)  # as both PPO placements do
+                ref_logp = reference_logprobs(ref, sequences_micro(rollout, s.micro_batch), s)  # as PPO does
                 seconds = time.process_time() - start
                 if seconds < best.get(side, 1e9):
                     best[side], gen_best[side] = seconds, gen_time[0]
                 tokens[side] = rollout.tokens.tolist()
-        spec.NoGradColumnParallelLinear.forward, spec.NoGradRowParallelLinear.forward = direct
+                logprobs[side] = (rollout.old_logp, rollout.entropy, ref_logp)
+        use(now)
         lengths = rollout.response_length
         rows.append({"new": new, "before_s": best["before"], "now_s": best["now"],
                      "speedup": best["before"] / best["now"], "before_gen_s": gen_best["before"],
                      "now_gen_s": gen_best["now"], "mean_response": float(lengths.mean()),
                      "max_response": int(lengths.max()), "same_tokens": tokens["before"] == tokens["now"],
+                     "same_logprobs": all(torch.equal(a, b) for a, b in zip(logprobs["before"], logprobs["now"])),
                      "now_first_call_s": warmup_s})
     print("RESULT " + json.dumps(rows))
 if __name__ == "__main__":
@@ -244,20 +273,22 @@ def main(argv=None) -> int:
     p.add_argument("--rollouts", type=int, nargs="*", default=None, metavar="NEW_TOKENS",
                    help="instead: PPO rollout production (RolloutProducer.produce: sampling and the policy's "
                         "teacher-forced log-probs, then the reference's, as the PPO placements run them) as before "
-                        "issue 13 (full-prefix generation, megatron's linear forward) and now, on the PPO tests' model, "
+                        "issue 13 (full-prefix generation; megatron's linear forward, schedule and cross entropy) and "
+                        "now (forwards compiled, as a long run has them), on the PPO tests' model, "
                         "batch 32, 4-token prompts, stop id 63, for these max new tokens (default 12 64 128 256); "
                         "process CPU time, best of --repeat")
     a = p.parse_args(argv)
     if a.rollouts is not None:
         rows = _run(_ROLLOUTS, [json.dumps(a.rollouts or [12, 64, 128, 256]), str(a.repeat)])
-        print(f"first KV rollout of the process (tracing the compiled decode step included): "
+        print(f"first KV rollout of the process (tracing the compiled decode step and forwards included): "
               f"{rows[0]['now_first_call_s']:.2f} s CPU")
         print("\n| max new tokens | responses mean / max | before issue 13 s (generation) | now s (generation) | "
-              "speedup | tokens |\n|---|---|---|---|---|---|")
+              "speedup | tokens | log-probs, entropy, reference log-probs |\n|---|---|---|---|---|---|---|")
         for r in rows:
             print(f"| {r['new']} | {r['mean_response']:.1f} / {r['max_response']} | {r['before_s']:.4f} "
                   f"({r['before_gen_s']:.4f}) | {r['now_s']:.4f} ({r['now_gen_s']:.4f}) | {r['speedup']:.2f}x | "
-                  f"{'equal' if r['same_tokens'] else 'DIFFER'} |")
+                  f"{'equal' if r['same_tokens'] else 'DIFFER'} | "
+                  f"{'bitwise equal' if r['same_logprobs'] else 'DIFFER'} |")
         if a.json:
             with open(a.json, "w") as f:
                 json.dump(rows, f, indent=2)

@@ -182,7 +182,8 @@ def generate(
     path (a notice says so once).
     compile_decode: the KV path's one-token steps run as one dynamo-captured graph of the same ops (torch.compile,
     backend "eager": no kernel changes, bitwise the same logits; traced once per model and process, 2.5-4 s CPU on
-    the demo model) where the layout allows (kv_generate.compiled_decode_unsupported_reason), else eagerly.
+    the demo model) where the layout allows, after enough eager steps to pay for the trace
+    (hcx_megatron/inference/compiled.py), else eagerly.
     """
     chunks = _as_list(model_chunks)
     if not prompts_ids:

@@ -24,10 +24,11 @@ Speed (CPU, tiny models, docs/benchmarks.md): a step is dominated by megatron-co
 steps run under torch.inference_mode (~20% less); the local spec's linears skip megatron's autograd Functions without
 autograd (hcx_megatron/model/spec.py NoGradColumnParallelLinear, ~30% less) and rotate queries and keys in one RoPE
 call. At TP1 x PP1 on CPU the one-token forward runs as ONE dynamo-captured graph of the same torch ops
-(`_compiled_forward`: torch.compile with the "eager" backend, no kernel changes, bitwise the same logits; traced
-once per model and process, 2.5-4 s CPU; the step loses megatron's module Python and the forward-only schedule
-around it), and once fewer than half the rows run are still generating only those are run
-(`DROP_FINISHED_BELOW`, where a row's logits do not depend on the batch size).
+(hcx_megatron/inference/compiled.py: torch.compile with the "eager" backend, no kernel changes, bitwise the same
+logits; traced once per model and process, 2.5-4 s CPU, after enough eager steps to pay for it; the step loses
+megatron's module Python; at TP1 x PP1 the forward-only schedule around it is skipped), and once fewer than half
+the rows run are still generating only those are run (`DROP_FINISHED_BELOW`, where a row's logits do not depend on
+the batch size).
 
 Layout rules:
 - sequence parallelism: a 1-token step cannot be split over TP ranks. megatron-core's static generation refuses
@@ -48,14 +49,12 @@ engine (dynamic batching; its own request/engine interface, not a drop-in for th
 from __future__ import annotations
 
 import contextlib
-import threading
 from typing import Callable, Sequence
 
 import torch
-from megatron.core import parallel_state as ps
 from megatron.core.inference.contexts import StaticInferenceContext
 
-from hcx_megatron.distributed import cpu_mode
+from hcx_megatron.inference.compiled import compiled_forward_unsupported_reason, run_forward
 from hcx_megatron.model.builder import unwrap
 from hcx_megatron.training.schedule import forward_only_collect
 
@@ -95,55 +94,21 @@ def sequence_parallel_off(chunks: Sequence[torch.nn.Module]):
             setattr(owner, attr, True)
 
 
-def compiled_decode_unsupported_reason(chunks: Sequence[torch.nn.Module]) -> str | None:
-    """Why the one-token steps of these chunks run eagerly instead of as one dynamo-captured graph, or None."""
-    if threading.current_thread() is not threading.main_thread():
-        # prepare_torch_compile lifts CPU mode's patches for a moment (async rollouts run next to training steps)
-        return "not on the main thread"
-    if next(unwrap(chunks[0]).parameters()).device.type != "cpu":
-        return "measured and tested on CPU only"
-    if ps.get_tensor_model_parallel_world_size() > 1 or ps.get_pipeline_model_parallel_world_size() > 1:
-        return "TP or PP > 1 (collectives and pipeline sends are not traced)"
-    return None
-
-
-def _decode_forward(model, tokens, position_ids, context):
+def decode_forward(model, tokens, position_ids, context):
+    """One KV-cached step (run eagerly or as its captured graph: hcx_megatron/inference/compiled.py)."""
     return model(tokens, position_ids, None, inference_context=context, runtime_gather_output=True)
 
 
-# The one-token forward captured by dynamo (torch.compile, backend "eager"): one FX graph of the same torch ops,
-# run without megatron-core's per-module Python (hooks, __call__, the inference context's bookkeeping); no kernel
-# changes, so the logits are bitwise those of the eager step (tests/test_generate.py). The cache offset and the
-# rows are symbolic (dynamic=True), so the graph is traced once per model and process (2.5-4 s CPU on the demo
-# model), not per step.
-# Guards re-trace on anything else (another model, grad mode); past dynamo's recompile limit it runs eagerly.
-# Made at first use: torch.compile looks its function up in dynamo's tables, which CPU mode must build first.
-_compiled_decode_forward: list[Callable] = []
-_compile_failure: list[str] = []  # the first tracing error of this process: every later step runs eagerly
-
-
-def _compiled_forward() -> Callable:
-    if not _compiled_decode_forward:
-        _compiled_decode_forward.append(torch.compile(_decode_forward, backend="eager", dynamic=True))
-    return _compiled_decode_forward[0]
-
-
 def _forward(model, tokens, position_ids, context, compiled: bool):
-    if compiled and not _compile_failure:
-        try:
-            return _compiled_forward()(model, tokens, position_ids, context)
-        except Exception as error:  # a layout dynamo cannot trace: the eager step computes the same
-            _compile_failure.append(f"{type(error).__name__}: {error}"[:300])
-            print(f"[hcx] generate: compiled decode step failed, running eagerly ({_compile_failure[0]})", flush=True)
-    return _decode_forward(model, tokens, position_ids, context)
+    return run_forward(decode_forward, model, tokens, position_ids, context, compiled=compiled)
 
 
 def _step_logits(chunks: list, context: StaticInferenceContext, tokens: torch.Tensor, n_micro: int,
                  mbs: int, compiled: bool = False) -> torch.Tensor | None:
     """One inference step: `tokens` [rows, s] at positions context.sequence_len_offset .. + s - 1 through the
     pipeline; returns the full-vocabulary logits after the last of them, [rows, padded_vocab] float32, on the last
-    pipeline stage (None on the others). Advances the context by s on every stage. compiled: run the forward as
-    the dynamo-captured graph (_compiled_forward)."""
+    pipeline stage (None on the others). Advances the context by s on every stage. compiled: the layout allows
+    the forward as a dynamo-captured graph (hcx_megatron/inference/compiled.py run_forward)."""
     rows, length = tokens.shape
     start = context.sequence_len_offset
     positions = torch.arange(start, start + length, dtype=torch.long, device=tokens.device)
@@ -227,11 +192,10 @@ def decode_with_kv_cache(
     filler (pads), their logits dropped. pick(logits of the generating rows or None off the last stage, their
     indices) -> (tokens, logprobs), identical on every rank. record(row, token, logprob) -> whether the row goes on.
     compile_decode: run the one-token steps as one dynamo-captured graph where the layout allows
-    (compiled_decode_unsupported_reason), else eagerly; bitwise the same logits either way.
+    (compiled_forward_unsupported_reason, after COMPILE_AFTER_CALLS eager steps: hcx_megatron/inference/
+    compiled.py), else eagerly; bitwise the same logits either way.
     """
-    compiled = compile_decode and compiled_decode_unsupported_reason(chunks) is None
-    if compiled:
-        cpu_mode.prepare_torch_compile()
+    compiled = compile_decode and compiled_forward_unsupported_reason(chunks) is None
     n = len(prompts)
     n_micro, mbs = micro_layout
     rows = n_micro * mbs
@@ -281,5 +245,5 @@ def decode_with_kv_cache(
             position += 1
 
 
-__all__ = ["decode_with_kv_cache", "kv_cache_unsupported_reason", "compiled_decode_unsupported_reason",
+__all__ = ["decode_with_kv_cache", "kv_cache_unsupported_reason", "decode_forward",
            "sequence_parallel_off"]

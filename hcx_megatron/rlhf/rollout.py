@@ -3,7 +3,8 @@
 A rollout is made in two halves:
   1. `RolloutProducer.produce(r, policy_chunks)` — sample responses for rollout r's prompts with the shared
      generation utility (hcx_megatron.inference.generate), then, teacher-forced through megatron-core's
-     forward-only schedule (so TP and PP layouts work as in training): the sampling policy's log-probs and
+     forward-only schedule (so TP and PP layouts work as in training; at TP1 x PP1 on CPU a captured graph of the
+     same forward, `forward_collect`): the sampling policy's log-probs and
      entropy at the SAMPLING temperature, the frozen reference's log-probs at the same temperature, and the
      sequence score (normalised + clipped reward model, or a rule). Only frozen models and the given policy
      weights are read, so this half can run in a background thread on a weight snapshot (async mode).
@@ -29,7 +30,9 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state as ps
 from megatron.core import tensor_parallel
+from megatron.core.tensor_parallel.cross_entropy import VocabParallelCrossEntropy
 
+from hcx_megatron.inference.compiled import compiled_forward_unsupported_reason, run_forward
 from hcx_megatron.model.builder import sync_params_before_read
 from hcx_megatron.training.schedule import forward_only_collect
 from hcx_megatron.rlhf import ppo_math as pm
@@ -54,7 +57,19 @@ def scaled_logits(logits: torch.Tensor, temperature: float, vocab_size: int) -> 
 def token_logprobs(x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """log softmax(x)[label] over the full (TP-split) vocabulary; differentiable."""
     # megatron's vocab-parallel cross entropy works in place on its input: give it a copy.
-    return -tensor_parallel.vocab_parallel_cross_entropy(x.clone(), labels)
+    if torch.is_grad_enabled() or ps.get_tensor_model_parallel_world_size() > 1:
+        return -tensor_parallel.vocab_parallel_cross_entropy(x.clone(), labels)
+    return _one_rank_no_grad_token_logprobs(x, labels)
+
+
+def _one_rank_no_grad_token_logprobs(x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """token_logprobs without autograd on one TP rank: the steps of megatron's vocab-parallel cross entropy without
+    its all-reduces over the one-rank group (identities, but three gloo calls per micro-batch): bitwise the same."""
+    ce = VocabParallelCrossEntropy
+    logits, logits_max = ce.calculate_logits_max(x.clone())
+    _, _, predicted, sum_exp, exp_logits = ce.calculate_predicted_logits(logits, labels, logits_max, 0,
+                                                                        logits.shape[-1])
+    return -ce.calculate_cross_entropy_loss(exp_logits, predicted, sum_exp)[1]
 
 
 @torch.no_grad()
@@ -83,26 +98,41 @@ def split_micro(batch: dict[str, torch.Tensor], mbs: int) -> list[dict[str, torc
     return [{k: v[i: i + mbs] for k, v in batch.items()} for i in range(0, n, mbs)]
 
 
+def teacher_forced_forward(model, tokens, position_ids):
+    """The whole-sequence forward, as the learner's training step calls it."""
+    return model(tokens, position_ids, None)
+
+
 @torch.no_grad()
 def forward_collect(chunks: Sequence, micro: list[dict[str, torch.Tensor]],
                     fn: Callable[[torch.Tensor, dict], torch.Tensor]) -> torch.Tensor | None:
     """Run `chunks` forward-only over the micro-batches (megatron-core schedule, any PP) and concatenate
-    fn(last-stage output, micro-batch) along dim 0. Returns None on pipeline stages other than the last."""
+    fn(last-stage output, micro-batch) along dim 0. Returns None on pipeline stages other than the last.
+    Where the layout allows (hcx_megatron/inference/compiled.py: CPU, TP1 x PP1, main thread) the forward is
+    called directly, as a dynamo-captured graph once it has run enough eager calls: the same ops, so the same
+    values bit for bit as the schedule's eager forward and the learner's grad-enabled one (the first PPO ratio
+    stays exactly 1)."""
     chunks = list(chunks)
-    modes = [c.training for c in chunks]
-    for c in chunks:
+    training = [c for c in chunks if c.training]  # frozen models are in eval mode already: no module walk
+    for c in training:
         c.eval()
+    direct = len(chunks) == 1 and compiled_forward_unsupported_reason(chunks) is None
 
     def step(data_iterator, model):
         b = next(data_iterator)
-        out = model(b["tokens"], b["position_ids"], None)
+        out = teacher_forced_forward(model, b["tokens"], b["position_ids"])
         return out, lambda o, non_loss_data=False: fn(o, b)
 
     try:
-        res = forward_only_collect(chunks, micro, step, micro[0]["tokens"].shape[1], micro[0]["tokens"].shape[0])
+        if direct:  # one stage: the forward-only schedule around the forward would only call it
+            res = [fn(run_forward(teacher_forced_forward, chunks[0], b["tokens"], b["position_ids"], compiled=True),
+                      b) for b in micro]
+        else:
+            res = forward_only_collect(chunks, micro, step, micro[0]["tokens"].shape[1],
+                                       micro[0]["tokens"].shape[0])
     finally:
-        for c, mode in zip(chunks, modes):
-            c.train(mode)
+        for c in training:
+            c.train()
     if res is None:  # not the last pipeline stage
         return None
     return torch.cat([r.float() for r in res], dim=0)
