@@ -99,15 +99,16 @@ def tiny_model():
             cpu_mode.deactivate()
 
 
-def _count_kv_steps(monkeypatch) -> list:
-    """Record the token count of every KV-cached forward step (proves the KV path ran, and how)."""
+def _count_kv_steps(monkeypatch, dim: int = 1) -> list:
+    """Record tokens.shape[dim] of every KV-cached forward step: the token count (dim 1; proves the KV path ran,
+    and how) or the rows run (dim 0)."""
     from hcx_megatron.inference import kv_generate
 
     steps = []
     real = kv_generate._step_logits
 
     def counting(chunks, context, tokens, n_micro, mbs, **kwargs):
-        steps.append(tokens.shape[1])
+        steps.append(tokens.shape[dim])
         return real(chunks, context, tokens, n_micro, mbs, **kwargs)
 
     monkeypatch.setattr(kv_generate, "_step_logits", counting)
@@ -366,14 +367,7 @@ def test_finished_rows_leave_the_cache_batch_bitwise(tiny_model, monkeypatch, co
     from hcx_megatron.inference import kv_generate
     from hcx_megatron.inference.generate import generate
 
-    rows_run = []
-    real = kv_generate._step_logits
-
-    def counting(chunks, context, tokens, n_micro, mbs, **kwargs):
-        rows_run.append(tokens.shape[0])
-        return real(chunks, context, tokens, n_micro, mbs, **kwargs)
-
-    monkeypatch.setattr(kv_generate, "_step_logits", counting)
+    rows_run = _count_kv_steps(monkeypatch, dim=0)
     prompts = [[3 + i, 7, 11 + 2 * i][: 1 + i % 3] for i in range(12)]
     # A tenth of the vocabulary stops a response: lengths from 1 to 38 of 40, the last row long alone.
     kw = dict(stop_ids=list(range(0, 300, 10)), vocab_size=300, return_logprobs=True, temperature=1.0, seed=3)

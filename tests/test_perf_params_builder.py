@@ -53,8 +53,6 @@ def _free_port() -> int:
 def _worker(rank: int, port: int, out_dir: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(WORLD),
                       LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(WORLD))
-    # dp4_fsdp only builds the model and its optimizer (no backward, where Megatron-FSDP's gloo abort happens)
-    os.environ["HCX_CPU_MEGATRON_FSDP"] = "1"
     import torch
     from megatron.core import parallel_state as ps
 

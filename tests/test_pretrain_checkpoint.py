@@ -134,3 +134,21 @@ def test_sigkill_while_saving_keeps_previous_checkpoint(tmp_path):
     assert [r["iteration"] for r in read_metrics(str(out))] == [latest + 1], (latest, leftovers, proc.stdout[-3000:])
     assert read_latest_iteration(str(ckpt)) == latest + 1
     assert not any(d.endswith(".tmp") for d in os.listdir(ckpt)), "the stale temp dir was not cleared"
+
+
+@pytest.mark.timeout(600)
+def test_megatron_fsdp_resume_is_exact(tmp_path):
+    """Megatron-FSDP at DP2 (fsdp_dtensor format): 4 steps straight == 2 steps, save, resume, 2 steps, loss for
+    loss bitwise (sharded weights, Adam moments, scheduler and RNG restored). The refusal between formats:
+    tests/test_checkpoint_format.py."""
+    args = [*BASE, "--mock-data", "--train-iters", "4", "--use-distributed-optimizer", "--use-megatron-fsdp",
+            "--data-parallel-sharding-strategy", "optim_grads_params"]
+    straight, resumed, ckpt = tmp_path / "a.jsonl", tmp_path / "b.jsonl", tmp_path / "ckpt"
+    pretrain([*args, "--metrics-jsonl", str(straight)], nproc=2)
+    pretrain([*args, "--metrics-jsonl", str(resumed), "--save", str(ckpt), "--exit-interval", "2"], nproc=2)
+    assert read_latest_iteration(str(ckpt)) == 2
+    pretrain([*args, "--metrics-jsonl", str(resumed), "--load", str(ckpt)], nproc=2)
+    a, b = read_metrics(str(straight)), read_metrics(str(resumed))
+    assert [r["iteration"] for r in b] == [1, 2, 3, 4]
+    assert [(r["lm_loss"], r["lr"]) for r in a] == [(r["lm_loss"], r["lr"]) for r in b]
+    assert a[-1]["lm_loss"] < a[0]["lm_loss"]

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import os
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
@@ -361,10 +360,6 @@ def config_from_args(a: argparse.Namespace, world_size: int = 1) -> Config:
     return cfg
 
 
-# Opt-in for Megatron-FSDP in CPU mode (see validate_config): for investigating its gloo abort, not for CI.
-CPU_FSDP_OPT_IN = "HCX_CPU_MEGATRON_FSDP"
-
-
 def resolve_device(requested: str) -> str:
     if requested != "auto":
         return requested
@@ -417,13 +412,6 @@ def validate_config(cfg: Config, check_installed: bool = True) -> None:
             raise ConfigError("--use-megatron-fsdp cannot be combined with --pretrained-checkpoint: Megatron-FSDP "
                               "runs save and resume (--save/--load, fsdp_dtensor format) but do not start from "
                               "another run's weights; use --use-distributed-optimizer without --use-megatron-fsdp")
-        if resolve_device(cfg.runtime.device) == "cpu" and os.environ.get(CPU_FSDP_OPT_IN) != "1":
-            # Seen in CI: a DP2 run on gloo aborted (SIGABRT in the gloo transport) in the backward all-gather of
-            # megatron_fsdp.all_gather_and_wait_parameters_ready at step 3, in 2 of about 10 runs. Cause not found
-            # and not reproduced since (README, Megatron-FSDP: what was ruled out, and the reproduction loop).
-            raise ConfigError("--use-megatron-fsdp is GPU-only here: on gloo (CPU mode) megatron-core 0.16.1's "
-                              "Megatron-FSDP intermittently aborts in its backward parameter all-gather; run it on "
-                              f"CUDA/NCCL (tools/gpu_check.sh step 10), or set {CPU_FSDP_OPT_IN}=1 to try it anyway")
     if not 0.0 < t.long_context_start_fraction < 1.0:
         raise ConfigError("--long-context-start-fraction must be in (0, 1)")
     if t.recompute_granularity == "full" and t.recompute_method is None:

@@ -15,6 +15,8 @@ redirects exactly those touch points to the CPU:
               CudaRNGStatesTracker forks/restores the CPU generator exactly as it would the CUDA one
   type names  Tensor.type() with no argument reports CPU float types under their CUDA names
               ("torch.cuda.FloatTensor"), which is what the optimizers' dtype checks compare against
+  FSDP        Megatron-FSDP's coalesced collectives (megatron_fsdp/param_and_grad_buffer.py) complete before
+              their coalescing block returns (see `_synchronous_coalescing`)
   ordinal     `cuda_ordinal()`: a context in which torch.cuda.current_device() is the int 0, as on CUDA, for
               code that formats it into a device string (Megatron-FSDP's constructor compares its device with
               torch.device(f"cuda:{torch.cuda.current_device()}")); the model builder wraps only that call in it
@@ -30,8 +32,8 @@ first use and keeps for the life of the process; filled while the factories are 
 would ignore torch's real factories from then on, even after `deactivate()` (transformers then left its rotary
 `inv_freq` buffer uninitialised: garbage or NaN logits). `activate()` fills such caches before patching.
 torch.compile's tables of torch functions, which torch clears when a process group is created, are built from the
-originals by `prepare_torch_compile()` (KV-cached generation calls it before compiling its decode step) and dropped
-by `deactivate()`.
+originals by `prepare_torch_compile()` (hcx_megatron/inference/compiled.py calls it before compiling a forward)
+and dropped by `deactivate()`.
 """
 
 from __future__ import annotations
@@ -156,6 +158,26 @@ def _noop(*args, **kwargs):
     return None
 
 
+def _synchronous_coalescing(coalescing_manager: Callable) -> Callable:
+    """torch.distributed._coalescing_manager with `async_ops` ignored: the block's collectives complete when it
+    exits, and the manager it yields has no work left to wait for.
+
+    Megatron-FSDP issues its parameter all-gathers as one asynchronous coalesced work per bucket group and leaves it
+    in flight while the backward computes and prefetches further groups; on CUDA the streams order that. On gloo,
+    DP2 training of hcx-tiny corrupted the heap in about 7% of runs (glibc "malloc(): unaligned tcache chunk
+    detected" and SIGABRT in one rank, "Connection reset by peer" in `wait_bucket_ready` in the other; 4 of 56
+    runs here, 2 of ~10 in CI), and in none of the runs with the gathers completed in place (docs/benchmarks.md,
+    "Megatron-FSDP on gloo"). Which buffer the in-flight work wrote after it was freed was not pinned down. On
+    CPU nothing overlaps with a collective anyway, so waiting where it is issued costs nothing measurable."""
+
+    @contextlib.contextmanager
+    def synchronous(group=None, device=None, async_ops=False):
+        with coalescing_manager(group, device, async_ops=False) as manager:
+            yield manager
+
+    return synchronous
+
+
 def activate() -> None:
     """Install the CPU redirections. Call once per process, before building megatron models."""
     global _active
@@ -226,7 +248,19 @@ def activate() -> None:
            lambda device="cuda", clone=False, graph_safe=False: torch.get_rng_state())
     _patch(mc_random, "_set_cuda_rng_state",
            lambda new_state, device=-1, graph_safe=False: torch.set_rng_state(new_state))
+    fsdp_buffers = _megatron_fsdp_buffers()
+    if fsdp_buffers is not None:
+        _patch(fsdp_buffers, "_coalescing_manager", _synchronous_coalescing(fsdp_buffers._coalescing_manager))
     _active = True
+
+
+def _megatron_fsdp_buffers():
+    """megatron-core 0.16.1's Megatron-FSDP buffer module, or None where it does not import."""
+    try:
+        from megatron.core.distributed.fsdp.src.megatron_fsdp import param_and_grad_buffer
+    except ImportError:
+        return None
+    return param_and_grad_buffer
 
 
 def prepare_torch_compile() -> None:
