@@ -284,3 +284,23 @@ def test_offsets_map_tokens_to_character_starts(hf_tok):
         # a token that starts a character starts exactly where its bytes appear in the text
         if piece and (piece[0] & 0xC0) != 0x80:
             assert s.encode()[len(s[:o].encode()):].startswith(piece)
+
+
+@pytest.mark.timeout(120)
+def test_null_tokenizer_follows_megatron_and_leaves_transformers_unimported():
+    """Mock-data runs build a NullTokenizer in every process: it must behave as megatron-core's and must not pull
+    in transformers (megatron.core.tokenizers.text imports it: ~1.6 s per process)."""
+    from megatron.core.tokenizers.text.libraries.null_tokenizer import NullTokenizer as CoreNull
+
+    from hcx_megatron.tokenizer import build_tokenizer
+
+    ours, core = build_tokenizer("NullTokenizer", None, vocab_size=70_001), CoreNull(70_000)
+    text = "5 0 69999 70000 17"
+    assert ours.tokenize(text) == core.text_to_ids(text) == [5, 0, 69999, 70000, 17]
+    assert ours.detokenize([5, 0, 70000]) == core.ids_to_text([5, 0, 70000])
+    assert (ours.vocab_size, ours.eod, ours.eos) == (core.vocab_size, core.eod, core.eod) == (70_001, 70_000, 70_000)
+    probe = ("import sys; from hcx_megatron.tokenizer import build_tokenizer; "
+             "t = build_tokenizer('NullTokenizer', None, vocab_size=64); "
+             "print(t.eod, sorted(m for m in sys.modules if m.split('.')[0] == 'transformers'))")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=100, check=True)
+    assert out.stdout.split() == ["63", "[]"], out.stdout + out.stderr

@@ -1,7 +1,9 @@
 """Tokenizer for mock data (`--mock-data`, `--tokenizer-type NullTokenizer --vocab-size N`).
 
-Wraps megatron-core's NullTokenizer library class (text = space separated ids) as a
-MegatronTokenizerBase so GPTDatasetConfig accepts it; eod is the last id, as in Megatron-LM.
+The conventions of Megatron-LM's NullTokenizer (text = space-separated ids, eod = the last id) as a
+MegatronTokenizerBase, so GPTDatasetConfig accepts it. Written out here rather than wrapping megatron-core's
+library class: importing that class imports megatron.core.tokenizers.text, which imports transformers (~1.6 s in
+every process of every mock-data run, for four one-line methods).
 """
 
 from __future__ import annotations
@@ -9,7 +11,6 @@ from __future__ import annotations
 from collections import OrderedDict
 
 from megatron.core.tokenizers import MegatronTokenizerBase
-from megatron.core.tokenizers.text.libraries.null_tokenizer import NullTokenizer as _CoreNull
 
 
 class NullTokenizer(MegatronTokenizerBase):
@@ -17,15 +18,14 @@ class NullTokenizer(MegatronTokenizerBase):
         if vocab_size is None or int(vocab_size) < 2:
             raise ValueError("NullTokenizer needs --vocab-size >= 2")
         super().__init__(None, {"library": "null"})
-        # megatron's NullTokenizer reserves one extra id for eod beyond vocab_size-1 ids.
-        self._core = _CoreNull(int(vocab_size) - 1)
-        self.unique_identifiers = OrderedDict([("class", "NullTokenizer"), ("vocab_size", int(vocab_size))])
+        self._vocab_size = int(vocab_size)
+        self.unique_identifiers = OrderedDict([("class", "NullTokenizer"), ("vocab_size", self._vocab_size)])
 
     def tokenize(self, text: str) -> list[int]:
-        return self._core.text_to_ids(text)
+        return [int(x) for x in text.split(" ")]
 
     def detokenize(self, ids) -> str:
-        return self._core.ids_to_text([int(i) for i in ids])
+        return " ".join(str(int(i)) for i in ids)
 
     @property
     def vocab(self):
@@ -33,11 +33,11 @@ class NullTokenizer(MegatronTokenizerBase):
 
     @property
     def vocab_size(self) -> int:
-        return self._core.vocab_size
+        return self._vocab_size
 
     @property
     def eod(self) -> int:
-        return self._core.eod
+        return self._vocab_size - 1
 
     eos = eod
 
