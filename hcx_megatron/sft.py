@@ -271,8 +271,9 @@ class SFTTask(TaskBase):
                   f"written with {saved.get('num_train')}: the data order after resume differs", flush=True)
 
     # -- generation eval ------------------------------------------------------------------------------
-    def after_train(self, ctx: TrainContext) -> None:
-        self.generation_eval(ctx)
+    def after_train(self, ctx: TrainContext, code: int) -> None:
+        if code == 0:  # not when preempted: the requeued run evaluates at its end
+            self.generation_eval(ctx)
 
     def generation_eval(self, ctx: TrainContext) -> dict | None:
         o = self.opts

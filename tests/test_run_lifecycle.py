@@ -150,12 +150,13 @@ class Recorder:
 
 class TinyTask:
     @staticmethod
-    def make(calls: list, fail_at: int | None = None):
+    def make(calls: list, fail_at: int | None = None, preempt_at: int | None = None):
         from hcx_megatron.pretrain import lm_loss_func
         from hcx_megatron.training.loop import StepBatches, TaskBase, TaskSetup
 
         class Task(TaskBase):
             metric_keys = ["lm loss"]
+            iteration_done = 0
 
             def setup(self, cfg, device):
                 calls.append(("setup", cfg.model.vocab_size))
@@ -181,8 +182,14 @@ class TinyTask:
             def checkpointables(self):
                 return [Recorder(calls)]
 
-            def after_train(self, ctx):
-                calls.append(("after_train", ctx.iteration, ctx.cfg.model.vocab_size))
+            def agree_stop(self, preempted):
+                return preempted or self.iteration_done == preempt_at
+
+            def on_step(self, ctx, record):
+                self.iteration_done = ctx.iteration
+
+            def after_train(self, ctx, code):
+                calls.append(("after_train", ctx.iteration, ctx.cfg.model.vocab_size, code))
                 with pytest.raises(FrozenConfigError):
                     ctx.cfg.training.train_iters = 1
 
@@ -234,12 +241,12 @@ def test_run_saves_checkpointables_before_commit_resumes_them_and_always_closes(
 
     calls: list = []
     assert run(config("--train-iters", "2"), TinyTask.make(calls)) == 0
-    assert calls == [("setup", 64), ("batch", 0), ("batch", 1), ("save", 2), ("after_train", 2, 48), ("close",)]
+    assert calls == [("setup", 64), ("batch", 0), ("batch", 1), ("save", 2), ("after_train", 2, 48, 0), ("close",)]
     assert read_latest_iteration(save) == 2 and os.path.exists(os.path.join(checkpoint_dir(save, 2), "recorder.json"))
 
     calls.clear()  # auto-resume (--save D --load D): the checkpointable is loaded, steps continue at 2
     assert run(config("--train-iters", "3"), TinyTask.make(calls)) == 0
-    assert calls == [("setup", 64), ("load", 2), ("batch", 2), ("save", 3), ("after_train", 3, 48), ("close",)]
+    assert calls == [("setup", 64), ("load", 2), ("batch", 2), ("save", 3), ("after_train", 3, 48, 0), ("close",)]
 
     calls.clear()  # a failing step: close() still runs, nothing is committed
     with pytest.raises(RuntimeError, match="data error"):
@@ -248,3 +255,8 @@ def test_run_saves_checkpointables_before_commit_resumes_them_and_always_closes(
     events = [json.loads(line) for line in open(metrics) if '"event"' in line]
     assert [(e["event"], e.get("start"), e["iteration"]) for e in events if e["event"] == "load"] == [
         ("load", "resume", 2), ("load", "resume", 3)]
+
+    calls.clear()  # preempted after step 4: saved, then after_train hears 17, then close
+    assert run(config("--train-iters", "6"), TinyTask.make(calls, preempt_at=4)) == 17
+    assert calls == [("setup", 64), ("load", 3), ("batch", 3), ("save", 4), ("after_train", 4, 48, 17), ("close",)]
+    assert read_latest_iteration(save) == 4

@@ -25,7 +25,6 @@ from hcx_megatron.rlhf import ppo_math as pm
 from hcx_megatron.rlhf.common import rank0
 from hcx_megatron.rlhf.ppo_models import read_prompts, with_run_vocabulary
 from hcx_megatron.rlhf.rollout import Rollout, scaled_logits, split_micro, token_logprobs
-from hcx_megatron.training import signals
 from hcx_megatron.training.loop import StepBatches, TaskBase, TaskSetup, TrainContext, reduce_metrics
 
 # The rollout fields each model trains on.
@@ -95,8 +94,7 @@ def _buffer_path(ckpt_dir: str) -> str:
 
 class RolloutTask(TaskBase):
     """What a model that the loop trains on rollouts keeps (the actor; the critic on its own partition): the
-    rollout being trained on, fetched once per PPO iteration, its step statistics, its buffer, and the loop's
-    exit code once training returned."""
+    rollout being trained on, fetched once per PPO iteration, its step statistics and its buffer."""
 
     fields: tuple[str, ...]  # the rollout fields it trains on
 
@@ -107,7 +105,6 @@ class RolloutTask(TaskBase):
         self.buffer = RolloutBuffer(self)
         self.device = "cpu"
         self.ctx: TrainContext | None = None
-        self.returned: int | None = None  # the loop's exit code once training returned (0, or 17 preempted)
 
     def fetch(self, r: int) -> Rollout:
         """Rollout r, ready to train on."""
@@ -128,14 +125,6 @@ class RolloutTask(TaskBase):
 
     def before_train(self, ctx: TrainContext) -> None:
         self.ctx = ctx
-
-    def stopping(self, stop: bool) -> bool:
-        if stop:
-            self.returned = signals.EXIT_CODE_PREEMPTED  # the loop saves and returns it
-        return stop
-
-    def after_train(self, ctx: TrainContext) -> None:
-        self.returned = 0
 
 
 class CriticTask(TaskBase):
@@ -287,7 +276,7 @@ class PPOActorTask(RolloutTask):
             self.peers.rollout_done(ctx, self.rollout.index)
 
     def agree_stop(self, preempted: bool) -> bool:
-        return self.stopping(self.peers.agree_stop(preempted))
+        return self.peers.agree_stop(preempted)
 
     def _log_rollout(self, ctx: TrainContext) -> None:
         ro = self.rollout
@@ -340,14 +329,11 @@ class PPOActorTask(RolloutTask):
         if ppo.get("kl"):
             self.kl.load_state_dict(ppo["kl"])
 
+    def after_train(self, ctx: TrainContext, code: int) -> None:
+        self.peers.finish(ctx.iteration, code)
+
     def close(self) -> None:
-        """Always called by the loop. Once training returned (after_train; or the partitions agreed to stop,
-        after which the loop saves and returns 17), release the other models."""
-        try:
-            if self.returned is not None:
-                self.peers.finish(self.ctx.iteration, self.returned)
-        finally:
-            self.peers.close()
+        self.peers.close()
 
 
 __all__ = ["Schedule", "CriticTask", "PPOActorTask", "Peers", "RolloutTask", "RolloutBuffer", "ACTOR_FIELDS",

@@ -259,7 +259,7 @@ class CriticPartitionTask(CriticTask, RolloutTask):
             self.part.tell(["actor"], TAG_STATS, {"index": self.rollout.index, "stats": stats})
 
     def agree_stop(self, preempted: bool) -> bool:
-        return self.stopping(self.part.vote("actor", TAG_VOTE, preempted or self._signalled, send_first=False))
+        return self.part.vote("actor", TAG_VOTE, preempted or self._signalled, send_first=False)
 
     def after_save(self, ctx) -> None:
         self.part.tell(["actor"], TAG_SAVED, ctx.iteration)
@@ -267,14 +267,12 @@ class CriticPartitionTask(CriticTask, RolloutTask):
     def state_dict(self) -> dict[str, Any]:
         return {"ppo_critic": {"steps_per_rollout": self.schedule.steps_per_rollout}}
 
-    def close(self) -> None:
-        """Once training returned (not on an error): take (and drop) the rollouts the async sampler and the
-        frozen partitions already sent; then wait for the whole job."""
-        if self.returned is None:
-            return
+    def after_train(self, ctx, code: int) -> None:
+        """Take (and drop) the rollouts the async sampler and the frozen partitions already sent; then wait for
+        the whole job."""
         if self.sampler == "rollout":
             _drain(self.part, [("rollout", TAG_SEQ), ("reference", TAG_REF), ("reward", TAG_SCORE)], self.schedule,
-                   self.start_iteration, self.ctx.iteration, self.opts.max_staleness)
+                   self.start_iteration, ctx.iteration, self.opts.max_staleness)
         self.part.job_barrier()
 
 

@@ -120,8 +120,9 @@ class TaskBase:
     def after_save(self, ctx: TrainContext) -> None:
         """After each checkpoint is committed."""
 
-    def after_train(self, ctx: TrainContext) -> None:
-        """After the last step of a run that was not preempted (e.g. SFT's generation eval)."""
+    def after_train(self, ctx: TrainContext, code: int) -> None:
+        """Training returned `code`: 0 after its last step (or --exit-interval), 17 preempted (and saved); not
+        called when it raised. SFT's generation eval runs at 0; PPO releases its other models either way."""
 
     def close(self) -> None:
         """Release what set-up started (loader workers, threads). Always called by run(), also on error."""
@@ -391,8 +392,7 @@ def run(cfg: Config, task: TaskBase, init_from: InitFrom | None = None) -> int:
         ctx = setup(cfg, task, init_from)
         task.before_train(ctx)
         code = train(ctx, task)
-        if code == 0:
-            task.after_train(ctx)
+        task.after_train(ctx, code)
     finally:
         task.close()
         if ctx is not None:
