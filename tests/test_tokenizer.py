@@ -301,6 +301,7 @@ def test_null_tokenizer_follows_megatron_and_leaves_transformers_unimported():
     assert (ours.vocab_size, ours.eod, ours.eos) == (core.vocab_size, core.eod, core.eod) == (70_001, 70_000, 70_000)
     probe = ("import sys; from hcx_megatron.tokenizer import build_tokenizer; "
              "t = build_tokenizer('NullTokenizer', None, vocab_size=64); "
-             "print(t.eod, sorted(m for m in sys.modules if m.split('.')[0] == 'transformers'))")
+             "print(t.eod, t.tokenize('1 2 63'), t.detokenize([4, 5]), "
+             "sorted(m for m in sys.modules if m.split('.')[0] == 'transformers'))")
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=100, check=True)
-    assert out.stdout.split() == ["63", "[]"], out.stdout + out.stderr
+    assert out.stdout.strip() == "63 [1, 2, 63] 4 5 []", out.stdout + out.stderr

@@ -1,16 +1,39 @@
 """Tokenizer for mock data (`--mock-data`, `--tokenizer-type NullTokenizer --vocab-size N`).
 
-The conventions of Megatron-LM's NullTokenizer (text = space-separated ids, eod = the last id) as a
-MegatronTokenizerBase, so GPTDatasetConfig accepts it. Written out here rather than wrapping megatron-core's
-library class: importing that class imports megatron.core.tokenizers.text, which imports transformers (~1.6 s in
-every process of every mock-data run, for four one-line methods).
+Wraps megatron-core's NullTokenizer library class (text = space separated ids) as a MegatronTokenizerBase so
+GPTDatasetConfig accepts it; eod is the last id, as in Megatron-LM.
 """
 
 from __future__ import annotations
 
+import functools
+import importlib.util
+import os
+import sys
 from collections import OrderedDict
 
+import megatron.core.tokenizers as megatron_tokenizers
 from megatron.core.tokenizers import MegatronTokenizerBase
+
+_CORE_MODULE = "megatron.core.tokenizers.text.libraries.null_tokenizer"
+
+
+@functools.lru_cache(maxsize=None)
+def _core_null_tokenizer_class():
+    """megatron-core's NullTokenizer class, loaded from its own file: importing it by name first runs
+    megatron.core.tokenizers.text's __init__, which imports transformers (~1.3 s in every process of every mock-data
+    run, for a class that needs only `collections`)."""
+    if _CORE_MODULE in sys.modules:
+        return sys.modules[_CORE_MODULE].NullTokenizer
+    path = os.path.join(os.path.dirname(megatron_tokenizers.__file__), "text", "libraries", "null_tokenizer.py")
+    if not os.path.isfile(path):  # another megatron-core layout: the plain import
+        from megatron.core.tokenizers.text.libraries.null_tokenizer import NullTokenizer
+
+        return NullTokenizer
+    spec = importlib.util.spec_from_file_location("_hcx_megatron_core_null_tokenizer", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.NullTokenizer
 
 
 class NullTokenizer(MegatronTokenizerBase):
@@ -18,14 +41,15 @@ class NullTokenizer(MegatronTokenizerBase):
         if vocab_size is None or int(vocab_size) < 2:
             raise ValueError("NullTokenizer needs --vocab-size >= 2")
         super().__init__(None, {"library": "null"})
-        self._vocab_size = int(vocab_size)
-        self.unique_identifiers = OrderedDict([("class", "NullTokenizer"), ("vocab_size", self._vocab_size)])
+        # megatron's NullTokenizer reserves one extra id for eod beyond vocab_size-1 ids.
+        self._core = _core_null_tokenizer_class()(int(vocab_size) - 1)
+        self.unique_identifiers = OrderedDict([("class", "NullTokenizer"), ("vocab_size", int(vocab_size))])
 
     def tokenize(self, text: str) -> list[int]:
-        return [int(x) for x in text.split(" ")]
+        return self._core.text_to_ids(text)
 
     def detokenize(self, ids) -> str:
-        return " ".join(str(int(i)) for i in ids)
+        return self._core.ids_to_text([int(i) for i in ids])
 
     @property
     def vocab(self):
@@ -33,11 +57,11 @@ class NullTokenizer(MegatronTokenizerBase):
 
     @property
     def vocab_size(self) -> int:
-        return self._vocab_size
+        return self._core.vocab_size
 
     @property
     def eod(self) -> int:
-        return self._vocab_size - 1
+        return self._core.eod
 
     eos = eod
 
