@@ -43,24 +43,42 @@ def test_choose_next_greedy_and_seeded_sampling():
 
     torch.manual_seed(0)
     logits = torch.randn(3, 50)
-    assert torch.equal(choose_next(logits, 0.0, 1.0, [None] * 3), logits.argmax(-1))
-    assert torch.equal(choose_next(logits, 1.0, 1e-6, [torch.Generator().manual_seed(i) for i in range(3)]),
-                       logits.argmax(-1))
-    a = choose_next(logits, 0.8, 0.9, [torch.Generator().manual_seed(i) for i in range(3)])
-    b = choose_next(logits, 0.8, 0.9, [torch.Generator().manual_seed(i) for i in range(3)])
-    assert torch.equal(a, b)
+    u = torch.rand(3, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+    assert torch.equal(choose_next(logits, 0.0, 1.0, None), logits.argmax(-1))
+    assert torch.equal(choose_next(logits, 1.0, 1e-6, u), logits.argmax(-1))
+    a = choose_next(logits, 0.8, 0.9, u)
     # Padded vocabulary columns (probability 0) do not change the draw: layouts with different padding agree.
     padded = torch.cat([logits, torch.full((3, 14), float("-inf"))], dim=-1)
-    c = choose_next(padded, 0.8, 0.9, [torch.Generator().manual_seed(i) for i in range(3)])
-    assert torch.equal(a, c)
+    assert torch.equal(a, choose_next(padded, 0.8, 0.9, u))
     # Frequencies follow softmax(logits / T).
     row = torch.tensor([[2.0, 1.0, 0.0, -1.0]])
     g = torch.Generator().manual_seed(1)
     counts = torch.zeros(4)
     for _ in range(4000):
-        counts[choose_next(row, 0.5, 1.0, [g])[0]] += 1
+        counts[choose_next(row, 0.5, 1.0, torch.rand(1, generator=g, dtype=torch.float64))[0]] += 1
     expected = torch.softmax(row[0] / 0.5, -1)
     assert torch.allclose(counts / 4000, expected, atol=0.03), (counts / 4000, expected)
+
+
+@pytest.mark.timeout(60)
+def test_prompt_uniforms_drawn_ahead_equal_one_by_one_draws():
+    """On CPU the draws come a block at a time; each prompt's k-th token must still get its generator's k-th
+    number, as drawn one by one (the stream a prompt's samples were always made from), whatever the others do."""
+    from hcx_megatron.inference.generate import PromptUniforms, _prompt_generator
+
+    keys, seed = [3, 0, 17], 99
+    ahead = PromptUniforms(seed, keys, torch.device("cpu"))
+    assert ahead.ahead
+    one_by_one = [_prompt_generator(seed, k, torch.device("cpu")) for k in keys]
+    counts = [0, 0, 0]
+    for step in range(3 * PromptUniforms.BLOCK + 5):
+        rows = [r for r in range(3) if r != 1 or step < 10]  # prompt 1 stops early; prompt 2 skips steps
+        rows = [r for r in rows if r != 2 or step % 3]
+        got = ahead.take(rows, [counts[r] for r in rows])
+        want = torch.stack([torch.rand((), generator=one_by_one[r], dtype=torch.float64) for r in rows])
+        assert torch.equal(got, want), step
+        for r in rows:
+            counts[r] += 1
 
 
 # -- in this process (TP1) ------------------------------------------------------------------------------------
