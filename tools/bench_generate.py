@@ -28,8 +28,10 @@ import argparse
 import json
 import os
 import random
+import shutil
 import subprocess
 import sys
+import tempfile
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -117,47 +119,43 @@ if __name__ == "__main__":
 
 
 _ROLLOUTS = r"""
-import json, os, random, socket, sys, time, torch
+import inspect, json, os, random, socket, sys, time, torch
+# One side of the rollout comparison: this tree's code ("now", "now-eager") or the code issue 13 was filed against
+# ("before": PYTHONPATH points at its `git archive`), on the weights in argv[2] (written by the first side run).
 def main():
-    new_tokens, repeat = json.loads(sys.argv[1]), int(sys.argv[2])
+    side, weights, new_tokens, repeat = sys.argv[1], sys.argv[2], json.loads(sys.argv[3]), int(sys.argv[4])
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0)); port = s.getsockname()[1]
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
     import hcx_megatron.inference.generate as gen_module
     from hcx_megatron.config.args import parse_config
-    from hcx_megatron.inference import compiled
     from hcx_megatron.distributed.initialize import initialize_distributed
-    from hcx_megatron.model import spec
     from hcx_megatron.model.builder import build_model
-    from hcx_megatron.rlhf import rollout as rollout_module
     from hcx_megatron.rlhf.common import freeze
-    from hcx_megatron.rlhf.ppo_models import reference_logprobs, sequences_micro
     from hcx_megatron.rlhf.rollout import RolloutProducer, RolloutSettings
-    from megatron.core import tensor_parallel
     # tests/conftest.py ppo_small_vocab's model: hcx-tiny widths, 2 layers, vocabulary 64 (random weights here)
     cfg, _ = parse_config(["--mock-data", "--device", "cpu", "--vocab-size", "64", "--make-vocab-size-divisible-by",
                            "64", "--num-layers", "2", "--seq-length", "32", "--seed", "7"])
     initialize_distributed(cfg)
     torch.set_num_threads(1)
     policy, ref = (build_model(cfg, "cpu", wrap_ddp=False).chunks for _ in range(2))
+    cores = {}
+    for name, chunks in (("policy", policy), ("ref", ref)):
+        cores[name] = chunks[0]
+        while hasattr(cores[name], "module"):
+            cores[name] = cores[name].module
+    if os.path.exists(weights):  # the same weights on every side
+        for name, core in cores.items():
+            core.load_state_dict(torch.load(weights)[name], strict=False)
+    else:
+        torch.save({name: core.state_dict() for name, core in cores.items()}, weights)
     freeze(ref)  # as PPO holds its reference
     rng = random.Random(0)
     prompts = [[rng.randrange(63) for _ in range(4)] for _ in range(256)]
-    # "now": the spec's no-grad linears, the teacher-forced passes called directly (compiled) at TP1 x PP1 and their
-    # log-probs without the one-rank all-reduces; "before": megatron's linear forward, its schedule and cross entropy.
-    layout_rule, one_rank_logprobs = (rollout_module.compiled_forward_unsupported_reason,
-                                      rollout_module._one_rank_no_grad_token_logprobs)
-    now = (spec.NoGradColumnParallelLinear.forward, spec.NoGradRowParallelLinear.forward, layout_rule,
-           one_rank_logprobs)
-    before = (ColumnParallelLinear.forward, RowParallelLinear.forward, lambda chunks: "before issue 13",
-              lambda x, labels: -tensor_parallel.vocab_parallel_cross_entropy(x.clone(), labels))
-    def use(code):
-        (spec.NoGradColumnParallelLinear.forward, spec.NoGradRowParallelLinear.forward,
-         rollout_module.compiled_forward_unsupported_reason, rollout_module._one_rank_no_grad_token_logprobs) = code
-    # The steady state of a long run: its forwards compiled (a run compiles them after COMPILE_AFTER_CALLS eager
-    # calls, hcx_megatron/inference/compiled.py; the trace is the first rollout's cost, reported below).
-    compiled.COMPILE_AFTER_CALLS.clear()
+    old_api = "ref_chunks" in inspect.signature(RolloutProducer.__init__).parameters  # before issue 13
+    if side == "now":  # the steady state of a long run: forwards compiled (after COMPILE_AFTER_CALLS eager calls)
+        from hcx_megatron.inference import compiled
+        compiled.COMPILE_AFTER_CALLS.clear()
     real_generate, gen_time = gen_module.generate, [0.0]
     def timed_generate(*args, **kwargs):
         start = time.process_time()
@@ -166,56 +164,93 @@ def main():
         finally:
             gen_time[0] += time.process_time() - start
     gen_module.generate = timed_generate
-    # One-off per process: the compiled decode step and teacher-forced forwards are traced at their first use
-    # (reported, not timed).
+    def rollout(new):  # sampling, the policy's teacher-forced log-probs and entropy, the reference's log-probs
+        s = RolloutSettings(rollout_batch=32, max_new_tokens=new, temperature=1.0, top_p=1.0, stop_ids=(63,),
+                            vocab_size=64, pad_id=0, micro_batch=8, seed=1234)
+        if old_api:
+            ro = RolloutProducer(s, prompts, ref, None, "cpu", 0, 1).produce(0, policy, 0)
+            return ro, ro.ref_logp
+        from hcx_megatron.rlhf.ppo_models import reference_logprobs, sequences_micro
+        ro = RolloutProducer(s, prompts, None, "cpu", 0, 1).produce(0, policy, 0)
+        return ro, reference_logprobs(ref, sequences_micro(ro, s.micro_batch), s)
     start = time.process_time()
-    warmup = RolloutSettings(rollout_batch=32, max_new_tokens=4, temperature=1.0, top_p=1.0, stop_ids=(63,),
-                             vocab_size=64, pad_id=0, micro_batch=8, seed=1, kv_cache=True)
-    rollout = RolloutProducer(warmup, prompts, score_fn=None, device="cpu", dp_rank=0, dp_size=1).produce(0, policy, 0)
-    reference_logprobs(ref, sequences_micro(rollout, warmup.micro_batch), warmup)
-    warmup_s = time.process_time() - start
-    rows = []
+    rollout(4)  # the first rollout of the process (with "now": the compiled forwards' traces)
+    rows = {"first_s": time.process_time() - start, "by_new": {}}
     for new in new_tokens:
-        best, gen_best, tokens, logprobs = {}, {}, {}, {}
+        best = gen_best = 1e9
         for _ in range(repeat):
-            # interleaved, so both sides see the same machine load. "before": the code before issue 13 (full-prefix
-            # generation, megatron's linear forward, schedule and cross entropy); "now": KV cache, the spec's no-grad
-            # linears, compiled decode steps and teacher-forced forwards.
-            for side, kv, code in (("before", False, before), ("now", True, now)):
-                use(code)
-                s = RolloutSettings(rollout_batch=32, max_new_tokens=new, temperature=1.0, top_p=1.0, stop_ids=(63,),
-                                    vocab_size=64, pad_id=0, micro_batch=8, seed=1234, kv_cache=kv)
-                producer = RolloutProducer(s, prompts, None, "cpu", 0, 1)
-                gen_time[0] = 0.0
-                start = time.process_time()
-                rollout = producer.produce(0, policy, 0)  # sampling + the policy's teacher-forced log-probs
-                ref_logp = reference_logprobs(ref, sequences_micro(rollout, s.micro_batch), s)  # as PPO does
-                seconds = time.process_time() - start
-                if seconds < best.get(side, 1e9):
-                    best[side], gen_best[side] = seconds, gen_time[0]
-                tokens[side] = rollout.tokens.tolist()
-                logprobs[side] = (rollout.old_logp, rollout.entropy, ref_logp)
-        use(now)
-        lengths = rollout.response_length
-        rows.append({"new": new, "before_s": best["before"], "now_s": best["now"],
-                     "speedup": best["before"] / best["now"], "before_gen_s": gen_best["before"],
-                     "now_gen_s": gen_best["now"], "mean_response": float(lengths.mean()),
-                     "max_response": int(lengths.max()), "same_tokens": tokens["before"] == tokens["now"],
-                     "same_logprobs": all(torch.equal(a, b) for a, b in zip(logprobs["before"], logprobs["now"])),
-                     "now_first_call_s": warmup_s})
+            gen_time[0] = 0.0
+            start = time.process_time()
+            ro, ref_logp = rollout(new)
+            seconds = time.process_time() - start
+            if seconds < best:
+                best, gen_best = seconds, gen_time[0]
+        lengths = ro.response_length.float()
+        rows["by_new"][new] = {"seconds": best, "gen_seconds": gen_best, "mean_response": float(lengths.mean()),
+                               "max_response": int(lengths.max()), "tokens": ro.tokens.tolist(),
+                               "logprobs": [t.tolist() for t in (ro.old_logp, ro.entropy, ref_logp)]}
     print("RESULT " + json.dumps(rows))
 if __name__ == "__main__":
     main()
 """
 
 
-def _run(code: str, args: list[str]) -> dict:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", "PYTHONPATH": REPO}
-    proc = subprocess.run([sys.executable, "-c", code, *args], cwd=REPO, env=env, capture_output=True, text=True)
+def _run(code: str, args: list[str], tree: str = REPO) -> dict:
+    """Run a worker in its own process on the code of `tree` (this checkout, or an archived revision)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", "PYTHONPATH": tree}
+    proc = subprocess.run([sys.executable, "-c", code, *args], cwd=tree, env=env, capture_output=True, text=True)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     if proc.returncode != 0 or not lines:
         raise RuntimeError(f"benchmark worker failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
     return json.loads(lines[-1][len("RESULT "):])
+
+
+# main when issue 13 (KV-cached generation) was filed, i.e. the last commit before its work: the rollouts' baseline.
+BEFORE_ISSUE_13 = "5883437"
+
+
+def archived_tree(rev: str) -> str:
+    """This repository's code at `rev` (`git archive`), unpacked once under runs/bench/ (ignored by git)."""
+    dest = os.path.join(REPO, "runs", "bench", f"hcx_megatron-{rev}")
+    if not os.path.isdir(os.path.join(dest, "hcx_megatron")):
+        got = subprocess.run(["git", "-C", REPO, "archive", rev], capture_output=True)
+        if got.returncode != 0:
+            raise SystemExit(f"bench_generate: cannot archive revision {rev} of {REPO} (a shallow clone?): "
+                             f"{got.stderr.decode().strip()}")
+        tmp = dest + ".tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+        subprocess.run(["tar", "-x", "-C", tmp], input=got.stdout, check=True)
+        shutil.rmtree(dest, ignore_errors=True)
+        os.replace(tmp, dest)
+    return dest
+
+
+def bench_rollouts(new_tokens: list[int], repeat: int, rounds: int) -> list[dict]:
+    """Each side in its own process per round, the sides alternating; best CPU time over rounds x repeat."""
+    before_tree = archived_tree(BEFORE_ISSUE_13)
+    sides = {"before": before_tree, "now": REPO, "now-eager": REPO}
+    best: dict[str, dict] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        weights = os.path.join(tmp, "weights.pt")  # written by the first side, read by every other
+        for _ in range(rounds):
+            for side, tree in sides.items():
+                got = _run(_ROLLOUTS, [side, weights, json.dumps(new_tokens), str(repeat)], tree)
+                mine = best.setdefault(side, {"first_s": got["first_s"], "by_new": {}})
+                for new, r in got["by_new"].items():
+                    if r["seconds"] < mine["by_new"].get(new, {"seconds": 1e9})["seconds"]:
+                        mine["by_new"][new] = r
+    rows = []
+    for new in map(str, new_tokens):
+        b, now, eager = (best[side]["by_new"][new] for side in ("before", "now", "now-eager"))
+        rows.append({"new": int(new), "before_s": b["seconds"], "before_gen_s": b["gen_seconds"],
+                     "now_s": now["seconds"], "now_gen_s": now["gen_seconds"], "eager_s": eager["seconds"],
+                     "speedup": b["seconds"] / now["seconds"], "eager_speedup": b["seconds"] / eager["seconds"],
+                     "mean_response": now["mean_response"], "max_response": now["max_response"],
+                     "same_tokens": b["tokens"] == now["tokens"] == eager["tokens"],
+                     "same_logprobs": b["logprobs"] == now["logprobs"] == eager["logprobs"],
+                     "now_first_call_s": best["now"]["first_s"]})
+    return rows
 
 
 def parse_case(text: str) -> tuple[int, int, int]:
@@ -271,23 +306,25 @@ def main(argv=None) -> int:
                         "process CPU times (robust to a loaded machine; CPU mode is exact for transformers)")
     p.add_argument("--json", default=None)
     p.add_argument("--rollouts", type=int, nargs="*", default=None, metavar="NEW_TOKENS",
-                   help="instead: PPO rollout production (RolloutProducer.produce: sampling and the policy's "
-                        "teacher-forced log-probs, then the reference's, as the PPO placements run them) as before "
-                        "issue 13 (full-prefix generation; megatron's linear forward, schedule and cross entropy) and "
-                        "now (forwards compiled, as a long run has them), on the PPO tests' model, "
-                        "batch 32, 4-token prompts, stop id 63, for these max new tokens (default 12 64 128 256); "
-                        "process CPU time, best of --repeat")
+                   help="instead: PPO rollouts (sampling, the policy's teacher-forced log-probs and entropy, the "
+                        "reference's log-probs) on the PPO tests' model, batch 32, 4-token prompts, stop id 63, for "
+                        "these max new tokens (default 12 64 128 256), by the code issue 13 was filed against "
+                        f"({BEFORE_ISSUE_13}, `git archive`d under runs/bench/) and by this checkout, compiled as a "
+                        "long run has it and eager as a short one, on the same weights, each in its own process; "
+                        "process CPU time, best of --rounds x --repeat")
+    p.add_argument("--rounds", type=int, default=2, help="--rollouts: processes per side, alternating")
     a = p.parse_args(argv)
     if a.rollouts is not None:
-        rows = _run(_ROLLOUTS, [json.dumps(a.rollouts or [12, 64, 128, 256]), str(a.repeat)])
-        print(f"first KV rollout of the process (tracing the compiled decode step and forwards included): "
+        rows = bench_rollouts(a.rollouts or [12, 64, 128, 256], a.repeat, a.rounds)
+        print(f"first rollout of a compiled process (tracing the decode step and forwards included): "
               f"{rows[0]['now_first_call_s']:.2f} s CPU")
-        print("\n| max new tokens | responses mean / max | before issue 13 s (generation) | now s (generation) | "
-              "speedup | tokens | log-probs, entropy, reference log-probs |\n|---|---|---|---|---|---|---|")
+        print(f"\n| max new tokens | responses mean / max | before ({BEFORE_ISSUE_13}) s (generation) | now s "
+              "(generation) | speedup | now eager s | speedup eager | tokens | log-probs, entropy, reference log-probs |"
+              "\n|---|---|---|---|---|---|---|---|---|")
         for r in rows:
             print(f"| {r['new']} | {r['mean_response']:.1f} / {r['max_response']} | {r['before_s']:.4f} "
                   f"({r['before_gen_s']:.4f}) | {r['now_s']:.4f} ({r['now_gen_s']:.4f}) | {r['speedup']:.2f}x | "
-                  f"{'equal' if r['same_tokens'] else 'DIFFER'} | "
+                  f"{r['eager_s']:.4f} | {r['eager_speedup']:.2f}x | {'equal' if r['same_tokens'] else 'DIFFER'} | "
                   f"{'bitwise equal' if r['same_logprobs'] else 'DIFFER'} |")
         if a.json:
             with open(a.json, "w") as f:
