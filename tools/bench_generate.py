@@ -12,7 +12,7 @@ side) of `prompt` tokens, `batch` of them.
     python tools/bench_generate.py             # batch 1 and 8; 32+128 and 256+256 tokens
     python tools/bench_generate.py --checkpoint CKPT --hf HF_DIR --cases 1x32+128 --json out.json
     python tools/bench_generate.py --same-process --repeat 5   # both sides alternating in one process (CPU time)
-    python tools/bench_generate.py --rollouts 12 64 128 256 --repeat 5   # PPO rollouts, before issue 13 vs now
+    python tools/bench_generate.py --rollouts 12 64 128 256 --repeat 5   # PPO rollouts: the code issue 13 was filed against vs now
 
 Our side runs with its forwards compiled from the warm-up on (hcx_megatron/inference/compiled.py: a long session
 or run compiles them after COMPILE_AFTER_CALLS eager calls); the first call's CPU time, tracing included, is printed.
