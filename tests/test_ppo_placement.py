@@ -267,6 +267,6 @@ def test_colocated_critic_leaves_the_process_rng_and_a_half_trained_rollout_comm
     assert os.path.isfile(os.path.join(checkpoint_dir(ckpt, 1), "ppo_rollout_rank_00000.pt"))
     assert sorted(os.listdir(ckpt)) == ["critic", "iter_0000001", "latest_checkpointed_iteration.txt"]
     resumed = PPOActorTask(opts, schedule, LocalPeers(opts, schedule, None), placement=None)
-    resumed.buffer.load(checkpoint_dir(ckpt, 1), 1)
+    resumed.load(checkpoint_dir(ckpt, 1), 1)
     assert resumed.rollout.index == 0 and torch.equal(resumed.rollout.tokens, actor.rollout.tokens)
     assert torch.equal(resumed.rollout.advantages, actor.rollout.advantages)

@@ -18,20 +18,19 @@ import shutil
 import torch
 
 from hcx_megatron.distributed.partition import Partition
+from hcx_megatron.model.builder import sync_params_before_read, unwrap
+from hcx_megatron.training.checkpoint import load_model_weights, save_model_weights
 
 _TENSOR_TAG = 1000  # + parameter index, on the pair groups (only weight tensors travel there)
 
 
 def _params(chunks) -> list[torch.Tensor]:
-    from hcx_megatron.model.builder import unwrap
-
     return [p for c in chunks for _, p in unwrap(c).named_parameters()]
 
 
 class WeightSender:
     def __init__(self, part: Partition, to: str, mode: str, root: str | None, header_tag: int):
-        if mode not in ("p2p", "checkpoint"):
-            raise ValueError(f"weight transfer mode {mode!r}: p2p or checkpoint")
+        """mode: "p2p" or "checkpoint" (hcx_megatron.rlhf.placement.rollout_weight_transfer chooses)."""
         self.part, self.to, self.mode, self.root, self.tag = part, to, mode, root, header_tag
         self._pending: list = []
         self._buffers: list[torch.Tensor] = []  # alive until their sends complete
@@ -44,9 +43,6 @@ class WeightSender:
     def publish(self, chunks, version: int, keep_from: int, **header) -> None:
         """Send weights version `version` (collective over this partition) and return without waiting for the
         receiver; checkpoint mode removes the versions below `keep_from`, which the receiver no longer needs."""
-        from hcx_megatron.model.builder import sync_params_before_read
-        from hcx_megatron.training.checkpoint import save_model_weights
-
         self._wait()
         header = {**header, "version": version}
         sync_params_before_read(chunks)  # both modes read the parameters directly
@@ -56,8 +52,9 @@ class WeightSender:
             self._pending = [pair.send([t], 1, _TENSOR_TAG + i) for i, t in enumerate(self._buffers)]
         else:
             header["path"] = save_model_weights(os.path.join(self.root, f"v_{version:07d}"), chunks)
-            if self.part.is_leader:
-                self._remove_versions(keep_from)
+            for name in os.listdir(self.root) if self.part.is_leader else ():
+                if name.startswith("v_") and int(name[2:].split(".")[0]) < keep_from:
+                    shutil.rmtree(os.path.join(self.root, name), ignore_errors=True)
         if self.part.is_leader:
             self._pending.append(self.part.isend(self.to, self.tag, header))
 
@@ -66,23 +63,12 @@ class WeightSender:
         self._wait()
         self.part.tell([self.to], self.tag, {"stop": code})
         if self.mode == "checkpoint" and self.part.is_leader:
-            self._remove_versions(None)
-
-    def _remove_versions(self, keep_from: int | None) -> None:
-        if not os.path.isdir(self.root):
-            return
-        for name in os.listdir(self.root):
-            if name.startswith("v_") and (keep_from is None or int(name[2:].split(".")[0]) < keep_from):
-                shutil.rmtree(os.path.join(self.root, name), ignore_errors=True)
-        if keep_from is None:
             shutil.rmtree(self.root, ignore_errors=True)
 
 
 def receive_weights(part: Partition, frm: str, mode: str, chunks, header_tag: int) -> dict:
     """The next header from `frm` (collective over this partition); unless it says stop, its weights are now in
     `chunks`."""
-    from hcx_megatron.training.checkpoint import load_model_weights
-
     pair = part.pair(frm) if mode == "p2p" else None  # before the header: the sender built its side first
     header = part.hear(frm, header_tag)
     if "stop" in header:

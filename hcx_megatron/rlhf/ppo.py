@@ -7,7 +7,6 @@ ppo_separate.py on their own rank partitions (placement.py chooses). docs/rlhf.m
 from __future__ import annotations
 
 import dataclasses
-import sys
 
 from hcx_megatron.config.args import Config, ConfigError, explicit_model_flags, parse_config, validate_config
 from hcx_megatron.config.frozen import freeze
@@ -35,10 +34,8 @@ class PPOOptions:
     ppo_rollouts: int | None = option(None, "number of PPO iterations (sets --train-iters)")
     max_new_tokens: int = option(64)
     generation_kv_cache: bool = option(True, elsewhere=True)  # add_generation_args
-    rollout_temperature: float = option(1.0, "sampling temperature; log-probs for the ratio and KL are computed "
-                                             "at the same one")
-    rollout_top_p: float = option(1.0, "< 1 makes the sampler differ from the temperature-scaled policy the "
-                                       "ratio uses")
+    rollout_temperature: float = option(1.0, "sampling temperature, also of the log-probs of the ratio and KL")
+    rollout_top_p: float = option(1.0, "< 1: the sampler differs from the temperature-scaled policy the ratio uses")
     stop_ids: tuple[int, ...] | None = option(None, "default: <|endofturn|> with an HCX tokenizer, eod otherwise")
     init_kl_coef: float = option(0.04)
     adaptive_kl: bool = option(False, "Ziegler et al. adaptive KL controller")
@@ -53,8 +50,7 @@ class PPOOptions:
     unlikelihood_weight: float = option(0.0, "sequence-level unlikelihood on repeated n-grams (0 = off)")
     repetition_ngram: int = option(2)
     async_rollouts: bool = option(False)
-    max_staleness: int = option(1, "async: a rollout is sampled at most this many PPO iterations behind the "
-                                   "learner")
+    max_staleness: int = option(1, "async: rollouts are sampled at most this many PPO iterations behind the learner")
 
 
 def add_ppo_args(parser) -> None:
@@ -69,7 +65,6 @@ def add_ppo_args(parser) -> None:
 def resolve_ppo_config(argv, world_size: int) -> tuple[Config, PPOOptions, ppo_placement.Placement]:
     """parse -> resolve (the model shape of the checkpoint the run starts from, --train-iters from
     --ppo-rollouts, the placement) -> validate once (per partition when the models get their own) -> freeze."""
-    argv = list(sys.argv[1:] if argv is None else argv)
     cfg, ns = parse_config(argv, extra_args=add_ppo_args, description="HCX PPO (RLHF)", world_size=world_size,
                            validate=False)
     opts = options_from_args(ns, PPOOptions)
@@ -96,17 +91,16 @@ def resolve_ppo_config(argv, world_size: int) -> tuple[Config, PPOOptions, ppo_p
         placement = ppo_placement.plan_placement(ns, cfg, world_size)
         if placement.mode == "colocated":
             validate_config(cfg)
+            dp, p = cfg.data_parallel_size, cfg.parallel
+            if opts.rollout_batch_size % (dp * t.micro_batch_size):
+                raise SystemExit(f"hcx-ppo: --rollout-batch-size {opts.rollout_batch_size} must be a multiple of "
+                                 f"data-parallel size {dp} x --micro-batch-size {t.micro_batch_size}")
+            if opts.async_rollouts and (p.tensor_model_parallel_size > 1 or p.pipeline_model_parallel_size > 1):
+                raise SystemExit("hcx-ppo: --async-rollouts with colocated models needs --tensor-model-parallel-size "
+                                 "1 and --pipeline-model-parallel-size 1 (the producer thread runs no collectives); "
+                                 "with --placement separate a rollout partition samples under any layout")
     except (ConfigError, FileNotFoundError) as exc:
         raise SystemExit(f"hcx-ppo: {exc}") from None
-    if placement.mode == "colocated":
-        dp, p = cfg.data_parallel_size, cfg.parallel
-        if opts.rollout_batch_size % (dp * t.micro_batch_size):
-            raise SystemExit(f"hcx-ppo: --rollout-batch-size {opts.rollout_batch_size} must be a multiple of "
-                             f"data-parallel size {dp} x --micro-batch-size {t.micro_batch_size}")
-        if opts.async_rollouts and (p.tensor_model_parallel_size > 1 or p.pipeline_model_parallel_size > 1):
-            raise SystemExit("hcx-ppo: --async-rollouts with colocated models needs --tensor-model-parallel-size 1 "
-                             "and --pipeline-model-parallel-size 1 (the producer thread runs no collectives); "
-                             "with --placement separate a rollout partition samples under any layout")
     return freeze(cfg), opts, placement
 
 
@@ -123,13 +117,12 @@ def run_ppo(cfg: Config, opts: PPOOptions, placement: ppo_placement.Placement) -
     if placement.mode == "colocated":
         return run(cfg, PPOActorTask(opts, schedule, LocalPeers(opts, schedule, sft), placement))
     part = sep.start_partition(cfg, placement)
-    role = part.name
-    rcfg = ppo_placement.role_config(cfg, role, placement.roles[role], opts.rollout_batch_size)
+    rcfg = ppo_placement.role_config(cfg, part.name, placement.roles[part.name], opts.rollout_batch_size)
     transfer = ppo_placement.rollout_weight_transfer(placement, cfg)
-    if role == "actor":
+    if part.name == "actor":
         peers = sep.PartitionPeers(part, opts, schedule, transfer, placement.weights_dir)
         return run(rcfg, PPOActorTask(opts, schedule, peers, placement))
-    if role == "critic":
+    if part.name == "critic":
         return run(critic_config(rcfg, opts), sep.CriticPartitionTask(opts, part, schedule, rcfg),
                    init_from=critic_init(opts, sft))
     return sep.serve_role(part, rcfg, opts, schedule, transfer, sft)
@@ -138,8 +131,7 @@ def run_ppo(cfg: Config, opts: PPOOptions, placement: ppo_placement.Placement) -
 def main(argv=None) -> int:
     from hcx_megatron.distributed.env import world_size_from_env
 
-    world_size = world_size_from_env()
-    return run_ppo(*resolve_ppo_config(argv, world_size))
+    return run_ppo(*resolve_ppo_config(argv, world_size_from_env()))
 
 
 if __name__ == "__main__":  # the dist-checkpoint writer spawns processes: keep this guard

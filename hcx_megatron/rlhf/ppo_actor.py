@@ -27,10 +27,6 @@ from hcx_megatron.rlhf.ppo_models import read_prompts, with_run_vocabulary
 from hcx_megatron.rlhf.rollout import Rollout, scaled_logits, split_micro, token_logprobs
 from hcx_megatron.training.loop import StepBatches, TaskBase, TaskSetup, TrainContext, reduce_metrics
 
-# The rollout fields each model trains on.
-ACTOR_FIELDS = ("tokens", "position_ids", "labels", "mask", "old_logp", "advantages", "ul_negative")
-CRITIC_FIELDS = ("tokens", "position_ids", "mask", "values", "returns")
-
 
 @dataclass(frozen=True)
 class Schedule:
@@ -41,9 +37,6 @@ class Schedule:
     total_rollouts: int
     seed: int
     micro_batch: int
-
-    def rollout_of(self, step: int) -> int:
-        return step // self.steps_per_rollout
 
     def first_rollout(self, iteration: int) -> int:
         """The first rollout a run resumed at `iteration` samples (a half-trained one comes from its buffer)."""
@@ -63,55 +56,29 @@ class Schedule:
                            rows.numel() * length * ps.get_data_parallel_world_size())
 
 
-class RolloutBuffer:
-    """Checkpointable: a half-trained rollout (a checkpoint in the middle of a PPO iteration), i.e. this rank's
-    rows and the iteration's step statistics, written into the checkpoint directory before its commit."""
-
-    name = "rollout_buffer"
-
-    def __init__(self, task: "RolloutTask"):
-        self.task = task
-
-    def save(self, ckpt_tmp_dir: str, iteration: int) -> None:
-        if iteration % self.task.schedule.steps_per_rollout and self.task.rollout is not None:
-            torch.save({"rollout": self.task.rollout.to_state(), "acc": self.task.acc}, _buffer_path(ckpt_tmp_dir))
-
-    def load(self, ckpt_dir: str, iteration: int) -> None:
-        if iteration % self.task.schedule.steps_per_rollout == 0:
-            return  # saved at the end of a PPO iteration: nothing half-trained
-        path = _buffer_path(ckpt_dir)
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"{path}: the checkpoint was saved in the middle of a PPO iteration but this "
-                                    "rank's rollout buffer is missing (resume needs the same world size and "
-                                    "placement)")
-        state = torch.load(path, weights_only=False)
-        self.task.rollout, self.task.acc = Rollout.from_state(state["rollout"], self.task.device), state["acc"]
-
-
-def _buffer_path(ckpt_dir: str) -> str:
-    return os.path.join(ckpt_dir, f"ppo_rollout_rank_{dist.get_rank():05d}.pt")
-
-
 class RolloutTask(TaskBase):
     """What a model that the loop trains on rollouts keeps (the actor; the critic on its own partition): the
-    rollout being trained on, fetched once per PPO iteration, its step statistics and its buffer."""
+    rollout being trained on, fetched once per PPO iteration, and its step statistics. It is its own
+    checkpointable, the rollout buffer: a checkpoint in the middle of a PPO iteration holds this rank's rows and
+    the iteration's statistics, written into the checkpoint directory before its commit."""
 
+    name = "rollout_buffer"
     fields: tuple[str, ...]  # the rollout fields it trains on
 
     def __init__(self, schedule: Schedule):
         self.schedule = schedule
         self.rollout: Rollout | None = None
         self.acc: dict[str, list[float]] = {}  # per-step statistics of the current rollout
-        self.buffer = RolloutBuffer(self)
         self.device = "cpu"
         self.ctx: TrainContext | None = None
+        self.start_iteration = 0  # where this run started (a resumed one: the checkpoint's iteration)
 
     def fetch(self, r: int) -> Rollout:
         """Rollout r, ready to train on."""
         raise NotImplementedError
 
     def train_batches(self, iteration: int) -> StepBatches:
-        r = self.schedule.rollout_of(iteration)
+        r = iteration // self.schedule.steps_per_rollout
         if self.rollout is None or self.rollout.index != r:
             self.rollout, self.acc = self.fetch(r), {}
         return self.schedule.batches(self.rollout, iteration, self.fields)
@@ -120,11 +87,38 @@ class RolloutTask(TaskBase):
         for key, value in stats.items():
             self.acc.setdefault(key, []).append(value)
 
+    def means(self) -> dict[str, float]:
+        return {k: sum(v) / len(v) for k, v in self.acc.items()}
+
     def checkpointables(self) -> list:
-        return [self.buffer]
+        return [self]
+
+    def save(self, ckpt_tmp_dir: str, iteration: int) -> None:
+        if iteration % self.schedule.steps_per_rollout and self.rollout is not None:
+            torch.save({"rollout": self.rollout.to_state(), "acc": self.acc}, _buffer_path(ckpt_tmp_dir))
+
+    def load(self, ckpt_dir: str, iteration: int) -> None:
+        if iteration % self.schedule.steps_per_rollout == 0:
+            return  # saved at the end of a PPO iteration: nothing half-trained
+        path = _buffer_path(ckpt_dir)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"{path}: the checkpoint was saved in the middle of a PPO iteration but this "
+                                    "rank's rollout buffer is missing (resume needs the same world size and "
+                                    "placement)")
+        state = torch.load(path, weights_only=False)
+        self.rollout, self.acc = Rollout.from_state(state["rollout"], self.device), state["acc"]
 
     def before_train(self, ctx: TrainContext) -> None:
-        self.ctx = ctx
+        self.ctx, self.start_iteration = ctx, ctx.iteration
+
+
+def _buffer_path(ckpt_dir: str) -> str:
+    return os.path.join(ckpt_dir, f"ppo_rollout_rank_{dist.get_rank():05d}.pt")
+
+
+def _stat_pairs(sums: dict[str, torch.Tensor], n: torch.Tensor) -> dict[str, torch.Tensor]:
+    """A loss function's {key: [sum, count]}, every key counted over the same `n` tokens."""
+    return {key: torch.stack([s.detach(), n]) for key, s in sums.items()}
 
 
 class CriticTask(TaskBase):
@@ -134,7 +128,7 @@ class CriticTask(TaskBase):
 
     metric_keys = ["lm loss", "value loss", "value clip frac"]
     new_parameters = ("value_head.",)
-    fields = CRITIC_FIELDS
+    fields = ("tokens", "position_ids", "mask", "values", "returns")  # the rollout fields it trains on
 
     def __init__(self, clip: float, vocab_source: Config):
         self.clip, self.vocab_source = clip, vocab_source
@@ -153,9 +147,7 @@ class CriticTask(TaskBase):
             m = b["mask"]
             loss, clipped = pm.clipped_value_loss(out.float(), b["values"], b["returns"], m, self.clip)
             s, n = loss.sum(), m.sum()
-            stat = torch.stack([s.detach(), n])
-            return s, n.to(torch.int), {"lm loss": stat, "value loss": stat,
-                                        "value clip frac": torch.stack([clipped.sum(), n])}
+            return s, n.to(torch.int), _stat_pairs({"lm loss": s, "value loss": s, "value clip frac": clipped.sum()}, n)
 
         return values, loss_func
 
@@ -203,16 +195,14 @@ class PPOActorTask(RolloutTask):
     """The policy's Task: PPO-clip loss plus unlikelihood on its rollouts; per-rollout logging; KL control."""
 
     metric_keys = ["lm loss", "pg loss", "ul loss", "clip frac", "approx kl"]
-    fields = ACTOR_FIELDS
+    fields = ("tokens", "position_ids", "labels", "mask", "old_logp", "advantages", "ul_negative")
 
     def __init__(self, opts, schedule: Schedule, peers: Peers, placement):
         super().__init__(schedule)
-        self.opts, self.peers = opts, peers
-        self.placement = placement  # hcx_megatron.rlhf.placement.Placement, for the run's first line and log
+        # placement: hcx_megatron.rlhf.placement.Placement, for the run's first line and log
+        self.opts, self.peers, self.placement = opts, peers, placement
         self.kl = pm.KLController(opts.init_kl_coef, opts.adaptive_kl, opts.kl_target, opts.kl_horizon)
-        self.tokenizer = None
-        self.prompts: list[list[int]] = []
-        self.vocab_size = 0
+        self.tokenizer, self.prompts, self.vocab_size = None, [], 0  # setup()'s
         self._last_rollout_end = time.time()
 
     def setup(self, cfg: Config, device: str) -> TaskSetup:
@@ -227,7 +217,7 @@ class PPOActorTask(RolloutTask):
         return TaskSetup(vocab_size=self.vocab_size)
 
     def checkpointables(self) -> list:
-        return [self.buffer, self.peers]
+        return [self, self.peers]
 
     def before_train(self, ctx: TrainContext) -> None:
         super().before_train(ctx)
@@ -236,41 +226,36 @@ class PPOActorTask(RolloutTask):
         ctx.writer.write({"kind": "event", "event": "placement", "mode": p.mode,
                           "roles": {k: vars(v) for k, v in p.roles.items()}, "iteration": ctx.iteration})
         if rank0():
-            print(f"[ppo] placement: {p.describe(ctx.cfg)}; {self.schedule.steps_per_rollout} optimizer steps "
-                  f"per PPO iteration; "
-                  + (f"async rollouts, max staleness {s.max_staleness}" if s.async_rollouts else "sync rollouts"),
-                  flush=True)
+            mode = f"async rollouts, max staleness {s.max_staleness}" if s.async_rollouts else "sync rollouts"
+            print(f"[ppo] placement: {p.describe(ctx.cfg)}; {self.schedule.steps_per_rollout} optimizer steps per PPO "
+                  f"iteration; {mode}", flush=True)
 
     def fetch(self, r: int) -> Rollout:
         return self.peers.rollout(r, self.kl.value)
 
     def forward_step(self, data_iterator, model):
-        b = next(data_iterator)
+        b, a = next(data_iterator), self.opts
         logits = model(b["tokens"], b["position_ids"], None)
-        return logits, lambda out: self._loss(b, out)
 
-    def _loss(self, b, logits):
-        a = self.opts
-        # Same temperature as sampling: the ratio compares the distributions the tokens were drawn from.
-        logp = token_logprobs(scaled_logits(logits, a.rollout_temperature, self.vocab_size), b["labels"])
-        m = b["mask"]
-        terms = pm.clipped_policy_loss(logp, b["old_logp"], b["advantages"], m, a.clip_range)
-        ul = pm.unlikelihood_loss(logp, b["ul_negative"] * m) if a.unlikelihood_weight > 0 else torch.zeros_like(logp)
-        total = terms.loss + a.unlikelihood_weight * ul
-        s, n = total.sum(), m.sum()
-        return s, n.to(torch.int), {
-            "lm loss": torch.stack([s.detach(), n]),
-            "pg loss": torch.stack([terms.loss.sum().detach(), n]),
-            "ul loss": torch.stack([ul.sum().detach(), n]),
-            "clip frac": torch.stack([terms.clipped.sum(), n]),
-            "approx kl": torch.stack([terms.approx_kl.sum(), n]),
-        }
+        def loss_func(out):
+            # Same temperature as sampling: the ratio compares the distributions the tokens were drawn from.
+            logp = token_logprobs(scaled_logits(out, a.rollout_temperature, self.vocab_size), b["labels"])
+            m = b["mask"]
+            terms = pm.clipped_policy_loss(logp, b["old_logp"], b["advantages"], m, a.clip_range)
+            ul = (pm.unlikelihood_loss(logp, b["ul_negative"] * m) if a.unlikelihood_weight > 0
+                  else torch.zeros_like(logp))
+            s, n = (terms.loss + a.unlikelihood_weight * ul).sum(), m.sum()
+            return s, n.to(torch.int), _stat_pairs({"lm loss": s, "pg loss": terms.loss.sum(), "ul loss": ul.sum(),
+                                                      "clip frac": terms.clipped.sum(),
+                                                      "approx kl": terms.approx_kl.sum()}, n)
+
+        return logits, loss_func
 
     def on_step(self, ctx: TrainContext, record: dict) -> None:
         """The critic's step; at the end of a PPO iteration its log line."""
-        self.accumulate({key: record[key] for key in ("pg_loss", "clip_frac", "approx_kl", "ul_loss",
-                                                       "tokens_per_sec")})
-        self.accumulate(self.peers.critic_step(ctx.iteration - 1, self.rollout))
+        self.accumulate({key: record[key] for key in ("pg_loss", "clip_frac", "approx_kl", "ul_loss")})
+        self.accumulate({"train_tokens_per_sec": record["tokens_per_sec"],
+                         **self.peers.critic_step(ctx.iteration - 1, self.rollout)})
         if ctx.iteration % self.schedule.steps_per_rollout == 0:
             self._log_rollout(ctx)
             self.peers.rollout_done(ctx, self.rollout.index)
@@ -279,34 +264,23 @@ class PPOActorTask(RolloutTask):
         return self.peers.agree_stop(preempted)
 
     def _log_rollout(self, ctx: TrainContext) -> None:
-        ro = self.rollout
-        w = 1.0 if ps.is_pipeline_last_stage(ignore_virtual=True) else 0.0
-        m = ro.mask
-        seq_kl = (ro.kl * m).sum(dim=1)
+        ro, m, dp = self.rollout, self.rollout.mask, ps.get_data_parallel_world_size()
         n = float(ro.tokens.shape[0])
-        pairs = {  # (sum, count) -> global sum / count; only the last pipeline stage contributes
-            "reward_mean": (w * float(ro.score.sum()), w * n),
-            "kl": (w * float(seq_kl.sum()), w * n),
-            "kl_per_token": (w * float((ro.kl * m).sum()), w * float(m.sum())),
-            "entropy": (w * float((ro.entropy * m).sum()), w * float(m.sum())),
-            "response_length": (w * float(ro.response_length.sum()), w * n),
-            "repetition": (w * float(ro.repetition.sum()), w * n),
-            "gen_tokens": (w * float(ro.response_length.sum()), w),  # per replica, summed below
-        }
-        g = reduce_metrics([{k: torch.tensor(v, dtype=torch.float64, device=self.device) for k, v in pairs.items()}],
-                           list(pairs), self.device)
-        gen_tokens = g.pop("gen_tokens") * ps.get_data_parallel_world_size()
-        staleness = ro.index - ro.version
-        record = {"kind": "ppo", "iteration": ctx.iteration, "rollout": ro.index + 1, **g,
-                  "kl_coef": self.kl.value, "staleness": staleness,
-                  "max_staleness": self.opts.max_staleness if self.opts.async_rollouts else 0,
-                  "rollout_seconds": ro.gen_seconds,
-                  "rollout_tokens_per_sec": gen_tokens / max(ro.gen_seconds, 1e-9),
-                  "exchange_seconds": ro.exchange_seconds,
-                  **{k: sum(v) / len(v) for k, v in self.acc.items()}}
-        record["train_tokens_per_sec"] = record.pop("tokens_per_sec", 0.0)
+        pairs = {  # (sum, count) -> global sum / count; gen_tokens per replica, summed below
+            "reward_mean": (ro.score.sum(), n), "kl": ((ro.kl * m).sum(dim=1).sum(), n),
+            "kl_per_token": ((ro.kl * m).sum(), m.sum()), "entropy": ((ro.entropy * m).sum(), m.sum()),
+            "response_length": (ro.response_length.sum(), n), "repetition": (ro.repetition.sum(), n),
+            "gen_tokens": (ro.response_length.sum(), 1.0)}
+        w = 1.0 if ps.is_pipeline_last_stage(ignore_virtual=True) else 0.0  # only the last stage contributes
+        g = reduce_metrics([{k: torch.tensor((w * float(s), w * float(c)), dtype=torch.float64, device=self.device)
+                             for k, (s, c) in pairs.items()}], list(pairs), self.device)
+        staleness, gen_tokens = ro.index - ro.version, g.pop("gen_tokens") * dp
         now = time.time()  # wall time of the whole PPO iteration (the first one includes start-up)
-        record["iteration_seconds"] = now - self._last_rollout_end
+        record = {"kind": "ppo", "iteration": ctx.iteration, "rollout": ro.index + 1, **g, "kl_coef": self.kl.value,
+                  "staleness": staleness, "max_staleness": self.opts.max_staleness if self.opts.async_rollouts else 0,
+                  "rollout_seconds": ro.gen_seconds, "rollout_tokens_per_sec": gen_tokens / max(ro.gen_seconds, 1e-9),
+                  "exchange_seconds": ro.exchange_seconds, **self.means(),
+                  "iteration_seconds": now - self._last_rollout_end}
         self._last_rollout_end = now
         ctx.writer.write(record)
         if rank0():
@@ -315,7 +289,7 @@ class PPOActorTask(RolloutTask):
                   f"value loss {record['value_loss']:.4f} | len {g['response_length']:.1f} | "
                   f"rep {g['repetition']:.3f} | staleness {staleness} | "
                   f"{record['rollout_tokens_per_sec']:.0f} gen tok/s", flush=True)
-        self.kl.update(g["kl"], int(n * ps.get_data_parallel_world_size()))
+        self.kl.update(g["kl"], int(n * dp))
 
     def state_dict(self) -> dict[str, Any]:
         return {"ppo": {"kl": self.kl.state_dict(), "steps_per_rollout": self.schedule.steps_per_rollout}}
@@ -336,5 +310,4 @@ class PPOActorTask(RolloutTask):
         self.peers.close()
 
 
-__all__ = ["Schedule", "CriticTask", "PPOActorTask", "Peers", "RolloutTask", "RolloutBuffer", "ACTOR_FIELDS",
-           "CRITIC_FIELDS"]
+__all__ = ["Schedule", "CriticTask", "PPOActorTask", "Peers", "RolloutTask"]

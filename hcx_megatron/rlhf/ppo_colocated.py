@@ -10,8 +10,7 @@ from __future__ import annotations
 
 import time
 
-
-from hcx_megatron.rlhf.ppo_actor import CRITIC_FIELDS, CriticTask, Peers, Schedule
+from hcx_megatron.rlhf.ppo_actor import CriticTask, Peers, Schedule
 from hcx_megatron.rlhf.ppo_models import (build_reference, critic_config, critic_init, reference_logprobs,
                                           reward_scores, rollout_producer, rollout_settings, sequences_micro)
 from hcx_megatron.rlhf.rollout import AsyncRollouts, Rollout, finalize
@@ -24,15 +23,11 @@ class LocalPeers(Peers):
 
     def __init__(self, opts, schedule: Schedule, sft_checkpoint: str | None):
         self.opts, self.schedule, self.sft = opts, schedule, sft_checkpoint
-        self.critic_task: CriticTask | None = None
-        self.critic: TrainContext | None = None
-        self.actor: TrainContext | None = None
+        self.critic_task = self.critic = self.actor = None  # start() builds them
         self.reference = self.scorer = self.producer = self.settings = None
         self.async_rollouts: AsyncRollouts | None = None
 
     def start(self, ctx: TrainContext, tokenizer, prompts, first_rollout: int) -> None:
-        from hcx_megatron.model.builder import build_model
-        from hcx_megatron.rlhf.common import freeze
         from hcx_megatron.rlhf.reward import RewardScorer
 
         o, cfg, device = self.opts, ctx.cfg, ctx.device
@@ -45,11 +40,9 @@ class LocalPeers(Peers):
         self.scorer = RewardScorer.load(o.rm_checkpoint, cfg, device, o.reward_clip) if o.rm_checkpoint else None
         self.settings = rollout_settings(cfg, o, tokenizer)
         self.producer = rollout_producer(self.settings, prompts, o, device)
-        if o.async_rollouts:
-            snapshot = build_model(cfg, device, wrap_ddp=False).chunks
-            freeze(snapshot)
-            self.async_rollouts = AsyncRollouts(self._sample, snapshot, first_rollout, self.schedule.total_rollouts,
-                                                o.max_staleness)
+        if o.async_rollouts:  # the thread samples with a frozen copy of the actor, loaded at each publish
+            self.async_rollouts = AsyncRollouts(self._sample, build_reference(cfg, device, None), first_rollout,
+                                                self.schedule.total_rollouts, o.max_staleness)
             self.async_rollouts.publish(ctx.chunks, first_rollout)
             self.async_rollouts.start()
 
@@ -59,26 +52,21 @@ class LocalPeers(Peers):
         ro = self.producer.produce(r, policy_chunks, version)
         micro = sequences_micro(ro, self.settings.micro_batch)
         ref = reference_logprobs(self.reference, micro, self.settings)
-        if ref is not None:  # None off the last pipeline stage, whose fields stay zero
-            ro.ref_logp = ref
         score = reward_scores(self.scorer, micro) if self.scorer is not None else None
-        if score is not None:
-            ro.score = score
+        # None off the last pipeline stage, whose fields stay zero
+        ro.ref_logp = ro.ref_logp if ref is None else ref
+        ro.score = ro.score if score is None else score
         return ro
 
     def rollout(self, r: int, kl_coef: float) -> Rollout:
-        if self.async_rollouts is not None:
-            raw = self.async_rollouts.get(r)
-        else:
-            raw = self._sample(r, self.actor.chunks, r)
-        start = time.time()
-        s = self.settings
+        raw = self.async_rollouts.get(r) if self.async_rollouts is not None else self._sample(r, self.actor.chunks, r)
+        start, s = time.time(), self.settings
         ro = finalize(raw, self.critic.chunks, s.micro_batch, kl_coef, s.gamma, s.lam, s.kl_kind)
         ro.exchange_seconds = time.time() - start
         return ro
 
     def critic_step(self, k: int, ro: Rollout) -> dict[str, float]:
-        stats, _, _ = train_step(self.critic, self.critic_task, self.schedule.batches(ro, k, CRITIC_FIELDS))
+        stats, _, _ = train_step(self.critic, self.critic_task, self.schedule.batches(ro, k, CriticTask.fields))
         return {key: stats[key] for key in ("value_loss", "value_clip_frac")}
 
     def rollout_done(self, ctx: TrainContext, r: int) -> None:

@@ -11,13 +11,14 @@ import json
 import os
 
 import torch
+from megatron.core import parallel_state as ps
 
-from hcx_megatron.config.args import Config
+from hcx_megatron.config.args import CheckpointConfig, Config
 from hcx_megatron.config.sequence import sequence_multiple_for
-from hcx_megatron.data.chat import generation_stop_and_pad_ids
+from hcx_megatron.data.chat import generation_stop_and_pad_ids, prompt_ids
 from hcx_megatron.rlhf.rollout import (Rollout, RolloutProducer, RolloutSettings, forward_collect, scaled_logits,
                                        split_micro, token_logprobs)
-from hcx_megatron.training.checkpoint import checkpoint_dir, read_latest_iteration
+from hcx_megatron.training.checkpoint import checkpoint_dir, load_model_weights, read_latest_iteration
 
 
 def with_run_vocabulary(cfg: Config) -> tuple[Config, object]:
@@ -31,7 +32,6 @@ def with_run_vocabulary(cfg: Config) -> tuple[Config, object]:
 
 
 def read_prompts(path: str, tokenizer) -> list[list[int]]:
-    from hcx_megatron.data.chat import prompt_ids
     from hcx_megatron.data.jsonl import iter_lines
 
     out = []
@@ -74,32 +74,25 @@ def rollout_settings(cfg: Config, opts, tokenizer) -> RolloutSettings:
         seed=cfg.training.seed, kv_cache=opts.generation_kv_cache)
 
 
-def critic_root(root: str | None) -> str | None:
-    """Where a run's critic lives next to its actor: `<root>/critic`."""
-    return os.path.join(root, "critic") if root else None
-
-
 def critic_config(cfg: Config, opts) -> Config:
     """The critic's config in both placements (cfg: the actor's, or its partition's), with the one critic-path
     rule: saves go to `<--save>/critic`; a run that resumes its actor from `--load` resumes the critic from
     `<--load>/critic` at the actor's iteration (the actor commits only after its critic's save, so that one
     exists even when a later critic save completed without its actor). --critic-lr; no metrics files."""
-    from hcx_megatron.config.args import CheckpointConfig
     from hcx_megatron.training.loop import start_of_run
 
     c = cfg.checkpoint
-    load = None
+    save, load = (os.path.join(c.save, "critic") if c.save else None), None
     if start_of_run(cfg).kind == "resume":
         iteration = read_latest_iteration(c.load)
         if iteration is None:
             raise FileNotFoundError(f"--load {c.load}: PPO resumes from a --save root (its critic sits beside the "
                                     "actor's checkpoints), not from one iter_ directory")
-        load = checkpoint_dir(critic_root(c.load), iteration)
+        load = checkpoint_dir(os.path.join(c.load, "critic"), iteration)
     lr = opts.critic_lr or cfg.training.lr
     return dataclasses.replace(
         cfg, training=dataclasses.replace(cfg.training, lr=lr, min_lr=min(cfg.training.min_lr, lr)),
-        checkpoint=CheckpointConfig(save=critic_root(c.save), load=load, save_interval=c.save_interval,
-                                    no_load_rng=True),
+        checkpoint=CheckpointConfig(save=save, load=load, save_interval=c.save_interval, no_load_rng=True),
         logging=dataclasses.replace(cfg.logging, metrics_jsonl=None, tensorboard_dir=None))
 
 
@@ -116,7 +109,6 @@ def critic_init(opts, sft_checkpoint: str | None):
 def build_reference(cfg: Config, device: str, sft_checkpoint: str | None):
     from hcx_megatron.model.builder import build_model
     from hcx_megatron.rlhf.common import freeze
-    from hcx_megatron.training.checkpoint import load_model_weights
 
     chunks = build_model(cfg, device, wrap_ddp=False).chunks
     if sft_checkpoint:  # without one: the actor's own seeded initialisation (same seed, any layout)
@@ -148,8 +140,6 @@ def reward_scores(scorer, micro: list[dict]) -> torch.Tensor | None:
 
 def rollout_producer(settings: RolloutSettings, prompts: list[list[int]], opts, device: str) -> RolloutProducer:
     """The sampler of this rank's rows; a --rule-reward scores where the sampled token ids are."""
-    from megatron.core import parallel_state as ps
-
     score_fn = None
     if opts.rule_reward:
         from hcx_megatron.rlhf.synthetic import parse_rule_reward
@@ -161,6 +151,6 @@ def rollout_producer(settings: RolloutSettings, prompts: list[list[int]], opts, 
                            ps.get_data_parallel_world_size())
 
 
-__all__ = ["with_run_vocabulary", "read_prompts", "stop_and_pad_ids", "rollout_settings", "critic_root",
-           "critic_config", "critic_init", "build_reference", "sequences_micro", "reference_logprobs", "reward_scores",
+__all__ = ["with_run_vocabulary", "read_prompts", "stop_and_pad_ids", "rollout_settings", "critic_config",
+           "critic_init", "build_reference", "sequences_micro", "reference_logprobs", "reward_scores",
            "rollout_producer"]

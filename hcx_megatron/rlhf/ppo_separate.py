@@ -19,7 +19,7 @@ import torch
 from megatron.core import parallel_state as ps
 
 from hcx_megatron.config.args import Config, resolve_device
-from hcx_megatron.distributed.partition import Partition
+from hcx_megatron.distributed.partition import Partition, init_partitions, layout_blocks
 from hcx_megatron.distributed.weight_transfer import WeightSender, receive_weights
 from hcx_megatron.rlhf.ppo_actor import CriticTask, Peers, RolloutTask, Schedule
 from hcx_megatron.rlhf.ppo_models import (build_reference, read_prompts, reference_logprobs, reward_scores,
@@ -45,8 +45,7 @@ def async_in_flight(v0: int, first: int, consumed: int, completed: int, total: i
     first = its first rollout, consumed = rollouts the learner has taken (one may be half trained),
     completed = rollouts fully trained (the actor publishes version v after rollout v-1 while v + s < total)."""
     v_last = max(v0, min(completed, total - staleness - 1))
-    last = min(total - 1, v_last + staleness)
-    return range(max(consumed, first), last + 1)
+    return range(max(consumed, first), min(total - 1, v_last + staleness) + 1)
 
 
 def _drain(part: Partition, sources: list[tuple[str, int]], schedule: Schedule, start_iteration: int,
@@ -75,23 +74,15 @@ def _recv(part: Partition, src: str, tag: int, r: int | None = None) -> Any:
     return msg
 
 
-def _contributes() -> bool:
-    """One rank per data-parallel replica reports model outputs: last pipeline stage, TP (and CP) rank 0."""
-    return (ps.is_pipeline_last_stage(ignore_virtual=True) and ps.get_tensor_model_parallel_rank() == 0
-            and ps.get_context_parallel_rank() == 0)
-
-
 def gather_batch(part: Partition, n: int, fields: dict[str, torch.Tensor] | None,
                  pad: dict[str, float] | None = None) -> dict[str, torch.Tensor] | None:
-    """The whole batch on the leader from each DP replica's reporting rank (`fields` = this rank's rows)."""
-    dp, rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
-    mine = None
-    if fields is not None and _contributes():
-        mine = (dp_rows(n, rank, dp), {k: v.detach().cpu() for k, v in fields.items()})
-    got = part.gather(mine)
-    if not part.is_leader:
-        return None
-    return assemble_rows([g for g in got if g is not None], n, pad)
+    """The whole batch on the leader from each DP replica's reporting rank (`fields` = this rank's rows). One rank
+    per data-parallel replica reports model outputs: the last pipeline stage's TP (and CP) rank 0."""
+    reports = (fields is not None and ps.is_pipeline_last_stage(ignore_virtual=True)
+               and ps.get_tensor_model_parallel_rank() == 0 and ps.get_context_parallel_rank() == 0)
+    rows = dp_rows(n, ps.get_data_parallel_rank(), ps.get_data_parallel_world_size())
+    got = part.gather((rows, {k: v.detach().cpu() for k, v in fields.items()}) if reports else None)
+    return assemble_rows([g for g in got if g is not None], n, pad) if part.is_leader else None
 
 
 def local_rows(batch: dict[str, torch.Tensor], multiple: int, device: str) -> dict[str, torch.Tensor]:
@@ -100,29 +91,27 @@ def local_rows(batch: dict[str, torch.Tensor], multiple: int, device: str) -> di
     return {k: v.to(device) for k, v in take_rows(batch, rows, multiple).items()}
 
 
-def rollout_from_rows(rows: dict[str, torch.Tensor], index: int, version: int, gen_seconds: float) -> Rollout:
-    return Rollout(index=index, version=version, gen_seconds=gen_seconds,
+def rollout_from(msg: dict, s: RolloutSettings, device: str) -> Rollout:
+    """The rollout a sampler's message describes (index, weights version, sampling time, the whole batch): this
+    DP rank's rows."""
+    rows = local_rows(msg["batch"], s.seq_multiple, device)
+    return Rollout(index=msg["index"], version=msg["version"], gen_seconds=msg["gen_seconds"],
                    ref_logp=rows.get("ref_logp", torch.zeros_like(rows["mask"])),
                    **{name: rows[name] for name in SAMPLE_FIELDS})
 
 
-def sample_and_send(part: Partition, producer: RolloutProducer, chunks, r: int, version: int,
-                    consumers: list[str]) -> Rollout:
-    """Sample rollout r on this partition (each DP rank its rows) and send the whole batch to `consumers`."""
+def sample_and_send(part: Partition, producer: RolloutProducer, chunks, r: int, version: int) -> Rollout:
+    """Sample rollout r on this partition (each DP rank its rows) and send the whole batch to the frozen partitions
+    first (they start their forward passes while the critic still waits for them), the critic, and the actor
+    unless it is the sampler."""
     raw = producer.produce(r, chunks, version)
     s = producer.s
+    consumers = [name for name in ("reference", "reward", "critic", "actor") if part.has(name) and name != part.name]
     full = gather_batch(part, s.rollout_batch, {f: getattr(raw, f) for f in SAMPLE_FIELDS},
                         pad={"tokens": s.pad_id, "labels": s.pad_id})
-    preempt = signals.any_rank_received(producer.device)
     part.tell(consumers, TAG_SEQ, {"index": r, "version": version, "gen_seconds": raw.gen_seconds, "batch": full,
-                                   "preempt": preempt})
+                                   "preempt": signals.any_rank_received(producer.device)})
     return raw
-
-
-def sampler_consumers(part: Partition, include_actor: bool) -> list[str]:
-    # The frozen partitions first: they start their forward passes while the critic still waits for them.
-    out = [name for name in ("reference", "reward") if part.has(name)] + ["critic"]
-    return out + (["actor"] if include_actor else [])
 
 
 def _stop_frozen(part: Partition, code: int) -> int:
@@ -141,10 +130,7 @@ class PartitionPeers(Peers):
         self.staleness = opts.max_staleness if opts.async_rollouts else None  # None: sync (the actor samples)
         self.weights = None if self.staleness is None else WeightSender(part, "rollout", weight_transfer,
                                                                         weights_dir, TAG_WEIGHTS)
-        self.producer: RolloutProducer | None = None
-        self.settings: RolloutSettings | None = None
-        self.ctx = None
-        self.start_iteration = 0
+        self.producer = self.settings = self.ctx = None  # start() makes them
 
     def start(self, ctx, tokenizer, prompts, first_rollout: int) -> None:
         self.ctx, self.start_iteration = ctx, ctx.iteration
@@ -154,57 +140,47 @@ class PartitionPeers(Peers):
         else:
             self._publish(ctx.iteration // self.schedule.steps_per_rollout, first=first_rollout)
 
-    def _publish(self, version: int, first: int | None = None) -> None:
+    def _publish(self, version: int, **header) -> None:
         # The sampler has loaded every version below v - s by the time the actor publishes v (it sampled rollout
         # v - 1 with version v - 1 - s or later).
-        self.weights.publish(self.ctx.chunks, version, keep_from=version - self.staleness, first=first)
+        self.weights.publish(self.ctx.chunks, version, keep_from=version - self.staleness, **header)
 
     def rollout(self, r: int, kl_coef: float) -> Rollout:
         part, s = self.part, self.settings
-        if self.staleness is None:
-            ro = sample_and_send(part, self.producer, self.ctx.chunks, r, r, sampler_consumers(part, False))
-        else:
-            msg = _recv(part, "rollout", TAG_SEQ, r)
-            ro = rollout_from_rows(local_rows(msg["batch"], s.seq_multiple, self.ctx.device), r, msg["version"],
-                                   msg["gen_seconds"])
+        ro = (sample_and_send(part, self.producer, self.ctx.chunks, r, r) if self.staleness is None
+              else rollout_from(_recv(part, "rollout", TAG_SEQ, r), s, self.ctx.device))
         start = time.time()
         part.tell(["critic"], TAG_KL, {"index": r, "kl_coef": kl_coef})
         got = local_rows(_recv(part, "critic", TAG_ADV, r)["batch"], s.seq_multiple, self.ctx.device)
         ro.advantages, ro.kl, ro.score = got["advantages"], got["kl"], got["score"]
-        ro.values = ro.returns = torch.zeros_like(ro.mask)  # the critic's, not needed here
         ro.kl_coef, ro.exchange_seconds = kl_coef, time.time() - start
         return ro
 
     def critic_step(self, k: int, ro: Rollout) -> dict[str, float]:
-        if (k + 1) % self.schedule.steps_per_rollout:
-            return {}
-        return _recv(self.part, "critic", TAG_STATS, ro.index)["stats"]
+        last = (k + 1) % self.schedule.steps_per_rollout == 0  # the critic reports after its last step
+        return _recv(self.part, "critic", TAG_STATS, ro.index)["stats"] if last else {}
 
     def rollout_done(self, ctx, r: int) -> None:
-        version = r + 1
-        if self.staleness is not None and version + self.staleness < self.schedule.total_rollouts:
-            self._publish(version)
+        if self.staleness is not None and r + 1 + self.staleness < self.schedule.total_rollouts:
+            self._publish(r + 1)
 
     def agree_stop(self, preempted: bool) -> bool:
         return self.part.vote("critic", TAG_VOTE, preempted, send_first=True)
 
     def save(self, ckpt_tmp_dir: str, iteration: int) -> None:
         """The critic partition saves the same iteration in parallel; wait for its report."""
-        if self.part.is_leader:
-            got = self.part.recv("critic", TAG_SAVED)
-            if got != iteration:
-                raise RuntimeError(f"actor: the critic saved iteration {got}, the actor is saving {iteration}")
+        if self.part.is_leader and (got := self.part.recv("critic", TAG_SAVED)) != iteration:
+            raise RuntimeError(f"actor: the critic saved iteration {got}, the actor is saving {iteration}")
 
     def finish(self, iteration: int, code: int) -> None:
         """Release the other partitions: drain what the async sampler already sent, then stop it (it stops the
         frozen partitions), or stop the frozen partitions directly; then wait for the whole job."""
-        part = self.part
         if self.staleness is None:
-            _stop_frozen(part, code)
+            _stop_frozen(self.part, code)
         else:
-            _drain(part, [("rollout", TAG_SEQ)], self.schedule, self.start_iteration, iteration, self.staleness)
+            _drain(self.part, [("rollout", TAG_SEQ)], self.schedule, self.start_iteration, iteration, self.staleness)
             self.weights.stop(code)
-        part.job_barrier()
+        self.part.job_barrier()
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -220,8 +196,7 @@ class CriticPartitionTask(CriticTask, RolloutTask):
         RolloutTask.__init__(self, schedule)
         self.opts, self.part = opts, part
         self.sampler = "rollout" if part.has("rollout") else "actor"
-        self.settings: RolloutSettings | None = None
-        self.start_iteration = 0
+        self.settings = None
         self._signalled = False  # a frozen partition or the sampler reported a signal
 
     def setup(self, cfg: Config, device: str) -> TaskSetup:
@@ -233,7 +208,6 @@ class CriticPartitionTask(CriticTask, RolloutTask):
     def before_train(self, ctx) -> None:
         super().before_train(ctx)
         ctx.writer.label = "[critic] "
-        self.start_iteration = ctx.iteration
 
     def fetch(self, r: int) -> Rollout:
         part, s = self.part, self.settings
@@ -243,9 +217,8 @@ class CriticPartitionTask(CriticTask, RolloutTask):
         kl_coef = _recv(part, "actor", TAG_KL, r)["kl_coef"]
         self._signalled |= bool(seq["preempt"] or ref["preempt"] or score.get("preempt"))
         batch = dict(seq["batch"], ref_logp=ref["ref_logp"], **({"score": score["score"]} if score else {}))
-        ro = rollout_from_rows(local_rows(batch, s.seq_multiple, self.device), r, seq["version"],
-                               seq["gen_seconds"])
-        ro = finalize(ro, self.ctx.chunks, s.micro_batch, kl_coef, s.gamma, s.lam, s.kl_kind)
+        ro = finalize(rollout_from(dict(seq, batch=batch), s, self.device), self.ctx.chunks, s.micro_batch, kl_coef,
+                      s.gamma, s.lam, s.kl_kind)
         full = gather_batch(part, s.rollout_batch, {"advantages": ro.advantages, "kl": ro.kl})
         if part.is_leader:
             full.update(score=batch["score"], lengths=batch["lengths"])
@@ -255,17 +228,13 @@ class CriticPartitionTask(CriticTask, RolloutTask):
     def on_step(self, ctx, record: dict) -> None:
         self.accumulate({key: record[key] for key in ("value_loss", "value_clip_frac")})
         if ctx.iteration % self.schedule.steps_per_rollout == 0:
-            stats = {k: sum(v) / len(v) for k, v in self.acc.items()}
-            self.part.tell(["actor"], TAG_STATS, {"index": self.rollout.index, "stats": stats})
+            self.part.tell(["actor"], TAG_STATS, {"index": self.rollout.index, "stats": self.means()})
 
     def agree_stop(self, preempted: bool) -> bool:
         return self.part.vote("actor", TAG_VOTE, preempted or self._signalled, send_first=False)
 
     def after_save(self, ctx) -> None:
         self.part.tell(["actor"], TAG_SAVED, ctx.iteration)
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"ppo_critic": {"steps_per_rollout": self.schedule.steps_per_rollout}}
 
     def after_train(self, ctx, code: int) -> None:
         """Take (and drop) the rollouts the async sampler and the frozen partitions already sent; then wait for
@@ -279,15 +248,14 @@ class CriticPartitionTask(CriticTask, RolloutTask):
 # ---------------------------------------------------------------------------------------------------------
 # the partitions that train nothing: reference log-probs, reward-model scores, the async sampler
 # ---------------------------------------------------------------------------------------------------------
-def serve_frozen(part: Partition, role: str, settings: RolloutSettings, device: str, model) -> int:
-    """Answer every rollout batch the sampler sends until it says stop; returns the job's exit code. `model`:
-    the reference's chunks, or the reward model's RewardScorer."""
-    s = settings
+def serve_frozen(part: Partition, s: RolloutSettings, device: str, model) -> int:
+    """The reference or reward partition: answer every rollout batch the sampler sends until it says stop;
+    returns the job's exit code. `model`: the reference's chunks, or the reward model's RewardScorer."""
+    role = part.name
     tag, name = (TAG_REF, "ref_logp") if role == "reference" else (TAG_SCORE, "score")
     served = 0
     while "stop" not in (msg := _recv(part, "rollout" if part.has("rollout") else "actor", TAG_SEQ)):
-        ro = rollout_from_rows(local_rows(msg["batch"], s.seq_multiple, device), msg["index"], 0, 0.0)
-        micro = sequences_micro(ro, s.micro_batch)
+        micro = sequences_micro(rollout_from(msg, s, device), s.micro_batch)
         out = reference_logprobs(model, micro, s) if role == "reference" else reward_scores(model, micro)
         flag = signals.any_rank_received(device)
         full = gather_batch(part, s.rollout_batch, None if out is None else {name: out})
@@ -300,30 +268,20 @@ def serve_frozen(part: Partition, role: str, settings: RolloutSettings, device: 
 
 
 def run_sampler(part: Partition, producer: RolloutProducer, chunks, total_rollouts: int, staleness: int,
-                transfer: str = "p2p") -> int:
-    """Sample rollouts with the actor's weights of version max(v0, r - s) until the actor says stop; returns the
-    job's exit code."""
-    def receive() -> dict:
-        return receive_weights(part, "actor", transfer, chunks, TAG_WEIGHTS)
-
-    header = receive()
-    if "stop" not in header:
-        v0 = version = int(header["version"])
-        consumers = sampler_consumers(part, include_actor=True)
-        for r in range(int(header["first"]), total_rollouts):
-            need = sampler_version(r, v0, staleness)
-            if need > version:
-                header = receive()
-                if "stop" in header:
-                    break
-                version = int(header["version"])
-                if version != need:
-                    raise RuntimeError(f"rollout partition: expected weights version {need}, got {version}")
-            sample_and_send(part, producer, chunks, r, version, consumers)
-        else:  # every rollout sampled: what follows is the stop
-            header = receive()
-            if "stop" not in header:
-                raise RuntimeError(f"rollout partition: all rollouts sampled, yet the actor sent version {header}")
+                transfer: str) -> int:
+    """Sample rollouts with the actor's weights of version max(v0, r - s) until the actor says stop (after the
+    last rollout, or earlier); returns the job's exit code."""
+    v0 = r = None
+    while "stop" not in (header := receive_weights(part, "actor", transfer, chunks, TAG_WEIGHTS)):
+        version = int(header["version"])
+        if v0 is None:
+            v0, r = version, int(header["first"])
+        elif r == total_rollouts or version != sampler_version(r, v0, staleness):
+            raise RuntimeError(f"rollout partition: got weights version {version} for rollout {r} of "
+                               f"{total_rollouts} (v0 {v0}, max staleness {staleness})")
+        while r < total_rollouts and sampler_version(r, v0, staleness) <= version:
+            sample_and_send(part, producer, chunks, r, version)
+            r += 1
     return _stop_frozen(part, int(header["stop"]))
 
 
@@ -333,7 +291,6 @@ def run_sampler(part: Partition, producer: RolloutProducer, chunks, total_rollou
 def start_partition(cfg: Config, placement):
     """Cut the launcher's world into the placement's partitions; returns this process's Partition."""
     from hcx_megatron.distributed.env import resolve_dist_env
-    from hcx_megatron.distributed.partition import init_partitions, layout_blocks
 
     blocks = layout_blocks([(name, r.ranks) for name, r in placement.roles.items()])
     backend = "gloo" if resolve_device(cfg.runtime.device) == "cpu" else "nccl"
@@ -351,17 +308,16 @@ def serve_role(part: Partition, rcfg: Config, opts, schedule: Schedule, transfer
     signals.install_handlers()  # a signal is reported to the critic with the next answer, never fatal here
     cfg, tokenizer = with_run_vocabulary(rcfg)
     settings = rollout_settings(cfg, opts, tokenizer)
-    if part.name == "reward":
-        from hcx_megatron.rlhf.reward import RewardScorer
-
-        scorer = RewardScorer.load(opts.rm_checkpoint, cfg, device, opts.reward_clip)
-        code = serve_frozen(part, "reward", settings, device, scorer)
-    elif part.name == "reference":
-        code = serve_frozen(part, "reference", settings, device, build_reference(cfg, device, sft_checkpoint))
-    else:  # rollout: the async sampler, a copy of the actor whose weights arrive before it samples
+    if part.name == "rollout":  # the async sampler, a copy of the actor whose weights arrive before it samples
         producer = rollout_producer(settings, read_prompts(opts.prompt_data, tokenizer), opts, device)
         code = run_sampler(part, producer, build_reference(cfg, device, None), schedule.total_rollouts,
                            opts.max_staleness, transfer)
+    else:
+        from hcx_megatron.rlhf.reward import RewardScorer
+
+        model = (RewardScorer.load(opts.rm_checkpoint, cfg, device, opts.reward_clip) if part.name == "reward"
+                 else build_reference(cfg, device, sft_checkpoint))
+        code = serve_frozen(part, settings, device, model)
     part.job_barrier()
     shutdown()
     return code
