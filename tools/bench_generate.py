@@ -145,8 +145,12 @@ def main():
         while hasattr(cores[name], "module"):
             cores[name] = cores[name].module
     if os.path.exists(weights):  # the same weights on every side
+        saved = torch.load(weights)
         for name, core in cores.items():
-            core.load_state_dict(torch.load(weights)[name], strict=False)
+            missing, unexpected = core.load_state_dict(saved[name], strict=False)  # TE's _extra_state may differ
+            bad = [k for k in missing + unexpected if not k.endswith("_extra_state")]
+            if bad:
+                raise SystemExit(f"{side}: the saved {name} weights do not fit this code's model: {bad[:5]}")
     else:
         torch.save({name: core.state_dict() for name, core in cores.items()}, weights)
     freeze(ref)  # as PPO holds its reference
@@ -224,6 +228,36 @@ def archived_tree(rev: str) -> str:
         shutil.rmtree(dest, ignore_errors=True)
         os.replace(tmp, dest)
     return dest
+
+
+_GEMM_PEAK = r"""
+import json, sys, time, torch
+torch.set_num_threads(1)
+best = {}
+for m in (32, 544):  # a decode step's rows; a teacher-forced micro-batch's tokens (8 x 68)
+    for k, n in ((128, 256), (128, 128), (128, 704), (352, 128), (128, 64)):  # the PPO test model's GEMMs
+        x, w = torch.randn(m, k), torch.randn(n, k)
+        for _ in range(10):
+            x @ w.t()
+        start = time.perf_counter()
+        for _ in range(100):
+            x @ w.t()
+        best[f"{m}x{k}x{n}"] = 2 * m * k * n * 100 / (time.perf_counter() - start) / 1e9
+print("RESULT " + json.dumps(best))
+"""
+
+# GEMM multiply-adds per token-forward of the PPO test model: 2 layers of QKV (128 -> 128 + 2 x 64), projection,
+# SwiGLU fc1 (128 -> 2 x 352) and fc2 (352 -> 128), then the 128 x 64 output layer.
+_MACS_PER_TOKEN = 2 * (128 * 256 + 128 * 128 + 128 * 704 + 352 * 128) + 128 * 64
+
+
+def gemm_floor(max_response: int, gflops: float, rows: int = 32, prompt: int = 4) -> tuple[float, float]:
+    """(GFLOP, seconds at `gflops`) of the GEMMs a rollout must run if every row runs every step: generation (a
+    prefill of the prompts, then max_response - 1 one-token steps) and the policy's and the reference's
+    teacher-forced passes over prompt + response + 1 positions."""
+    tokens = rows * prompt + (max_response - 1) * rows + 2 * rows * (prompt + max_response + 1)
+    flop = 2 * _MACS_PER_TOKEN * tokens / 1e9
+    return flop, flop / gflops
 
 
 def bench_rollouts(new_tokens: list[int], repeat: int, rounds: int) -> list[dict]:
@@ -316,6 +350,13 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     if a.rollouts is not None:
         rows = bench_rollouts(a.rollouts or [12, 64, 128, 256], a.repeat, a.rounds)
+        peak = _run(_GEMM_PEAK, [])
+        lo, hi = min(peak.values()), max(peak.values())
+        print(f"single-thread GEMM speed at the model's shapes: {lo:.0f}-{hi:.0f} GFLOP/s")
+        for r in rows:
+            flop, _ = gemm_floor(r["max_response"], hi)
+            print(f"{r['new']} new tokens: the GEMMs alone (every row every step) are {flop:.2f} GFLOP = "
+                  f"{flop / hi * 1e3:.1f}-{flop / lo * 1e3:.1f} ms; a 5x speedup allows {r['before_s'] / 5 * 1e3:.1f} ms")
         print(f"first rollout of a compiled process (tracing the decode step and forwards included): "
               f"{rows[0]['now_first_call_s']:.2f} s CPU")
         print(f"\n| max new tokens | responses mean / max | before ({BEFORE_ISSUE_13}) s (generation) | now s "

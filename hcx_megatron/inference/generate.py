@@ -110,7 +110,7 @@ class PromptUniforms:
 
     A CPU generator yields the same numbers drawn a block at a time as one by one (tests/test_generate.py), so on
     CPU each prompt draws BLOCK tokens' worth ahead: one call per prompt per BLOCK tokens instead of one per
-    token (~5% of a short PPO rollout). Other devices draw one by one."""
+    token (2-4% of a PPO rollout on the test model, docs/benchmarks.md). Other devices draw one by one."""
 
     BLOCK = 64
 
